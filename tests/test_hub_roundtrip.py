@@ -1,0 +1,92 @@
+"""A saved checkpoint must load with `trust_remote_code=True` where the crosstvr package cannot be imported."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import load_file
+
+
+TEXTS = ["a red circle moves left", "a blue square moves up"]
+VIDEOS = ["red_circle_left.mp4", "blue_square_up.mp4", "short.mp4"]
+
+# Runs in a fresh interpreter: `crosstvr` is made unimportable, so everything comes from the checkpoint folder.
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.modules["crosstvr"] = None  # `import crosstvr` now raises ImportError
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    checkpoint, media, output = sys.argv[1:4]
+    texts, videos = sys.argv[4].split("|"), [os.path.join(media, name) for name in sys.argv[5].split("|")]
+    try:
+        import crosstvr  # noqa: F401
+        raise SystemExit("crosstvr should not be importable here")
+    except ImportError:
+        pass
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
+    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    for obj in (config, model, processor):
+        assert type(obj).__module__.startswith("transformers_modules"), type(obj).__module__
+    inputs = processor(text=texts, videos=videos)
+    with torch.no_grad():
+        retrieval = model.retrieve(**inputs, top_k=2)
+    save_file(
+        {
+            **{key: value.contiguous() for key, value in inputs.items()},
+            "text_embeds": retrieval.text_embeds,
+            "video_embeds": retrieval.video_embeds,
+            "t2v_logits": retrieval.text_to_video.logits,
+            "v2t_logits": retrieval.video_to_text.logits,
+        },
+        output,
+    )
+    """
+)
+
+
+def test_checkpoint_loads_with_remote_code_and_gives_identical_outputs(tester, media_dir, tmp_path):
+    model = tester.get_model().eval()
+    processor = tester.get_processor()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    files = {path.name for path in checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json"} <= files
+    assert {"configuration_crosstvr.py", "modeling_crosstvr.py", "processing_crosstvr.py"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+
+    inputs = processor(text=TEXTS, videos=[os.path.join(media_dir, name) for name in VIDEOS])
+    with torch.no_grad():
+        expected = model.retrieve(**inputs, top_k=2)
+
+    script = tmp_path / "load_remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    output = tmp_path / "remote_outputs.safetensors"
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("PYTHONPATH",) and not key.startswith("HF_")
+    }
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, str(script), str(checkpoint), media_dir, str(output), "|".join(TEXTS), "|".join(VIDEOS)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    remote = load_file(output)
+    for key, value in inputs.items():
+        torch.testing.assert_close(remote[key], value, msg=f"processor output {key} differs")
+    torch.testing.assert_close(remote["text_embeds"], expected.text_embeds)
+    torch.testing.assert_close(remote["video_embeds"], expected.video_embeds)
+    torch.testing.assert_close(remote["t2v_logits"], expected.text_to_video.logits)
+    torch.testing.assert_close(remote["v2t_logits"], expected.video_to_text.logits)
+

@@ -1,0 +1,403 @@
+import pytest
+import torch
+
+from crosstvr import CrossTVRModel
+from crosstvr.modeling_crosstvr import (
+    CrossTVRTokenSelector,
+    PerturbedTopK,
+    contrastive_loss,
+    sample_hard_negatives,
+    shift_tokens,
+)
+
+
+AGGREGATORS = ["mean", "transformer", "token_shift_select"]
+
+
+def fine_inputs(model, inputs):
+    """Stage-2 inputs of the aligned (text_i, video_i) pairs."""
+    return (
+        inputs["qformer_input_ids"],
+        inputs["qformer_attention_mask"],
+        model.get_vision_tokens(inputs["pixel_values"]),
+        inputs["video_mask"],
+    )
+
+
+@pytest.mark.parametrize("aggregator", AGGREGATORS)
+def test_output_shapes(tester, aggregator):
+    model = tester.get_model(temporal_aggregator=aggregator).eval()
+    inputs = tester.get_inputs()
+    batch, frames = tester.batch_size, tester.num_frames
+    tokens_per_frame = (tester.image_size // tester.patch_size) ** 2 + 1
+
+    text_embeds = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+    video_embeds = model.get_video_features(inputs["pixel_values"], inputs["video_mask"])
+    vision_tokens = model.get_vision_tokens(inputs["pixel_values"])
+    assert text_embeds.shape == video_embeds.shape == (batch, 16)
+    torch.testing.assert_close(text_embeds.norm(dim=-1), torch.ones(batch))
+    torch.testing.assert_close(video_embeds.norm(dim=-1), torch.ones(batch))
+    assert vision_tokens.shape == (batch, frames, tokens_per_frame, 32)
+
+    assert model.get_fine_logits(*fine_inputs(model, inputs)).shape == (batch, 2)
+    scores = model.get_fine_scores(*fine_inputs(model, inputs))
+    assert scores.shape == (batch,) and (scores <= 0).all()
+
+    outputs = model(**inputs)
+    assert outputs.loss.shape == () and outputs.loss_matching.shape == ()
+    assert outputs.logits_per_text.shape == outputs.logits_per_video.shape == (batch, batch)
+    assert outputs.matching_logits.shape == (3 * batch, 2)
+    assert outputs.matching_labels.tolist() == [1] * batch + [0] * 2 * batch
+
+    retrieval = model.retrieve(**inputs, top_k=2)
+    assert retrieval.logits_per_text.shape == (batch, batch)
+    for rerank in (retrieval.text_to_video, retrieval.video_to_text):
+        assert rerank.logits.shape == rerank.ranking.shape == (batch, batch)
+        assert rerank.top_k_indices.shape == rerank.fine_scores.shape == rerank.fused_scores.shape == (batch, 2)
+
+
+def test_stage_one_only_forward_has_no_matching_loss(tester):
+    model = tester.get_model()
+    inputs = tester.get_inputs()
+    outputs = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    assert outputs.loss_matching is None and outputs.matching_logits is None
+    torch.testing.assert_close(outputs.loss, outputs.loss_contrastive)
+
+
+@pytest.mark.parametrize("aggregator", AGGREGATORS)
+def test_padding_frames_do_not_change_scores(tester, aggregator):
+    model = tester.get_model(temporal_aggregator=aggregator).eval()
+    inputs = tester.get_inputs()
+    changed = inputs["pixel_values"].clone()
+    changed[0, -1] = torch.randn_like(changed[0, -1])  # the padding frame of video 0
+
+    torch.testing.assert_close(
+        model.get_video_features(changed, inputs["video_mask"]),
+        model.get_video_features(inputs["pixel_values"], inputs["video_mask"]),
+    )
+    changed_inputs = {**inputs, "pixel_values": changed}
+    torch.testing.assert_close(
+        model.get_fine_scores(*fine_inputs(model, changed_inputs)),
+        model.get_fine_scores(*fine_inputs(model, inputs)),
+    )
+    # ... while a real frame does change them.
+    changed[0, 0] = torch.randn_like(changed[0, 0])
+    assert not torch.allclose(
+        model.get_video_features(changed, inputs["video_mask"])[0],
+        model.get_video_features(inputs["pixel_values"], inputs["video_mask"])[0],
+    )
+
+
+def test_padding_text_tokens_do_not_change_scores(tester):
+    model = tester.get_model().eval()
+    inputs = tester.get_inputs()
+    padding = inputs["attention_mask"] == 0
+    qformer_padding = inputs["qformer_attention_mask"] == 0
+    assert padding.any() and qformer_padding.any()
+
+    input_ids = inputs["input_ids"].masked_fill(padding, 5)
+    torch.testing.assert_close(
+        model.get_text_features(input_ids, inputs["attention_mask"]),
+        model.get_text_features(inputs["input_ids"], inputs["attention_mask"]),
+    )
+    ids, mask, tokens, video_mask = fine_inputs(model, inputs)
+    torch.testing.assert_close(
+        model.get_fine_scores(ids.masked_fill(qformer_padding, 7), mask, tokens, video_mask),
+        model.get_fine_scores(ids, mask, tokens, video_mask),
+    )
+
+
+def test_spatial_pass_is_independent_per_frame(tester):
+    model = tester.get_model().eval()
+    inputs = tester.get_inputs()
+    frame_tokens = model.get_vision_tokens(inputs["pixel_values"])[1]  # (frames, tokens, width) of video 1
+    ids = inputs["qformer_input_ids"][1:2].expand(tester.num_frames, -1)
+    mask = inputs["qformer_attention_mask"][1:2].expand(tester.num_frames, -1)
+    spatial = model.spatial_text_attention(ids, mask, frame_tokens)
+    assert spatial.shape == (tester.num_frames, 32)
+
+    changed = frame_tokens.clone()
+    changed[2] = torch.randn_like(changed[2])
+    spatial_changed = model.spatial_text_attention(ids, mask, changed)
+    unchanged = [t for t in range(tester.num_frames) if t != 2]
+    torch.testing.assert_close(spatial_changed[unchanged], spatial[unchanged])
+    assert not torch.allclose(spatial_changed[2], spatial[2])
+
+
+def test_token_selector_keeps_exactly_m_tokens_per_frame():
+    torch.manual_seed(0)
+    selector = CrossTVRTokenSelector(8, num_selected=3, keep_cls_token=False, num_samples=50, sigma=0.05)
+    tokens = torch.randn(5, 10, 8)
+    selector.eval()
+    selected = selector(tokens)
+    assert selected.shape == (5, 3, 8)
+    for frame in range(5):
+        # In evaluation the kept rows are tokens of the frame itself, in position order.
+        matches = [int((tokens[frame] == row).all(dim=-1).nonzero()) for row in selected[frame]]
+        assert matches == sorted(set(matches))
+        expected = selector.token_log_probs(tokens[frame : frame + 1])[0].topk(3).indices.sort().values
+        assert matches == expected.tolist()
+    selector.train()
+    assert selector(tokens).shape == (5, 3, 8)
+
+    with_cls = CrossTVRTokenSelector(8, num_selected=3, keep_cls_token=True, num_samples=50, sigma=0.05).eval()
+    selected = with_cls(tokens)
+    assert selected.shape == (5, 4, 8)
+    torch.testing.assert_close(selected[:, 0], tokens[:, 0])
+
+    with pytest.raises(ValueError, match="lower the number of selected tokens"):
+        CrossTVRTokenSelector(8, num_selected=11, keep_cls_token=False, num_samples=5, sigma=0.05)(tokens)
+
+
+def test_perturbed_top_k_gradient_matches_finite_differences():
+    scores = torch.tensor([[0.3, -0.2, 0.5, 0.1, -0.4]])
+    weights = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+    sigma, samples = 0.5, 100_000
+
+    def objective(s):
+        torch.manual_seed(1)  # common random numbers for every evaluation
+        return (PerturbedTopK.apply(s, 2, samples, sigma)[0] * weights).sum()
+
+    leaf = scores.clone().requires_grad_(True)
+    objective(leaf).backward()
+    step = 0.05
+    finite_differences = torch.stack(
+        [
+            (objective(scores + step * basis) - objective(scores - step * basis)) / (2 * step)
+            for basis in torch.eye(5).unsqueeze(1)
+        ]
+    )
+    torch.testing.assert_close(leaf.grad[0], finite_differences, atol=0.03, rtol=0.05)
+    indicators = PerturbedTopK.apply(scores, 2, 100, sigma)
+    torch.testing.assert_close(indicators.sum(dim=-1), torch.ones(1, 2))
+
+
+def test_token_shift_moves_patches_between_neighbouring_real_frames():
+    frames, tokens, dim = 4, 15, 2
+    hidden = torch.arange(frames * tokens, dtype=torch.float).repeat_interleave(dim).view(frames, tokens, dim)
+    video_mask = torch.tensor([[1, 1, 1, 0]])
+    shifted = shift_tokens(hidden, video_mask, fold_div=7).view(frames, tokens, dim)
+    fold = 2  # 15 // 7
+    from_previous, from_next = list(range(1, tokens, fold)), list(range(1 + fold // 2, tokens, fold))
+    torch.testing.assert_close(shifted[1:3, from_previous], hidden[0:2, from_previous])
+    torch.testing.assert_close(shifted[0:2, from_next], hidden[1:3, from_next])
+    torch.testing.assert_close(shifted[:, 0], hidden[:, 0])  # CLS stays
+    torch.testing.assert_close(shifted[0, from_previous], hidden[0, from_previous])  # no frame before the first
+    torch.testing.assert_close(shifted[2, from_next], hidden[2, from_next])  # frame 3 is padding: nothing comes in
+    torch.testing.assert_close(shifted[3, from_previous], hidden[3, from_previous])  # ... and nothing goes out
+
+
+def test_sharing_changes_the_parameter_count_by_one_qformer(tester):
+    shared = tester.get_model(share_spatial_temporal=True)
+    separate = tester.get_model(share_spatial_temporal=False)
+    extra = sum(p.numel() for p in shared.qformer.parameters()) + sum(
+        p.numel() for p in shared.qformer_embeddings.parameters()
+    )
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert count(separate) - count(shared) == extra
+
+    inputs = tester.get_inputs()
+    separate.eval()
+    scores = separate.get_fine_scores(*fine_inputs(separate, inputs))
+    # The temporal pass of the unshared model runs through its own Q-Former.
+    separate.temporal_qformer.encoder.layer[-1].output_query.LayerNorm.bias.data.add_(1.0)
+    assert not torch.allclose(separate.get_fine_scores(*fine_inputs(separate, inputs)), scores)
+
+
+def test_shared_vision_tower_gives_tokens_in_one_pass(tester):
+    model = tester.get_model(share_vision_tower=True).eval()
+    assert model.fine_vision_model is None
+    inputs = tester.get_inputs()
+    video = model.encode_video(inputs["pixel_values"], inputs["video_mask"])
+    torch.testing.assert_close(
+        video.vision_tokens, model.get_vision_tokens(inputs["pixel_values"], inputs["video_mask"])
+    )
+    torch.testing.assert_close(
+        video.video_embeds, model.get_video_features(inputs["pixel_values"], inputs["video_mask"])
+    )
+    assert model(**inputs).loss_matching is not None
+
+
+def test_blip2_vision_tower_family(tester):
+    fine_vision_config = {
+        "model_type": "blip_2_vision_model",
+        "hidden_size": 24,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "image_size": tester.image_size,
+        "patch_size": 16,
+    }
+    model = tester.get_model(fine_vision_config=fine_vision_config)
+    assert type(model.fine_vision_model).__name__ == "Blip2VisionModel"
+    inputs = tester.get_inputs()
+    assert model.get_vision_tokens(inputs["pixel_values"]).shape == (tester.batch_size, tester.num_frames, 5, 24)
+    assert model(**inputs).loss_matching.isfinite()
+
+
+def test_gradients_reach_the_fine_module_and_not_the_frozen_tower(tester):
+    model = tester.get_model().train()
+    assert not model.fine_vision_model.training
+    outputs = model(**tester.get_inputs())
+    outputs.loss.backward()
+    assert all(p.grad is None for p in model.fine_vision_model.parameters())
+    for name in ("query_tokens", "matching_head.weight", "token_selector.fc1.weight", "frame_position_embeddings"):
+        assert model.get_parameter(name).grad is not None, name
+    assert all(p.grad is not None for p in model.qformer.parameters() if p.requires_grad)
+    assert model.vision_model.embeddings.patch_embedding.weight.grad is not None  # stage 1 is trainable
+
+
+def test_forward_from_cached_embeddings_and_tokens_equals_forward_from_pixels(tester):
+    model = tester.get_model().eval()
+    inputs = tester.get_inputs()
+    video = model.encode_video(inputs["pixel_values"], inputs["video_mask"])
+    torch.manual_seed(3)
+    from_pixels = model(**inputs)
+    cached = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    torch.manual_seed(3)
+    from_cache = model(**cached, video_embeds=video.video_embeds, vision_tokens=video.vision_tokens.half())
+    torch.testing.assert_close(from_cache.loss_contrastive, from_pixels.loss_contrastive)
+    torch.testing.assert_close(from_cache.loss_matching, from_pixels.loss_matching, atol=2e-3, rtol=2e-3)
+
+
+def test_loss_decreases_over_a_few_steps(tester):
+    model = tester.get_model().train()
+    inputs = tester.get_inputs(batch_size=4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(12):
+        outputs = model(**inputs)
+        optimizer.zero_grad()
+        outputs.loss.backward()
+        optimizer.step()
+        losses.append((outputs.loss_contrastive.item(), outputs.loss_matching.item()))
+    assert losses[-1][0] < losses[0][0]
+    assert losses[-1][1] < losses[0][1]
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tester):
+    inputs = tester.get_inputs()
+    grads = []
+    for checkpointing in (False, True):
+        model = tester.get_model().train()  # checkpointing acts in training mode only; the tiny config has no dropout
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.qformer.encoder.layer[0].gradient_checkpointing
+        torch.manual_seed(0)  # same token-selection noise and hard negatives in both runs
+        model(**inputs).loss.backward()
+        grads.append(
+            (
+                model.qformer.encoder.layer[0].attention.attention.query.weight.grad,
+                model.vision_model.encoder.layers[0].mlp.fc1.weight.grad,
+            )
+        )
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_reranking_reorders_only_the_top_k(tester):
+    model = tester.get_model().eval()
+    torch.manual_seed(0)
+    num_texts, num_videos, top_k = 3, 6, 3
+    similarity = torch.rand(num_texts, num_videos) * 2 - 1
+    similarity[0, 4] = similarity[0, 1]  # a tie: broken by index, deterministically
+    inputs = tester.get_inputs(batch_size=num_texts)
+    vision_tokens = torch.randn(num_videos, tester.num_frames, 17, 32)
+    video_mask = torch.ones(num_videos, tester.num_frames, dtype=torch.long)
+    out = model.rerank_text_to_video(
+        similarity, inputs["qformer_input_ids"], inputs["qformer_attention_mask"], vision_tokens, video_mask, top_k
+    )
+    stage_one = similarity.sort(dim=1, descending=True, stable=True).indices
+    torch.testing.assert_close(out.top_k_indices, stage_one[:, :top_k])
+    torch.testing.assert_close(out.ranking[:, top_k:], stage_one[:, top_k:])
+    assert (out.ranking[:, :top_k].sort(dim=1).values == stage_one[:, :top_k].sort(dim=1).values).all()
+    # The logits rank exactly as `ranking`, and the top K are ordered by the fused score.
+    torch.testing.assert_close(out.logits.sort(dim=1, descending=True, stable=True).indices, out.ranking)
+    coarse_top_k = similarity.gather(1, out.top_k_indices)
+    torch.testing.assert_close(out.fused_scores, coarse_top_k + model.config.fine_score_weight * out.fine_scores)
+    for text in range(num_texts):
+        for rank, video in enumerate(out.top_k_indices[text]):
+            expected = model.get_fine_scores(
+                inputs["qformer_input_ids"][text : text + 1],
+                inputs["qformer_attention_mask"][text : text + 1],
+                vision_tokens[video : video + 1],
+            )
+            torch.testing.assert_close(out.fine_scores[text, rank : rank + 1], expected)
+
+    # Video-to-text: one row per video, candidates are texts.
+    out = model.rerank_video_to_text(
+        similarity, inputs["qformer_input_ids"], None, vision_tokens, video_mask, top_k=2, batch_size=1
+    )
+    assert out.ranking.shape == (num_videos, num_texts)
+    stage_one = similarity.t().sort(dim=1, descending=True, stable=True).indices
+    torch.testing.assert_close(out.ranking[:, 2:], stage_one[:, 2:])
+
+
+def test_reranking_everything_when_k_exceeds_the_candidates(tester):
+    model = tester.get_model().eval()
+    inputs = tester.get_inputs()
+    similarity = torch.rand(tester.batch_size, 2)
+    vision_tokens = torch.randn(2, tester.num_frames, 17, 32)
+    out = model.rerank_text_to_video(similarity, inputs["qformer_input_ids"], None, vision_tokens, top_k=15)
+    assert out.top_k_indices.shape == (tester.batch_size, 2)
+    torch.testing.assert_close(out.logits.gather(1, out.top_k_indices), out.fused_scores)
+
+
+def test_contrastive_loss_ignores_other_captions_of_the_same_video():
+    logits = torch.tensor([[5.0, 5.0, 0.0], [5.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    same_video = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    assert contrastive_loss(logits, same_video) < contrastive_loss(logits, torch.eye(3, dtype=torch.bool))
+
+
+def test_hard_negatives_are_never_positives_and_prefer_hard_ones():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[10.0, 9.0, 0.0], [0.0, 10.0, 0.0], [0.0, 0.0, 10.0]])
+    positives = torch.eye(3, dtype=torch.bool)
+    picks = [sample_hard_negatives(logits, positives, generator) for _ in range(200)]
+    negative_videos = torch.stack([p[0] for p in picks])
+    negative_texts = torch.stack([p[1] for p in picks])
+    assert (negative_videos != torch.arange(3)).all() and (negative_texts != torch.arange(3)).all()
+    assert (negative_videos[:, 0] == 1).float().mean() > 0.95  # text 0 is close to video 1
+    assert (negative_texts[:, 1] == 0).float().mean() > 0.95  # video 1 is close to text 0
+    with pytest.raises(ValueError, match="at least two different videos"):
+        sample_hard_negatives(logits, torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_bad_inputs_give_clear_errors(tester):
+    model = tester.get_model().eval()
+    inputs = tester.get_inputs()
+    with pytest.raises(ValueError, match=r"\(batch, frames, channels, height, width\)"):
+        model.get_video_features(inputs["pixel_values"][:, :, :, :16])
+    with pytest.raises(ValueError, match=r"\(batch, frames, channels, height, width\)"):
+        model.get_video_features(inputs["pixel_values"][0])
+    with pytest.raises(ValueError, match="at most 16"):
+        model.get_text_features(torch.ones(1, 20, dtype=torch.long))
+    empty_mask = inputs["video_mask"].clone()
+    empty_mask[1] = 0
+    with pytest.raises(ValueError, match="no real frame"):
+        model.get_video_features(inputs["pixel_values"], empty_mask)
+    with pytest.raises(ValueError, match="pairs must align"):
+        model.get_fine_scores(inputs["qformer_input_ids"][:2], None, model.get_vision_tokens(inputs["pixel_values"]))
+    with pytest.raises(ValueError, match="fine_vision_hidden_size"):
+        model.get_fine_scores(inputs["qformer_input_ids"], None, torch.randn(3, 4, 17, 8))
+    with pytest.raises(ValueError, match="needs pixel_values"):
+        model(input_ids=inputs["input_ids"], qformer_input_ids=inputs["qformer_input_ids"])
+
+
+def test_model_is_a_pretrained_model_with_safetensors_round_trip(tester, tmp_path):
+    model = tester.get_model().eval()
+    model.save_pretrained(tmp_path)
+    files = {path.name for path in tmp_path.iterdir()}
+    assert "model.safetensors" in files and not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert {"configuration_crosstvr.py", "modeling_crosstvr.py"} <= files
+    loaded = CrossTVRModel.from_pretrained(tmp_path).eval()
+    inputs = tester.get_inputs()
+    torch.testing.assert_close(
+        loaded.get_video_features(inputs["pixel_values"], inputs["video_mask"]),
+        model.get_video_features(inputs["pixel_values"], inputs["video_mask"]),
+    )
+    torch.testing.assert_close(
+        loaded.get_fine_scores(*fine_inputs(loaded, inputs)), model.get_fine_scores(*fine_inputs(model, inputs))
+    )
+    assert not any(p.requires_grad for p in loaded.fine_vision_model.parameters())

@@ -1,0 +1,137 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crosstvr import CrossTVRProcessor, VideoDecodeError, read_video, sample_frame_indices
+from crosstvr.processing_crosstvr import _read_frames_with_pyav
+
+
+def test_center_sampling_takes_segment_centres():
+    assert sample_frame_indices(100, 4) == [12, 37, 62, 87]
+    assert sample_frame_indices(100, 4, start=20, end=60) == [25, 35, 45, 55]
+
+
+def test_random_sampling_stays_in_its_segment_and_is_seeded():
+    first = sample_frame_indices(100, 4, "random", generator=torch.Generator().manual_seed(0))
+    again = sample_frame_indices(100, 4, "random", generator=torch.Generator().manual_seed(0))
+    assert first == again
+    for segment, index in enumerate(first):
+        assert 25 * segment <= index < 25 * (segment + 1)
+    draws = {tuple(sample_frame_indices(100, 4, "random", generator=torch.Generator().manual_seed(s))) for s in range(5)}
+    assert len(draws) > 1
+
+
+def test_short_clips_yield_all_their_frames():
+    assert sample_frame_indices(3, 8) == [0, 1, 2]
+    with pytest.raises(ValueError, match="empty frame range"):
+        sample_frame_indices(10, 4, start=12)
+    with pytest.raises(ValueError, match="sampling='middle'"):
+        sample_frame_indices(10, 4, "middle")
+
+
+def test_read_video_decodes_the_requested_frames(media_dir):
+    frames = read_video(os.path.join(media_dir, "red_circle_left.mp4"), 4)
+    assert frames.shape == (4, 64, 64, 3) and frames.dtype == np.uint8
+    # The red circle moves left: its mean column decreases over the sampled frames.
+    red = (frames[..., 0] > 150) & (frames[..., 1] < 100)
+    columns = [np.nonzero(mask)[1].mean() for mask in red]
+    assert columns == sorted(columns, reverse=True)
+    assert read_video(os.path.join(media_dir, "short.mp4"), 4).shape[0] == 2
+
+
+def test_frame_sizes_decord_cannot_convert_are_decoded_with_pyav(media_dir):
+    frames = read_video(os.path.join(media_dir, "odd_size.mp4"), 4)
+    assert frames.shape == (4, 48, 48, 3)
+    # The fallback decodes exactly what decord decodes where decord works.
+    path = os.path.join(media_dir, "red_circle_left.mp4")
+    np.testing.assert_array_equal(read_video(path, 4), _read_frames_with_pyav(path, [2, 6, 10, 14]))
+
+
+def test_read_video_clip_times(media_dir):
+    # 16 frames at 8 fps: [1 s, 2 s) is frames 8..15.
+    path = os.path.join(media_dir, "blue_square_up.mp4")
+    full = read_video(path, 16)
+    clip = read_video(path, 4, start_time=1.0, end_time=2.0)
+    np.testing.assert_array_equal(clip, full[[9, 11, 13, 15]])
+    with pytest.raises(VideoDecodeError, match="starts at 5.0 s but the video lasts 2.00 s"):
+        read_video(path, 4, start_time=5.0)
+
+
+@pytest.mark.parametrize("name", ["corrupt.mp4", "empty.mp4", "notes.mp4"])
+def test_unreadable_files_raise_an_error_naming_the_file(media_dir, name):
+    with pytest.raises(VideoDecodeError, match=name):
+        read_video(os.path.join(media_dir, name), 4)
+
+
+def test_missing_file(media_dir):
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        read_video(os.path.join(media_dir, "missing.mp4"), 4)
+
+
+def test_processor_shapes_and_masks_for_files(tester, media_dir):
+    processor = tester.get_processor()
+    paths = [os.path.join(media_dir, name) for name in ("red_circle_left.mp4", "short.mp4")]
+    inputs = processor(text=["a red circle moves left", "a yellow circle"], videos=paths)
+    size = tester.image_size
+    assert inputs["pixel_values"].shape == (2, tester.num_frames, 3, size, size)
+    assert inputs["video_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert (inputs["pixel_values"][1, 2:] == 0).all()
+    for key in ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask"):
+        assert inputs[key].shape == (2, tester.text_length)
+    assert inputs["input_ids"][0, 0] == processor.tokenizer.bos_token_id
+    assert inputs["qformer_input_ids"][0, 0] == processor.qformer_tokenizer.cls_token_id
+
+
+def test_processor_accepts_decoded_frames(tester, frames):
+    processor = tester.get_processor()
+    as_array = processor(videos=frames)  # one (frames, H, W, C) array
+    as_list = processor(videos=[list(frames)])  # a list of videos, each a list of arrays
+    as_pil = processor(videos=[Image.fromarray(frame) for frame in frames])  # one video of PIL images
+    batch = processor(videos=np.stack([frames, frames]))  # (videos, frames, H, W, C)
+    for inputs in (as_array, as_list, as_pil):
+        assert inputs["pixel_values"].shape == (1, tester.num_frames, 3, tester.image_size, tester.image_size)
+        torch.testing.assert_close(inputs["pixel_values"], as_array["pixel_values"])
+    assert batch["pixel_values"].shape[0] == 2
+    # Ten frames into four: the segment centres 1, 3, 6, 8.
+    expected = processor(videos=frames[[1, 3, 6, 8]])
+    torch.testing.assert_close(as_array["pixel_values"], expected["pixel_values"])
+    assert processor(videos=frames[:2])["video_mask"].tolist() == [[1, 1, 0, 0]]
+
+
+def test_processor_truncates_long_text_and_can_refuse_to(tester):
+    processor = tester.get_processor()
+    long_text = " ".join(["red circle"] * 20)
+    inputs = processor(text=long_text)
+    assert inputs["input_ids"].shape == (1, tester.text_length)
+    assert inputs["input_ids"][0, -1] == processor.tokenizer.eos_token_id  # EOS survives truncation
+    with pytest.raises(ValueError, match="exceed max_text_length=8"):
+        processor(text=long_text, truncation=False)
+
+
+def test_processor_bad_inputs(tester, media_dir):
+    processor = tester.get_processor()
+    with pytest.raises(ValueError, match="needs `text`, `videos`, or both"):
+        processor()
+    with pytest.raises(ValueError, match="videos must be"):
+        processor(videos=42)
+    with pytest.raises(ValueError, match="text must be a string"):
+        processor(text=[1, 2])
+    with pytest.raises(VideoDecodeError, match="corrupt.mp4"):
+        processor(videos=[os.path.join(media_dir, "corrupt.mp4")])
+    with pytest.raises(ValueError, match="start_times / end_times apply to video files"):
+        processor(videos=[np.zeros((3, 8, 8, 3), np.uint8)], start_times=[1.0])
+
+
+def test_processor_save_load_round_trip(tester, tmp_path, frames):
+    processor = tester.get_processor()
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "processing_crosstvr.py").exists()
+    assert (tmp_path / "qformer_tokenizer").is_dir()
+    loaded = CrossTVRProcessor.from_pretrained(tmp_path)
+    assert (loaded.num_frames, loaded.max_text_length) == (tester.num_frames, tester.text_length)
+    inputs, loaded_inputs = processor(text="a red square", videos=frames), loaded(text="a red square", videos=frames)
+    for key in inputs:
+        torch.testing.assert_close(loaded_inputs[key], inputs[key])
