@@ -1,6 +1,6 @@
 """Procedurally generated videos with captions that describe them: sample libraries for the demo and media for tests.
 
-Videos are rendered with NumPy and written as H.264 MP4 with PyAV; read them back with decord like any other video.
+Videos are rendered with NumPy and written with PyAV; read them back with decord like any other video.
 """
 
 import os
@@ -62,17 +62,24 @@ def render(scene: MovingShape, num_frames: int = 16, size: int = 64) -> np.ndarr
     return frames
 
 
+VIDEO_CODECS = {".avi": "mpeg4", ".webm": "libvpx-vp9"}  # anything else: H.264
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
-    """Write `(frames, height, width, 3)` uint8 RGB frames as an H.264 MP4 (height and width must be even)."""
+    """
+    Write `(frames, height, width, 3)` uint8 RGB frames as a video whose container follows the file extension (MPEG-4
+    Part 2 in .avi, VP9 in .webm, H.264 otherwise); height and width must be even.
+    """
     try:
         import av
     except ImportError as error:
         raise ImportError("Writing videos needs PyAV: `pip install av`.") from error
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
-        raise ValueError(f"H.264 needs even frame sizes, got {width}x{height}")
+        raise ValueError(f"video frame sizes must be even, got {width}x{height}")
+    codec = VIDEO_CODECS.get(os.path.splitext(os.fspath(path))[1].lower(), "libx264")
     with av.open(os.fspath(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))

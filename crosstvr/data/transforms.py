@@ -1,0 +1,56 @@
+"""Lazy video decoding for the caption datasets: decode and preprocess only the rows a batch asks for."""
+
+import torch
+
+from ..processing_crosstvr import CrossTVRProcessor, VideoDecodeError
+
+
+class VideoTextTransform:
+    """
+    A `Dataset.with_transform` / `set_transform` callable that turns rows (`caption`, `video_path`, `start_time`,
+    `end_time`, `video_index`) into model inputs with a [`CrossTVRProcessor`]: T uniformly sampled frames per video
+    (random offsets within the segments with `sampling="random"`, for training; segment centres with `"center"`, for
+    evaluation), frame masks for short videos, and both tokenizations of the caption.
+
+    Random sampling draws from torch's global generator, which every DataLoader worker seeds differently (and
+    `accelerate` seeds reproducibly). A video that cannot be decoded raises [`VideoDecodeError`] naming the file and
+    the row's video id; load the dataset with `check_videos=True, on_bad_video="skip"` to drop such videos up front.
+
+    Example:
+
+    ```python
+    >>> dataset = load_msrvtt("annotations/", "videos/")["train_9k"]
+    >>> dataset = dataset.with_transform(VideoTextTransform(processor, sampling="random"))
+    >>> batch = dataset[:8]  # pixel_values (8, T, 3, H, W), video_mask, input_ids, qformer_input_ids, video_index
+    ```
+    """
+
+    def __init__(self, processor: CrossTVRProcessor, sampling: str = "center"):
+        self.processor = processor
+        self.sampling = sampling
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
+        try:
+            inputs = self.processor(
+                text=batch["caption"],
+                videos=batch["video_path"],
+                sampling=self.sampling,
+                start_times=batch["start_time"],
+                end_times=batch["end_time"],
+            )
+        except (VideoDecodeError, FileNotFoundError) as error:
+            raise type(error)(
+                f"{error} (a row of video_id(s) {sorted(set(batch['video_id']))}); load the dataset with "
+                "check_videos=True, on_bad_video='skip' to drop unreadable videos up front"
+            ) from error
+        inputs["video_index"] = torch.tensor(batch["video_index"], dtype=torch.long)
+        return dict(inputs)
+
+
+def unique_videos(dataset):
+    """The first row of every distinct video of a split (in `video_index` order): what evaluation encodes once. A
+    transform set on `dataset` is kept."""
+    first_rows = {}
+    for row, video_index in enumerate(dataset.with_format(None)["video_index"]):
+        first_rows.setdefault(video_index, row)
+    return dataset.select([first_rows[index] for index in sorted(first_rows)])
