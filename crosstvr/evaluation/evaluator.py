@@ -1,0 +1,241 @@
+"""Two-stage retrieval evaluation of a split: encode once, rank with stage 1, re-rank the top K with stage 2.
+
+Every video of the split is decoded and encoded once (stage-1 embedding and frozen stage-2 tokens, kept on the CPU in
+half precision); every caption is encoded once. The stage-1 similarity matrix (texts x videos) is small; stage 2 runs
+only on the top K candidates of each query, in batches of (text, video) pairs, in both directions.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from tqdm.auto import tqdm
+
+from ..data.transforms import VideoTextTransform, unique_videos
+from ..modeling_crosstvr import CrossTVRModel
+from ..processing_crosstvr import CrossTVRProcessor
+from .metrics import compute_retrieval_metrics
+from .postprocessing import dual_softmax, querybank_normalize
+
+
+logger = logging.getLogger(__name__)
+
+POST_PROCESSING = (None, "dsl", "qb_norm")
+
+
+@dataclass
+class EncodedSplit:
+    """Everything retrieval needs about a split: its captions (texts) and its distinct videos."""
+
+    text_embeds: torch.Tensor  # (texts, projection_dim)
+    qformer_input_ids: torch.Tensor  # (texts, text_length)
+    qformer_attention_mask: torch.Tensor  # (texts, text_length)
+    text_to_video_index: torch.Tensor  # (texts,)
+    video_embeds: torch.Tensor  # (videos, projection_dim)
+    vision_tokens: torch.Tensor  # (videos, frames, tokens, width), float16 on the CPU
+    video_mask: torch.Tensor  # (videos, frames)
+
+
+@dataclass
+class RetrievalEvaluation:
+    """Metrics of stage 1 alone and of the two stages (None with `rerank=False`), and how they were obtained."""
+
+    num_texts: int
+    num_videos: int
+    top_k: int | None
+    fine_score_weight: float | None
+    post_processing: str | None
+    metrics: dict[str, dict[str, float] | None] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: CrossTVRModel, processor: CrossTVRProcessor, captions: list[str], batch_size: int = 256, progress=True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage-1 embeddings (on the CPU) and Q-Former tokens of `captions`."""
+    embeds, qformer_ids, qformer_masks = [], [], []
+    for start in tqdm(range(0, len(captions), batch_size), desc="encoding texts", disable=not progress):
+        text = processor(text=captions[start : start + batch_size])
+        embeds.append(
+            model.get_text_features(text["input_ids"].to(model.device), text["attention_mask"].to(model.device)).cpu()
+        )
+        qformer_ids.append(text["qformer_input_ids"])
+        qformer_masks.append(text["qformer_attention_mask"])
+    return torch.cat(embeds), torch.cat(qformer_ids), torch.cat(qformer_masks)
+
+
+@torch.no_grad()
+def encode_split(
+    model: CrossTVRModel,
+    processor: CrossTVRProcessor,
+    dataset,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> EncodedSplit:
+    """Encode the captions and the distinct videos of a split (rows as `crosstvr.data` loads them)."""
+    plain = dataset.with_format(None)
+    text_embeds, qformer_ids, qformer_mask = encode_texts(model, processor, plain["caption"], progress=progress)
+    videos = unique_videos(plain).with_transform(VideoTextTransform(processor, sampling="center"))
+    loader = DataLoader(
+        videos,
+        sampler=BatchSampler(SequentialSampler(videos), batch_size, drop_last=False),
+        batch_size=None,
+        num_workers=num_workers,
+    )
+    video_embeds, vision_tokens, video_masks = [], [], []
+    for batch in tqdm(loader, desc="encoding videos", disable=not progress):
+        video = model.encode_video(batch["pixel_values"].to(model.device), batch["video_mask"].to(model.device))
+        video_embeds.append(video.video_embeds.cpu())
+        vision_tokens.append(video.vision_tokens.to("cpu", torch.float16))
+        video_masks.append(batch["video_mask"])
+    return EncodedSplit(
+        text_embeds=text_embeds,
+        qformer_input_ids=qformer_ids,
+        qformer_attention_mask=qformer_mask,
+        text_to_video_index=torch.tensor(plain["video_index"], dtype=torch.long),
+        video_embeds=torch.cat(video_embeds),
+        vision_tokens=torch.cat(vision_tokens),
+        video_mask=torch.cat(video_masks),
+    )
+
+
+@torch.no_grad()
+def rerank_text_to_video_scores(
+    model: CrossTVRModel,
+    encoded: EncodedSplit,
+    similarity: torch.Tensor,
+    top_k: int | None = None,
+    fine_score_weight: float | None = None,
+    queries_per_call: int = 64,
+    pair_batch_size: int = 32,
+    progress: bool = True,
+) -> torch.Tensor:
+    """`(texts, videos)` scores ordering every text's stage-1 top K by s_coarse + w * s_fine above the other videos
+    (see [`CrossTVRModel.rerank_text_to_video`]); `similarity` is the `(texts, videos)` stage-1 matrix."""
+    return torch.cat(
+        [
+            model.rerank_text_to_video(
+                similarity[start : start + queries_per_call],
+                encoded.qformer_input_ids[start : start + queries_per_call],
+                encoded.qformer_attention_mask[start : start + queries_per_call],
+                encoded.vision_tokens,
+                encoded.video_mask,
+                top_k=top_k,
+                fine_score_weight=fine_score_weight,
+                batch_size=pair_batch_size,
+            ).logits
+            for start in tqdm(
+                range(0, similarity.shape[0], queries_per_call), desc="re-ranking text-to-video", disable=not progress
+            )
+        ]
+    )
+
+
+@torch.no_grad()
+def rerank_video_to_text_scores(
+    model: CrossTVRModel,
+    encoded: EncodedSplit,
+    similarity: torch.Tensor,
+    top_k: int | None = None,
+    fine_score_weight: float | None = None,
+    queries_per_call: int = 64,
+    pair_batch_size: int = 32,
+    progress: bool = True,
+) -> torch.Tensor:
+    """`(videos, texts)` scores ordering every video's stage-1 top K texts likewise; `similarity` is still the
+    `(texts, videos)` stage-1 matrix."""
+    return torch.cat(
+        [
+            model.rerank_video_to_text(
+                similarity[:, start : start + queries_per_call],
+                encoded.qformer_input_ids,
+                encoded.qformer_attention_mask,
+                encoded.vision_tokens[start : start + queries_per_call],
+                encoded.video_mask[start : start + queries_per_call],
+                top_k=top_k,
+                fine_score_weight=fine_score_weight,
+                batch_size=pair_batch_size,
+            ).logits
+            for start in tqdm(
+                range(0, similarity.shape[1], queries_per_call), desc="re-ranking video-to-text", disable=not progress
+            )
+        ]
+    )
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: CrossTVRModel,
+    processor: CrossTVRProcessor,
+    dataset,
+    rerank: bool = True,
+    top_k: int | None = None,
+    fine_score_weight: float | None = None,
+    post_processing: str | None = None,
+    dsl_temperature: float = 0.01,
+    querybank_captions: list[str] | None = None,
+    qb_norm_beta: float = 20.0,
+    qb_norm_k: int = 1,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    pair_batch_size: int = 32,
+    progress: bool = True,
+) -> RetrievalEvaluation:
+    """
+    Evaluate `model` on one split: the metrics of stage 1 alone and, with `rerank=True`, of the two stages (top K of
+    every query re-ranked by stage 2), both directions (see `crosstvr.evaluation.metrics`).
+
+    Args:
+        dataset: the split's rows as `crosstvr.data` loads them (one row per caption, with `video_index`).
+        rerank: also re-rank with stage 2; `False` evaluates stage 1 only.
+        top_k, fine_score_weight: K and w (default: the model config's).
+        post_processing: `None`, `"dsl"` ([`dual_softmax`] with `dsl_temperature`) or `"qb_norm"`
+            ([`querybank_normalize`] with `querybank_captions`, `qb_norm_beta`, `qb_norm_k`; text-to-video only).
+        batch_size, num_workers: videos per encoding batch and decoding worker processes.
+        pair_batch_size: (text, video) pairs per stage-2 call.
+    """
+    if post_processing not in POST_PROCESSING:
+        raise ValueError(f"post_processing={post_processing!r} is not one of {POST_PROCESSING}")
+    if (post_processing == "qb_norm") != (querybank_captions is not None):
+        raise ValueError("post_processing='qb_norm' needs querybank_captions (the bank), and only it uses them")
+    model.eval()
+    encoded = encode_split(model, processor, dataset, batch_size, num_workers, progress)
+    similarity = encoded.text_embeds @ encoded.video_embeds.t()  # (texts, videos)
+    if post_processing == "dsl":
+        similarity = dual_softmax(similarity, dsl_temperature)
+    # QB-Norm's bank holds text queries, so it re-weights text-to-video only; video-to-text keeps the plain matrix.
+    video_to_text_similarity = similarity
+    if post_processing == "qb_norm":
+        bank_embeds, _, _ = encode_texts(model, processor, list(querybank_captions), progress=progress)
+        similarity = querybank_normalize(similarity, bank_embeds @ encoded.video_embeds.t(), qb_norm_beta, qb_norm_k)
+
+    index = encoded.text_to_video_index.numpy()
+    metrics = {
+        "stage1": compute_retrieval_metrics(similarity.numpy(), index, video_to_text_similarity.t().numpy()),
+        "two_stage": None,
+    }
+    if rerank:
+        rerank_kwargs = {
+            "top_k": top_k,
+            "fine_score_weight": fine_score_weight,
+            "pair_batch_size": pair_batch_size,
+            "progress": progress,
+        }
+        metrics["two_stage"] = compute_retrieval_metrics(
+            rerank_text_to_video_scores(model, encoded, similarity, **rerank_kwargs).numpy(),
+            index,
+            rerank_video_to_text_scores(model, encoded, video_to_text_similarity, **rerank_kwargs).numpy(),
+        )
+    return RetrievalEvaluation(
+        num_texts=len(index),
+        num_videos=len(encoded.video_embeds),
+        top_k=min(model.config.rerank_top_k if top_k is None else top_k, len(encoded.video_embeds)) if rerank else None,
+        fine_score_weight=(model.config.fine_score_weight if fine_score_weight is None else fine_score_weight)
+        if rerank
+        else None,
+        post_processing=post_processing,
+        metrics=metrics,
+    )
+

@@ -1,0 +1,1 @@
+"""The `evaluate` module of retrieval metrics: `evaluate.load(<this folder>)`."""

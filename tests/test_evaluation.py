@@ -1,0 +1,194 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from crosstvr.cli import main
+from crosstvr.data import load_retrieval_dataset, write_fixture
+from crosstvr.default_model import build_default_model
+from crosstvr.evaluation import (
+    compute_retrieval_metrics,
+    dual_softmax,
+    evaluate_retrieval,
+    load_retrieval_metric,
+    querybank_normalize,
+)
+from crosstvr.evaluation.report import format_table
+
+
+def test_identity_is_perfect():
+    metrics = compute_retrieval_metrics(np.eye(20))
+    for prefix in ("t2v", "v2t"):
+        assert metrics[f"{prefix}_R1"] == metrics[f"{prefix}_R10"] == 100.0
+        assert metrics[f"{prefix}_MdR"] == metrics[f"{prefix}_MnR"] == 1.0
+
+
+def test_reversed_ranks():
+    # Text i ranks video i last among 12: every rank is 12.
+    scores = np.ones((12, 12)) - np.eye(12)
+    metrics = compute_retrieval_metrics(scores)
+    assert metrics["t2v_R1"] == metrics["t2v_R10"] == 0.0
+    assert metrics["t2v_MdR"] == metrics["t2v_MnR"] == 12.0
+    assert metrics["v2t_MnR"] == 12.0
+
+
+def test_hand_computed_ranks():
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.2],  # video 0 first: rank 1
+            [0.8, 0.7, 0.1],  # video 1 second: rank 2
+            [0.5, 0.6, 0.4],  # video 2 third: rank 3
+        ]
+    )
+    metrics = compute_retrieval_metrics(scores)
+    assert metrics["t2v_R1"] == pytest.approx(100 / 3)
+    assert (metrics["t2v_MdR"], metrics["t2v_MnR"]) == (2.0, 2.0)
+    # Columns: video 0 -> text 0 first (rank 1); video 1 -> text 1 (0.7) after text 2 (0.6)? no: 0.7 > 0.6, rank 1;
+    # video 2 -> text 2 (0.4) after text 0 (0.2)? 0.4 > 0.2 and 0.4 > 0.1: rank 1.
+    assert metrics["v2t_R1"] == 100.0
+
+
+def test_ties_are_broken_by_candidate_index():
+    metrics = compute_retrieval_metrics(np.zeros((4, 4)))
+    # All scores equal: the target's rank is its index + 1 (ranks 1, 2, 3, 4).
+    assert metrics["t2v_R1"] == 25.0 and metrics["t2v_MnR"] == 2.5 and metrics["t2v_MdR"] == 2.5
+    assert compute_retrieval_metrics(np.zeros((4, 4))) == metrics  # deterministic
+
+
+def test_multi_caption_protocol():
+    # Three videos; captions 0-1 describe video 0, captions 2-4 video 1, caption 5 video 2.
+    index = np.array([0, 0, 1, 1, 1, 2])
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.0],  # rank 1
+            [0.2, 0.5, 0.1],  # rank 2
+            [0.1, 0.8, 0.0],  # rank 1
+            [0.3, 0.2, 0.1],  # rank 2
+            [0.0, 0.3, 0.6],  # rank 2
+            [0.1, 0.0, 0.2],  # rank 1
+        ]
+    )
+    metrics = compute_retrieval_metrics(scores, index)
+    assert metrics["t2v_R1"] == 50.0 and metrics["t2v_MnR"] == 1.5
+    # Video-to-text: each video scores a video's captions by the best of them.
+    # Video 0: own best 0.9; video 1's best 0.3; video 2's 0.1 -> rank 1.
+    # Video 1: own best 0.8; video 0's best 0.5 -> rank 1. Video 2: own 0.2; video 1's best 0.6 -> rank 2.
+    assert metrics["v2t_R1"] == pytest.approx(200 / 3) and metrics["v2t_MnR"] == pytest.approx(4 / 3)
+
+
+def test_evaluate_module_matches_the_plain_function():
+    rng = np.random.default_rng(0)
+    scores, index = rng.normal(size=(30, 10)), np.repeat(np.arange(10), 3)
+    metric = load_retrieval_metric()
+    from_module = metric.compute(predictions=scores.astype(np.float32), references=index)
+    assert from_module == pytest.approx(compute_retrieval_metrics(scores.astype(np.float32), index))
+    reverse = rng.normal(size=(10, 30))
+    with_reverse = metric.compute(predictions=scores, references=index, video_to_text_scores=reverse)
+    assert with_reverse["v2t_MnR"] == pytest.approx(compute_retrieval_metrics(scores, index, reverse)["v2t_MnR"])
+
+
+def test_metric_input_errors():
+    with pytest.raises(ValueError, match="needs text_to_video_index"):
+        compute_retrieval_metrics(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"videos \[2\] have no caption"):
+        compute_retrieval_metrics(np.zeros((3, 3)), [0, 1, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        compute_retrieval_metrics(np.full((2, 2), np.nan))
+
+
+def hubness_case():
+    """Video 0 is a hub: every text scores it high, although only text 0 describes it."""
+    return torch.tensor(
+        [
+            [0.90, 0.10, 0.20, 0.10],
+            [0.85, 0.80, 0.10, 0.20],
+            [0.86, 0.20, 0.84, 0.10],
+            [0.70, 0.10, 0.20, 0.60],
+        ]
+    )
+
+
+def test_dual_softmax_demotes_a_hub():
+    similarity = hubness_case()
+    assert compute_retrieval_metrics(similarity.numpy())["t2v_R1"] == 25.0
+    processed = dual_softmax(similarity, temperature=0.05)
+    assert compute_retrieval_metrics(processed.numpy())["t2v_R1"] == 100.0
+    # Each video's column is re-weighted by a softmax over texts: the hub's weight concentrates on text 0.
+    assert processed[0, 0] > processed[1, 0] and processed[0, 0] > processed[2, 0]
+
+
+def test_querybank_normalisation_demotes_a_hub_for_the_queries_it_attracts():
+    similarity = hubness_case()
+    bank = torch.tensor([[0.9, 0.2, 0.2, 0.2], [0.8, 0.1, 0.3, 0.2], [0.85, 0.3, 0.1, 0.1]])  # the hub attracts all
+    processed = querybank_normalize(similarity, bank, beta=20.0, k=1)
+    # Every test query's best video is the hub, so every row is renormalised and the hub falls behind the true video
+    # for texts 1-3, while text 0 keeps it first.
+    assert compute_retrieval_metrics(processed.numpy())["t2v_R1"] == 100.0
+    # Only video 0 is in the activation set; rows whose best video is elsewhere are left unchanged.
+    untouched = similarity.clone()
+    untouched[:, 0] = 0.0
+    torch.testing.assert_close(querybank_normalize(untouched, bank), untouched)
+    expected = similarity - torch.logsumexp(20.0 * bank, dim=0) / 20.0
+    torch.testing.assert_close(processed[1], expected[1])
+    with pytest.raises(ValueError, match="same videos"):
+        querybank_normalize(similarity, bank[:, :3])
+
+
+@pytest.fixture(scope="module")
+def msvd_test_split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("msvd")
+    fixture = write_fixture("msvd", root)
+    return load_retrieval_dataset("msvd", fixture.annotations_dir, fixture.videos_dir, cache_dir=root / "cache")
+
+
+def test_two_stage_equals_stage_one_when_stage_two_cannot_reorder(msvd_test_split):
+    model, processor = build_default_model()
+    test = msvd_test_split["test"]
+    for kwargs in ({"top_k": 1}, {"fine_score_weight": 0.0}):
+        evaluation = evaluate_retrieval(model, processor, test, progress=False, **kwargs)
+        assert evaluation.metrics["two_stage"] == evaluation.metrics["stage1"], kwargs
+    stage_one_only = evaluate_retrieval(model, processor, test, rerank=False, progress=False)
+    assert stage_one_only.metrics["two_stage"] is None and stage_one_only.top_k is None
+    assert "CrossTVR" not in format_table(stage_one_only)
+    assert (stage_one_only.num_texts, stage_one_only.num_videos) == (test.num_rows, 2)
+
+
+def test_evaluation_options_are_checked(msvd_test_split):
+    model, processor = build_default_model()
+    with pytest.raises(ValueError, match="needs querybank_captions"):
+        evaluate_retrieval(model, processor, msvd_test_split["test"], post_processing="qb_norm", progress=False)
+    with pytest.raises(ValueError, match="post_processing='zscore'"):
+        evaluate_retrieval(model, processor, msvd_test_split["test"], post_processing="zscore", progress=False)
+
+
+def test_evaluate_command_end_to_end(tmp_path, capsys):
+    fixture = write_fixture("msrvtt", tmp_path / "msrvtt")
+    model, processor = build_default_model(seed=2)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    common = ["--dataset", "msrvtt", "--annotations", fixture.annotations_dir, "--videos", fixture.videos_dir]
+    common += ["--cache-dir", str(tmp_path / "cache"), "--num-workers", "0", "--model", str(tmp_path / "model")]
+
+    assert main(["evaluate", *common, "--top-k", "2", "--output", str(tmp_path / "results.json")]) == 0
+    table = capsys.readouterr().out
+    assert "MSR-VTT test_1k" in table and "CrossTVR (two-stage)" in table and "K = 2" in table
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["dataset"], results["split"], results["num_texts"], results["num_videos"]) == (
+        "msrvtt",
+        "test_1k",
+        3,
+        3,
+    )
+    assert set(results["metrics"]) == {"stage1", "two_stage"}
+    assert set(results["metrics"]["two_stage"]) == {
+        f"{p}_{m}" for p in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MdR", "MnR")
+    }
+
+    assert main(["evaluate", *common, "--no-rerank", "--dsl", "--output", str(tmp_path / "dsl.json")]) == 0
+    dsl = json.loads((tmp_path / "dsl.json").read_text())
+    assert dsl["post_processing"] == "dsl" and dsl["metrics"]["two_stage"] is None
+
+    bank = ["--qb-norm", "--qb-norm-size", "40", "--output", str(tmp_path / "qb.json")]
+    assert main(["evaluate", *common, *bank]) == 0
+    assert json.loads((tmp_path / "qb.json").read_text())["post_processing"] == "qb_norm"
