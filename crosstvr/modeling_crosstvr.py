@@ -227,6 +227,39 @@ def sample_hard_negatives(
     return negative_video, negative_text
 
 
+def matching_pairs(
+    batch_size: int, negative_video: torch.Tensor, negative_text: torch.Tensor, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The 3B video-text matching pairs of the B rows `offset .. offset + B - 1` of a (possibly gathered) batch: each
+    positive (text_i, video_i), then (text_i, its hard negative video), then (the hard negative text of video_j,
+    video_j). Returns `(text_index, video_index, labels)` into the batch, labels 1 for positives and 0 for negatives.
+    """
+    rows = torch.arange(offset, offset + batch_size, device=negative_video.device)
+    text_index = torch.cat([rows, rows, negative_text[rows]])
+    video_index = torch.cat([rows, negative_video[rows], rows])
+    labels = torch.cat([torch.ones_like(rows), torch.zeros_like(rows), torch.zeros_like(rows)])
+    return text_index, video_index, labels
+
+
+def all_gather_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """
+    Concatenate `tensor` from every process of `group` along dim 0. Gradients flow back to every process's own slice,
+    summed over the processes' losses: when every process computes the same global loss, DDP's gradient averaging then
+    yields exactly the single-process gradient of that loss. All processes must pass the same shape.
+    """
+    import torch.distributed.nn
+
+    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous(), group=group), dim=0)
+
+
+def all_gather_no_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate `tensor` from every process of `group` along dim 0, without gradient."""
+    gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(gathered, tensor.detach().contiguous(), group=group)
+    return torch.cat(gathered, dim=0)
+
+
 def shift_tokens(hidden_states: torch.Tensor, video_mask: torch.Tensor, fold_div: int) -> torch.Tensor:
     r"""
     TS2-Net token shift: whole patch tokens are exchanged between neighbouring frames so that attention inside a frame
@@ -1019,6 +1052,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         video_embeds: torch.Tensor | None = None,
         vision_tokens: torch.Tensor | None = None,
         video_ids: torch.Tensor | None = None,
+        process_group=None,
+        generator: torch.Generator | None = None,
     ) -> CrossTVROutput:
         r"""
         Training losses on a batch of (text_i, video_i) pairs.
@@ -1026,9 +1061,15 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         - Stage 1, always: symmetric InfoNCE on the temperature-scaled similarities (see [`contrastive_loss`]).
         - Stage 2, when `qformer_input_ids` is given: for every text a hard negative video and for every video a hard
           negative text are sampled from the stage-1 similarities (see [`sample_hard_negatives`]), and the matching
-          head is trained with cross-entropy on the B positive and 2B negative pairs.
+          head is trained with cross-entropy on the B positive and 2B negative pairs (see [`matching_pairs`]).
 
         `loss` is the sum of the computed losses; freeze the parameters of the stage you do not train.
+
+        With a `process_group` (data-parallel training), the batch is the union of the batches of its processes:
+        embeddings are gathered with gradient, the contrastive loss is the global one, negatives are drawn from the
+        whole global batch, and each process scores the pairs of its own rows. Pass the same `generator` state on every
+        process so that all draw the same negatives; the losses and DDP-averaged gradients then equal those of one
+        process holding the global batch.
 
         Args:
             input_ids, attention_mask (`(batch, length)`): CLIP tokens.
@@ -1041,6 +1082,10 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             vision_tokens (`(batch, frames, tokens, width)`, *optional*): precomputed stage-2 tokens (a token cache).
             video_ids (`(batch,)`, *optional*): video identities; captions of the same video are then not used as each
                 other's negatives.
+            process_group (`torch.distributed.ProcessGroup`, *optional*): compute the losses over the global batch of
+                this group's processes (e.g. `torch.distributed.group.WORLD`); every process must pass the same batch
+                size.
+            generator (`torch.Generator`, *optional*): randomness of the hard-negative sampling.
         """
         batch_size = input_ids.shape[0]
         needs_tokens = qformer_input_ids is not None and vision_tokens is None
@@ -1057,11 +1102,20 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         elif needs_tokens:
             vision_tokens = self.get_vision_tokens(pixel_values, video_mask)
 
-        logits_per_text = self.logit_scale.exp().clamp(max=100) * text_embeds @ video_embeds.t()  # (B, B)
-        if video_ids is None:
-            positive_mask = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
+        if process_group is not None:
+            gather = lambda tensor: all_gather_with_grad(tensor, process_group)  # noqa: E731
+            gather_data = lambda tensor: all_gather_no_grad(tensor, process_group)  # noqa: E731
+            offset = torch.distributed.get_rank(process_group) * batch_size  # this process's rows in the global batch
         else:
-            positive_mask = video_ids.unsqueeze(1) == video_ids.unsqueeze(0)
+            gather = gather_data = lambda tensor: tensor  # noqa: E731
+            offset = 0
+        all_text_embeds, all_video_embeds = gather(text_embeds), gather(video_embeds)
+        logits_per_text = self.logit_scale.exp().clamp(max=100) * all_text_embeds @ all_video_embeds.t()  # (B, B)
+        if video_ids is None:
+            positive_mask = torch.eye(len(all_text_embeds), dtype=torch.bool, device=logits_per_text.device)
+        else:
+            all_video_ids = gather_data(video_ids)
+            positive_mask = all_video_ids.unsqueeze(1) == all_video_ids.unsqueeze(0)
         loss_contrastive = contrastive_loss(logits_per_text, positive_mask)
         loss, loss_matching, matching_logits, matching_labels = loss_contrastive, None, None, None
 
@@ -1070,24 +1124,13 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
                 qformer_attention_mask = torch.ones_like(qformer_input_ids)
             if video_mask is None:
                 video_mask = torch.ones(vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device)
-            negative_video, negative_text = sample_hard_negatives(logits_per_text, positive_mask)
-            # Pairs: (text_i, video_i), (text_i, negative video of text i), (negative text of video j, video_j).
-            text_index = torch.cat([torch.arange(batch_size, device=negative_text.device)] * 2 + [negative_text])
-            video_index = torch.cat(
-                [torch.arange(batch_size, device=negative_video.device), negative_video]
-                + [torch.arange(batch_size, device=negative_video.device)]
-            )
+            negative_video, negative_text = sample_hard_negatives(logits_per_text, positive_mask, generator)
+            text_index, video_index, matching_labels = matching_pairs(batch_size, negative_video, negative_text, offset)
             matching_logits = self.get_fine_logits(
-                qformer_input_ids[text_index],
-                qformer_attention_mask[text_index],
-                vision_tokens[video_index],
-                video_mask[video_index],
-            )
-            matching_labels = torch.cat(
-                [
-                    torch.ones(batch_size, dtype=torch.long, device=matching_logits.device),
-                    torch.zeros(2 * batch_size, dtype=torch.long, device=matching_logits.device),
-                ]
+                gather_data(qformer_input_ids)[text_index],
+                gather_data(qformer_attention_mask)[text_index],
+                gather_data(vision_tokens)[video_index],
+                gather_data(video_mask)[video_index],
             )
             loss_matching = F.cross_entropy(matching_logits, matching_labels)
             loss = loss + loss_matching
@@ -1103,7 +1146,6 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             matching_logits=matching_logits,
             matching_labels=matching_labels,
         )
-
 
 # `save_pretrained` copies this file next to the weights and records it in `auto_map`.
 CrossTVRModel.register_for_auto_class("AutoModel")

@@ -1,5 +1,7 @@
 """Lazy video decoding for the caption datasets: decode and preprocess only the rows a batch asks for."""
 
+import hashlib
+
 import torch
 
 from ..processing_crosstvr import CrossTVRProcessor, VideoDecodeError
@@ -12,9 +14,11 @@ class VideoTextTransform:
     (random offsets within the segments with `sampling="random"`, for training; segment centres with `"center"`, for
     evaluation), frame masks for short videos, and both tokenizations of the caption.
 
-    Random sampling draws from torch's global generator, which every DataLoader worker seeds differently (and
-    `accelerate` seeds reproducibly). A video that cannot be decoded raises [`VideoDecodeError`] naming the file and
-    the row's video id; load the dataset with `check_videos=True, on_bad_video="skip"` to drop such videos up front.
+    Random sampling draws from torch's global generator, which every DataLoader worker seeds differently; with a
+    `seed`, it draws instead from a generator seeded by the seed, the epoch (`set_epoch`) and the batch's content, so
+    that the frames of a batch do not depend on which worker decodes it (and a resumed run reads the same frames). A
+    video that cannot be decoded raises [`VideoDecodeError`] naming the file and the row's video id; load the dataset
+    with `check_videos=True, on_bad_video="skip"` to drop such videos up front.
 
     Example:
 
@@ -25,9 +29,20 @@ class VideoTextTransform:
     ```
     """
 
-    def __init__(self, processor: CrossTVRProcessor, sampling: str = "center"):
+    def __init__(self, processor: CrossTVRProcessor, sampling: str = "center", seed: int | None = None):
         self.processor = processor
         self.sampling = sampling
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self, batch: dict[str, list]) -> torch.Generator | None:
+        if self.seed is None or self.sampling != "random":
+            return None
+        content = "\n".join([str(self.seed), str(self.epoch), *batch["video_path"], *batch["caption"]])
+        return torch.Generator().manual_seed(int(hashlib.sha256(content.encode()).hexdigest()[:15], 16))
 
     def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
         try:
@@ -37,6 +52,7 @@ class VideoTextTransform:
                 sampling=self.sampling,
                 start_times=batch["start_time"],
                 end_times=batch["end_time"],
+                generator=self._generator(batch),
             )
         except (VideoDecodeError, FileNotFoundError) as error:
             raise type(error)(
@@ -45,6 +61,19 @@ class VideoTextTransform:
             ) from error
         inputs["video_index"] = torch.tensor(batch["video_index"], dtype=torch.long)
         return dict(inputs)
+
+
+def rows_to_columns(rows: list[dict]) -> dict[str, list]:
+    """A DataLoader's list of rows as one dict of columns."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+class VideoTextCollator(VideoTextTransform):
+    """[`VideoTextTransform`] as a DataLoader `collate_fn` over plain rows: decoding runs in the DataLoader's worker
+    processes."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return super().__call__(rows_to_columns(rows))
 
 
 def unique_videos(dataset):

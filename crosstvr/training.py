@@ -1,0 +1,477 @@
+"""Fine-tuning CrossTVR with `accelerate`: stage 1 (contrastive dual encoder) and stage 2 (the fine module).
+
+Run with `python -m crosstvr.train ...` on one process, or unchanged with `accelerate launch -m crosstvr.train ...` on
+several (see `crosstvr/train.py` for the command line and `TrainingArguments` for every option and its default).
+
+- Stage 1 trains the CLIP towers (at `learning_rate * pretrained_lr_scale`, CLIP4Clip's coef_lr), the projections and
+  the temporal aggregator on the symmetric InfoNCE loss; frames are decoded from the videos.
+- Stage 2 freezes everything but the fine module (query tokens, Q-Former(s) and their text embeddings, token
+  selector, frame positions, matching head) and trains it on the video-text matching loss with ALBEF hard negatives
+  drawn from the stage-1 similarities of the batch. The frozen tower's tokens and the stage-1 video embeddings are read
+  from a token cache built once (`crosstvr.token_cache`), so no video is decoded during stage-2 training.
+
+With several processes the losses are computed over the global batch: embeddings are gathered with gradient, negatives
+are drawn from the whole global batch with a generator seeded identically on every process, and each process scores
+the pairs of its own rows, so that the gradients equal those of one process holding the global batch. The negatives of
+a step are those of one micro-batch (per-device batch x processes); gradient accumulation averages micro-batches.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from .data import FORMATS, load_retrieval_dataset
+from .data.transforms import VideoTextCollator, rows_to_columns
+from .modeling_crosstvr import CrossTVRModel
+from .processing_crosstvr import CrossTVRProcessor
+from .search import load_model
+from .token_cache import TokenCache, build_token_cache
+
+
+logger = logging.getLogger(__name__)
+
+# Parameters of the fine (stage-2) module, by top-level attribute of CrossTVRModel.
+FINE_MODULES = (
+    "query_tokens",
+    "qformer_embeddings",
+    "qformer",
+    "temporal_qformer_embeddings",
+    "temporal_qformer",
+    "token_selector",
+    "frame_position_embeddings",
+    "matching_head",
+)
+# Stage-1 parameters that come from a pretrained CLIP and get the scaled-down learning rate.
+PRETRAINED_STAGE_ONE_MODULES = ("text_model", "vision_model", "text_projection", "visual_projection")
+LORA_TARGETS = {
+    "text": r"text_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+    "qformer": r"(temporal_)?qformer\.encoder\.layer\.\d+\.(attention|crossattention)\.attention\.(query|key|value)",
+}
+# What stays fully trainable beside the LoRA adapters, per stage.
+LORA_MODULES_TO_SAVE = {1: ["text_projection", "visual_projection", "temporal_aggregator"], 2: ["token_selector", "matching_head"]}
+
+
+@dataclass
+class TrainingArguments:
+    """Options of `python -m crosstvr.train`; defaults follow the paper (and CLIP4Clip / TS2-Net where it is silent)."""
+
+    annotations_dir: str = field(metadata={"help": "folder with the benchmark's annotation files"})
+    videos_dir: str = field(metadata={"help": "folder with the benchmark's videos (searched recursively)"})
+    stage: int = field(default=1, metadata={"help": "1: contrastive stage-1 training; 2: the fine module"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "checkpoint folder or Hub id to start from (default: the embedded default)"}
+    )
+    output_dir: str = field(default="outputs/crosstvr", metadata={"help": "checkpoints, logs and the final model"})
+    dataset: str = field(default="msrvtt", metadata={"help": f"one of {sorted(FORMATS)}"})
+    train_split: str | None = field(default=None, metadata={"help": "default: train_9k for msrvtt, train otherwise"})
+    eval_split: str | None = field(default=None, metadata={"help": "evaluated after every epoch (default: test)"})
+    do_eval: bool = field(default=True, metadata={"help": "evaluate after every epoch"})
+    eval_top_k: int | None = field(default=None, metadata={"help": "re-ranking depth of the stage-2 evaluation"})
+    on_bad_video: str = field(default="error", metadata={"help": "'error' or 'skip' missing / unreadable videos"})
+    check_videos: bool = field(default=False, metadata={"help": "decode-check every video while loading"})
+    dataset_cache_dir: str | None = field(default=None, metadata={"help": "Arrow cache of the dataset rows"})
+    train_frame_sampling: str = field(default="random", metadata={"help": "'random' offsets in segments or 'center'"})
+    token_cache_dir: str | None = field(
+        default=None, metadata={"help": "stage 2: the token cache (default: <output_dir>/token_cache)"}
+    )
+    num_train_epochs: float = field(default=5.0, metadata={"help": "epochs (TS2-Net: 5)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs when > 0"})
+    batch_size: int = field(default=128, metadata={"help": "global batch per optimizer step (paper: 128)"})
+    per_device_batch_size: int = field(
+        default=32, metadata={"help": "micro-batch per process; batch_size / (this x processes) accumulation steps"}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "for the new modules (paper: 1e-4)"})
+    pretrained_lr_scale: float = field(
+        default=1e-3, metadata={"help": "stage 1: learning-rate factor of the pretrained CLIP towers (CLIP4Clip)"}
+    )
+    weight_decay: float = field(default=0.2, metadata={"help": "decoupled weight decay, not on biases / norms"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the steps with linear warm-up"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "a transformers scheduler name"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16'"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing of the layers"})
+    lora_targets: list[str] = field(
+        default_factory=list, metadata={"help": "LoRA instead of full fine-tuning: 'text' and/or 'qformer'"}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    save_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N optimizer steps"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints to keep (0: all)"})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder to continue exactly from"}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
+    report_to: list[str] = field(
+        default_factory=list, metadata={"help": "extra accelerate trackers (tensorboard, wandb, ...); logs.jsonl always"}
+    )
+    seed: int = field(default=42, metadata={"help": "seed of initialisation, data order and sampling"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.dataset not in FORMATS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {sorted(FORMATS)}")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"lora_targets {sorted(unknown)} unknown; choose from {sorted(LORA_TARGETS)}")
+        if self.train_frame_sampling not in ("random", "center"):
+            raise ValueError("train_frame_sampling must be 'random' or 'center'")
+        self.train_split = self.train_split or FORMATS[self.dataset].splits[0]
+        self.eval_split = self.eval_split or FORMATS[self.dataset].splits[-1]
+        self.token_cache_dir = self.token_cache_dir or os.path.join(self.output_dir, "token_cache")
+
+
+class JSONLinesTracker(GeneralTracker):
+    """An `accelerate` tracker that appends every `accelerator.log` call to `<output_dir>/logs.jsonl`."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    @property
+    def tracker(self):
+        return self
+
+    def start(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+
+    def store_init_configuration(self, values: dict):
+        self._write({"config": values})
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        self._write({"step": step, **values})
+
+    def finish(self):
+        pass
+
+    def _write(self, record: dict):
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+class CachedVideoTextCollator:
+    """Stage-2 batches from the token cache: tokenized captions with the cached tokens and embeddings of their videos
+    (no video is decoded)."""
+
+    def __init__(self, processor: CrossTVRProcessor, cache: TokenCache):
+        self.processor, self.cache = processor, cache
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing varies between epochs: the cache holds one fixed sampling per video."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        columns = rows_to_columns(rows)
+        text = self.processor(text=columns["caption"])
+        cached = [self.cache[self.cache.index[path]] for path in columns["video_path"]]
+        return {
+            **text,
+            "vision_tokens": torch.stack([entry["vision_tokens"] for entry in cached]),
+            "video_embeds": torch.stack([entry["video_embeds"] for entry in cached]),
+            "video_mask": torch.stack([entry["video_mask"] for entry in cached]),
+            "video_index": torch.tensor(columns["video_index"], dtype=torch.long),
+        }
+
+
+def set_trainable_parameters(model: CrossTVRModel, stage: int) -> list[str]:
+    """Freeze everything but the stage's parameters (the separate stage-2 tower stays frozen); returns the names."""
+    trainable = []
+    for name, parameter in model.named_parameters():
+        top = name.split(".")[0]
+        wanted = top in FINE_MODULES if stage == 2 else top not in FINE_MODULES and top != "fine_vision_model"
+        parameter.requires_grad_(wanted)
+        if wanted:
+            trainable.append(name)
+    return trainable
+
+
+def apply_lora(model: CrossTVRModel, args: TrainingArguments):
+    """Wrap `model` with LoRA adapters on `args.lora_targets` (peft); the stage's small heads stay fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="|".join(f"({LORA_TARGETS[target]})" for target in args.lora_targets),
+        modules_to_save=LORA_MODULES_TO_SAVE[args.stage],
+    )
+    return get_peft_model(model, config)
+
+
+def parameter_groups(model: torch.nn.Module, args: TrainingArguments) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, embeddings-like parameters; stage-1 CLIP towers at a scaled lr."""
+    groups = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        decay = parameter.ndim >= 2 and "norm" not in name.lower() and "embedding" not in name
+        local_name = name.split("base_model.model.")[-1]
+        pretrained = args.stage == 1 and local_name.split(".")[0] in PRETRAINED_STAGE_ONE_MODULES
+        key = (decay, pretrained)
+        groups.setdefault(key, []).append(parameter)
+    return [
+        {
+            "params": params,
+            "weight_decay": args.weight_decay if decay else 0.0,
+            "lr": args.learning_rate * (args.pretrained_lr_scale if pretrained else 1.0),
+        }
+        for (decay, pretrained), params in groups.items()
+    ]
+
+
+def _checkpoint_dirs(output_dir: str) -> list[str]:
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(
+        (os.path.join(root, name) for name in os.listdir(root) if name.startswith("step-") and "." not in name),
+        key=lambda path: int(os.path.basename(path).split("-")[1]),
+    )
+
+
+def _resolve_checkpoint(args: TrainingArguments) -> str | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = _checkpoint_dirs(args.output_dir)
+        if not checkpoints:
+            logger.warning("resume_from_checkpoint='latest' but %s has no checkpoint: starting anew", args.output_dir)
+            return None
+        return checkpoints[-1]
+    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "trainer_state.json")):
+        raise FileNotFoundError(f"{args.resume_from_checkpoint} is not a checkpoint folder (no trainer_state.json)")
+    return args.resume_from_checkpoint
+
+
+def _save_checkpoint(accelerator, args: TrainingArguments, state: dict) -> None:
+    """accelerate's save_state into a temporary folder, renamed once complete; old checkpoints are pruned."""
+    final = os.path.join(args.output_dir, "checkpoints", f"step-{state['global_step']:07d}")
+    staging = final + ".partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)
+    if accelerator.is_main_process:
+        with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as file:
+            json.dump(state, file)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        if args.save_total_limit > 0:
+            for old in _checkpoint_dirs(args.output_dir)[: -args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _negatives_generator(seed: int, micro_step: int) -> torch.Generator:
+    """The same generator on every process at a given micro-step: all processes draw the same hard negatives."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step)
+
+
+def _evaluate(accelerator, model, processor, args: TrainingArguments, dataset, step: int) -> dict | None:
+    from .evaluation import evaluate_retrieval
+
+    metrics = None
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        evaluation = evaluate_retrieval(
+            unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped,
+            processor,
+            dataset[args.eval_split],
+            rerank=args.stage == 2,
+            top_k=args.eval_top_k,
+            num_workers=args.num_workers,
+            progress=accelerator.is_local_main_process,
+        )
+        metrics = {
+            f"eval/{name}/{metric}": value
+            for name, values in evaluation.metrics.items()
+            if values is not None
+            for metric, value in values.items()
+        }
+        accelerator.log(metrics, step=step)
+        unwrapped.train()
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], None]] = ()) -> str:
+    """
+    Train one stage and write `<output_dir>/final` (a `save_pretrained` folder that loads with
+    `trust_remote_code=True`; with LoRA, the adapters merged in) and, with LoRA, `<output_dir>/adapter`. `callbacks` are
+    called with `(global_step, logs)` after every optimizer step. Returns the final folder.
+    """
+    from transformers import get_scheduler
+
+    trackers = [JSONLinesTracker(os.path.join(args.output_dir, "logs.jsonl")), *args.report_to]
+    # The scheduler counts optimizer steps; accelerate's default would step it once per process.
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=trackers,
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,
+    )
+    num_processes = accelerator.num_processes
+    micro_batch = args.per_device_batch_size * num_processes
+    if args.batch_size % micro_batch:
+        raise ValueError(
+            f"batch_size={args.batch_size} is not a multiple of per_device_batch_size x processes = {micro_batch}"
+        )
+    accumulation = args.batch_size // micro_batch
+    accelerator.gradient_accumulation_steps = accumulation
+    set_seed(args.seed)
+    model, processor = load_model(args.model_name_or_path)
+
+    with accelerator.main_process_first():
+        splits = [args.train_split] + ([args.eval_split] if args.do_eval and args.eval_split != args.train_split else [])
+        dataset = load_retrieval_dataset(
+            args.dataset,
+            args.annotations_dir,
+            args.videos_dir,
+            splits=splits,
+            on_bad_video=args.on_bad_video,
+            check_videos=args.check_videos,
+            cache_dir=args.dataset_cache_dir,
+        )
+    rows = dataset[args.train_split].with_format(None)
+    if args.stage == 2:
+        videos = list(dict.fromkeys(rows["video_path"]))
+        if accelerator.is_main_process:
+            build_token_cache(model, processor, videos, args.token_cache_dir, num_workers=args.num_workers)
+        accelerator.wait_for_everyone()
+        cache = TokenCache(args.token_cache_dir).check(model, processor)
+        collator = CachedVideoTextCollator(processor, cache)
+    else:
+        collator = VideoTextCollator(processor, sampling=args.train_frame_sampling, seed=args.seed)
+
+    model.train()
+    set_trainable_parameters(model, args.stage)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if args.lora_targets:
+        model = apply_lora(model, args)
+    sampler_generator = torch.Generator()
+    loader = DataLoader(
+        rows,
+        batch_size=args.per_device_batch_size,
+        sampler=RandomSampler(rows, generator=sampler_generator),
+        collate_fn=collator,
+        num_workers=args.num_workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    batches_per_epoch = len(loader) // num_processes
+    if batches_per_epoch < accumulation:
+        raise ValueError(
+            f"the {args.train_split} split gives {len(loader)} micro-batches of {args.per_device_batch_size}, too few "
+            f"for one step of {args.batch_size}; lower batch_size"
+        )
+    steps_per_epoch = batches_per_epoch // accumulation
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args), lr=args.learning_rate)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * max_steps),
+        num_training_steps=max_steps,
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    accelerator.init_trackers("crosstvr", config={k: str(v) for k, v in asdict(args).items()})
+
+    global_step, epoch, steps_in_epoch = 0, 0, 0
+    checkpoint = _resolve_checkpoint(args)
+    if checkpoint is not None:
+        accelerator.load_state(checkpoint)
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as file:
+            state = json.load(file)
+        global_step, epoch, steps_in_epoch = state["global_step"], state["epoch"], state["steps_in_epoch"]
+        logger.info("resumed from %s at step %d (epoch %d)", checkpoint, global_step, epoch)
+
+    progress = tqdm(
+        total=max_steps, initial=global_step, desc=f"stage {args.stage}", disable=not accelerator.is_local_main_process
+    )
+    running = {}
+    micro_step = global_step * accumulation
+    while global_step < max_steps:
+        sampler_generator.manual_seed(args.seed + epoch)  # the same data order for the same epoch, resumed or not
+        collator.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, steps_in_epoch * accumulation) if steps_in_epoch else loader
+        for batch in epoch_loader:
+            micro_step += 1
+            inputs = {key: value for key, value in batch.items() if key != "video_index"}
+            if args.stage == 1:
+                inputs = {key: value for key, value in inputs.items() if not key.startswith("qformer")}
+            with accelerator.accumulate(model):
+                outputs = model(
+                    **inputs,
+                    video_ids=batch["video_index"],
+                    process_group=torch.distributed.group.WORLD if num_processes > 1 else None,
+                    generator=_negatives_generator(args.seed, micro_step),
+                )
+                loss = outputs.loss_matching if args.stage == 2 else outputs.loss_contrastive
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            running["loss"] = running.get("loss", 0.0) + loss.detach().float().item() / accumulation
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            steps_in_epoch += 1
+            progress.update(1)
+            logs = {"train/loss": running.pop("loss"), "train/lr": max(scheduler.get_last_lr()), "train/epoch": epoch}
+            if global_step % args.logging_steps == 0 or global_step == max_steps:
+                accelerator.log(logs, step=global_step)
+            if global_step % args.save_steps == 0:
+                _save_checkpoint(
+                    accelerator, args, {"global_step": global_step, "epoch": epoch, "steps_in_epoch": steps_in_epoch}
+                )
+            for callback in callbacks:
+                callback(global_step, logs)
+            if global_step >= max_steps or steps_in_epoch >= steps_per_epoch:
+                break
+        epoch, steps_in_epoch = epoch + 1, 0
+        if args.do_eval:
+            _evaluate(accelerator, model, processor, args, dataset, global_step)
+    progress.close()
+    final_dir = _save_final(accelerator, model, processor, args)
+    accelerator.end_training()
+    return final_dir
+
+
+def _save_final(accelerator, model, processor: CrossTVRProcessor, args: TrainingArguments) -> str:
+    """`<output_dir>/final` (LoRA merged) and, with LoRA, `<output_dir>/adapter`; written atomically."""
+    final_dir = os.path.join(args.output_dir, "final")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if args.lora_targets:
+            unwrapped.save_pretrained(os.path.join(args.output_dir, "adapter"))
+            unwrapped = unwrapped.merge_and_unload()
+        staging = final_dir + ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        unwrapped.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(staging, final_dir)
+    accelerator.wait_for_everyone()
+    return final_dir

@@ -1,0 +1,309 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crosstvr import CrossTVRModel
+from crosstvr.data import load_retrieval_dataset, write_fixture
+from crosstvr.data.transforms import VideoTextCollator
+from crosstvr.default_model import build_default_config, build_default_processor
+from crosstvr.token_cache import TokenCache, TokenCacheMismatchError, build_token_cache
+from crosstvr.train import parse_arguments
+from crosstvr.training import CachedVideoTextCollator, TrainingArguments, train
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """An MSR-VTT fixture and two tiny starting checkpoints (TS2-Net and seqTransf stage 1)."""
+    root = tmp_path_factory.mktemp("training")
+    fixture = write_fixture("msrvtt", root / "msrvtt")
+    processor = build_default_processor()
+    checkpoints = {}
+    for aggregator in ("token_shift_select", "transformer"):
+        config = build_default_config(processor)
+        config.temporal_aggregator = aggregator
+        torch.manual_seed(0)
+        model = CrossTVRModel(config)
+        checkpoints[aggregator] = str(root / f"start-{aggregator}")
+        model.save_pretrained(checkpoints[aggregator])
+        processor.save_pretrained(checkpoints[aggregator])
+    return {"root": root, "fixture": fixture, "checkpoints": checkpoints, "cache": str(root / "rows")}
+
+
+def arguments(workspace, output_dir, **overrides) -> TrainingArguments:
+    fixture = workspace["fixture"]
+    kwargs = {
+        "annotations_dir": fixture.annotations_dir,
+        "videos_dir": fixture.videos_dir,
+        "output_dir": str(output_dir),
+        "model_name_or_path": workspace["checkpoints"]["token_shift_select"],
+        "dataset_cache_dir": workspace["cache"],
+        "batch_size": 8,
+        "per_device_batch_size": 4,
+        "max_steps": 6,
+        "learning_rate": 1e-3,
+        "pretrained_lr_scale": 1.0,
+        "num_workers": 0,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "do_eval": False,
+    }
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def fixed_batches(workspace, stage, model, processor, cache=None):
+    """Three fixed batches of the training split, as the trainer builds them (centre frames)."""
+    fixture = workspace["fixture"]
+    rows = load_retrieval_dataset(
+        "msrvtt", fixture.annotations_dir, fixture.videos_dir, splits=["train_9k"], cache_dir=workspace["cache"]
+    )["train_9k"].with_format(None)
+    picks = [[0, 25, 47, 63, 88, 101, 140, 170], [5, 30, 55, 80, 105, 130, 155, 179], [10, 33, 66, 99, 111, 122, 133, 144]]
+    collator = CachedVideoTextCollator(processor, cache) if stage == 2 else VideoTextCollator(processor)
+    return [collator([rows[i] for i in pick]) for pick in picks]
+
+
+def mean_loss(model, batches, stage) -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "video_index"}
+            if stage == 1:
+                inputs = {k: v for k, v in inputs.items() if not k.startswith("qformer")}
+            outputs = model(**inputs, video_ids=batch["video_index"], generator=torch.Generator().manual_seed(0))
+            losses.append((outputs.loss_matching if stage == 2 else outputs.loss_contrastive).item())
+    return sum(losses) / len(losses)
+
+
+def test_stage_one_lowers_the_contrastive_loss(workspace, tmp_path):
+    start = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"])
+    processor = build_default_processor()
+    batches = fixed_batches(workspace, 1, start, processor)
+    final = train(arguments(workspace, tmp_path / "run", max_steps=12))
+    trained = CrossTVRModel.from_pretrained(final)
+    assert mean_loss(trained, batches, 1) < mean_loss(start, batches, 1) - 0.05
+    logs = [json.loads(line) for line in open(tmp_path / "run" / "logs.jsonl")]
+    assert [record["step"] for record in logs if "train/loss" in record] == list(range(1, 13))
+    assert {"configuration_crosstvr.py", "modeling_crosstvr.py", "model.safetensors"} <= set(os.listdir(final))
+    # Only stage 1 moved.
+    start_state, trained_state = start.state_dict(), trained.state_dict()
+    assert torch.equal(start_state["matching_head.weight"], trained_state["matching_head.weight"])
+    assert not torch.equal(start_state["text_projection.weight"], trained_state["text_projection.weight"])
+
+
+def test_stage_two_from_the_token_cache_lowers_the_matching_loss(workspace, tmp_path):
+    start = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"])
+    processor = build_default_processor()
+    final = train(arguments(workspace, tmp_path / "run", stage=2, max_steps=36, learning_rate=3e-3))
+    cache = TokenCache(tmp_path / "run" / "token_cache").check(start, processor)
+    assert len(cache) == 9  # the train_9k videos, each encoded once
+    batches = fixed_batches(workspace, 2, start, processor, cache)
+    trained = CrossTVRModel.from_pretrained(final)
+    # 0.02 below the start is below the 0.637 of the best constant guess (a third of the pairs match): it has to
+    # tell pairs apart.
+    assert mean_loss(trained, batches, 2) < mean_loss(start, batches, 2) - 0.02
+    start_state, trained_state = start.state_dict(), trained.state_dict()
+    assert torch.equal(start_state["text_projection.weight"], trained_state["text_projection.weight"])
+    assert torch.equal(
+        start_state["fine_vision_model.embeddings.patch_embedding.weight"],
+        trained_state["fine_vision_model.embeddings.patch_embedding.weight"],
+    )
+    assert not torch.equal(start_state["matching_head.weight"], trained_state["matching_head.weight"])
+
+
+def test_token_cache_gives_the_same_loss_as_pixels(workspace, tmp_path):
+    model = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"]).eval()
+    processor = build_default_processor()
+    fixture = workspace["fixture"]
+    rows = load_retrieval_dataset(
+        "msrvtt", fixture.annotations_dir, fixture.videos_dir, splits=["train_9k"], cache_dir=workspace["cache"]
+    )["train_9k"].with_format(None)
+    cache = build_token_cache(model, processor, list(dict.fromkeys(rows["video_path"])), tmp_path / "cache")
+    picked = [rows[i] for i in (0, 21, 42, 63)]
+    from_pixels = VideoTextCollator(processor)(picked)
+    from_cache = CachedVideoTextCollator(processor, cache)(picked)
+    torch.testing.assert_close(from_cache["video_mask"], from_pixels["video_mask"])
+    with torch.no_grad():
+        pixel_loss = model(
+            **{k: v for k, v in from_pixels.items() if k != "video_index"},
+            video_ids=from_pixels["video_index"],
+            generator=torch.Generator().manual_seed(0),
+        )
+        cache_loss = model(
+            **{k: v for k, v in from_cache.items() if k != "video_index"},
+            video_ids=from_cache["video_index"],
+            generator=torch.Generator().manual_seed(0),
+        )
+    torch.testing.assert_close(cache_loss.loss_contrastive, pixel_loss.loss_contrastive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache_loss.loss_matching, pixel_loss.loss_matching, atol=2e-3, rtol=2e-3)
+
+
+def test_token_cache_build_resumes_and_refuses_other_models(workspace, tmp_path, monkeypatch):
+    model = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"]).eval()
+    processor = build_default_processor()
+    videos = sorted(os.path.join(workspace["fixture"].videos_dir, name) for name in os.listdir(workspace["fixture"].videos_dir))
+    reference = build_token_cache(model, processor, videos, tmp_path / "reference", shard_size=4)
+
+    # Interrupt the build after the first shard: decoding the fifth video fails.
+    from crosstvr import token_cache
+
+    original = token_cache._Videos.__getitem__
+
+    def fail_on_fifth(self, indices):
+        if self.paths[indices[0]] == videos[4]:
+            raise KeyboardInterrupt
+        return original(self, indices)
+
+    monkeypatch.setattr(token_cache._Videos, "__getitem__", fail_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        build_token_cache(model, processor, videos, tmp_path / "resumed", shard_size=4, batch_size=4)
+    assert sorted(os.listdir(tmp_path / "resumed")) == ["plan.json", "shard-00000.safetensors"]
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        TokenCache(tmp_path / "resumed")
+    monkeypatch.setattr(token_cache._Videos, "__getitem__", original)
+    first_shard_time = os.path.getmtime(tmp_path / "resumed" / "shard-00000.safetensors")
+    resumed = build_token_cache(model, processor, videos, tmp_path / "resumed", shard_size=4, batch_size=4)
+    assert os.path.getmtime(tmp_path / "resumed" / "shard-00000.safetensors") == first_shard_time  # kept
+    for index in range(len(videos)):
+        for key, value in reference[index].items():
+            torch.testing.assert_close(resumed[index][key], value)
+
+    other = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"])
+    with torch.no_grad():
+        other.visual_projection.weight.add_(0.01)
+    with pytest.raises(TokenCacheMismatchError, match="another model"):
+        resumed.check(other, processor)
+    processor_other = build_default_processor()
+    processor_other.num_frames = 4
+    with pytest.raises(TokenCacheMismatchError, match="frame sampling"):
+        resumed.check(model, processor_other)
+    with pytest.raises(TokenCacheMismatchError, match="other videos, another model"):
+        build_token_cache(model, processor, videos[:3], tmp_path / "resumed")
+    # The fine module is not part of the cached values: training it leaves the cache valid.
+    with torch.no_grad():
+        model.matching_head.weight.add_(1.0)
+    resumed.check(model, processor)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly(workspace, tmp_path):
+    common = {"max_steps": 6, "save_steps": 3, "train_frame_sampling": "random"}
+    uninterrupted = train(arguments(workspace, tmp_path / "full", **common))
+
+    def crash_after_step_4(step, logs):
+        if step == 4:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(arguments(workspace, tmp_path / "resumed", **common), callbacks=[crash_after_step_4])
+    assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["step-0000003"]
+    resumed = train(arguments(workspace, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
+    expected, actual = load_file(os.path.join(uninterrupted, "model.safetensors")), load_file(
+        os.path.join(resumed, "model.safetensors")
+    )
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    losses = lambda run: [  # noqa: E731
+        (r["step"], r["train/loss"]) for r in map(json.loads, open(tmp_path / run / "logs.jsonl")) if "train/loss" in r
+    ]
+    assert dict(losses("resumed"))[5] == pytest.approx(dict(losses("full"))[5], abs=1e-6)
+
+
+def test_lora_adapters_save_load_and_merge(workspace, tmp_path):
+    from peft import PeftModel
+
+    args = arguments(workspace, tmp_path / "run", stage=2, max_steps=4, lora_targets=["qformer"])
+    final = train(args)
+    adapter = tmp_path / "run" / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
+    base = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"]).eval()
+    with_adapter = PeftModel.from_pretrained(base, adapter).eval()
+    merged = CrossTVRModel.from_pretrained(final).eval()
+    processor = build_default_processor()
+    cache = TokenCache(tmp_path / "run" / "token_cache")
+    batch = fixed_batches(workspace, 2, base, processor, cache)[0]
+    fine = lambda model: model.get_fine_scores(  # noqa: E731
+        batch["qformer_input_ids"], batch["qformer_attention_mask"], batch["vision_tokens"], batch["video_mask"]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(fine(merged), fine(with_adapter), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(fine(merged), fine(CrossTVRModel.from_pretrained(args.model_name_or_path).eval()))
+
+
+def test_config_file_with_command_line_overrides(workspace, tmp_path):
+    config = tmp_path / "config.yaml"
+    fixture = workspace["fixture"]
+    config.write_text(
+        f"annotations_dir: {fixture.annotations_dir}\nvideos_dir: {fixture.videos_dir}\nstage: 2\n"
+        "learning_rate: 0.0005\nlora_targets: [qformer]\n"
+    )
+    args = parse_arguments(["--config", str(config), "--learning_rate", "0.001"])
+    assert (args.stage, args.learning_rate, args.lora_targets) == (2, 0.001, ["qformer"])
+    assert args.token_cache_dir == os.path.join("outputs/crosstvr", "token_cache")
+    config.write_text("annotations_dir: a\nvideos_dir: b\nlearning_rte: 1\n")
+    with pytest.raises(SystemExit, match="learning_rte"):
+        parse_arguments(["--config", str(config)])
+    with pytest.raises(ValueError, match="not a multiple"):
+        train(arguments(workspace, tmp_path / "bad", batch_size=6, per_device_batch_size=4))
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_compute_the_gradients_of_one(tmp_path):
+    script = os.path.join(ROOT, "tests", "scripts", "distributed_losses.py")
+    single = subprocess.run([sys.executable, script, str(tmp_path / "one.safetensors")], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun(script, str(tmp_path / "two.safetensors"))
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    torch.testing.assert_close(two["loss_contrastive"], one["loss_contrastive"])
+    torch.testing.assert_close(two["loss_matching"], one["loss_matching"])
+    grads = [name for name in one if name.startswith("grad/")]
+    assert any("text_model" in name for name in grads) and any("qformer" in name for name in grads)
+    for name in grads:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_two_process_training_matches_one_process(workspace, tmp_path):
+    options = {
+        "--annotations_dir": workspace["fixture"].annotations_dir,
+        "--videos_dir": workspace["fixture"].videos_dir,
+        "--model_name_or_path": workspace["checkpoints"]["transformer"],  # no stochastic token selection
+        "--dataset_cache_dir": workspace["cache"],
+        "--batch_size": "8",
+        "--max_steps": "3",
+        "--learning_rate": "0.001",
+        "--pretrained_lr_scale": "1",
+        "--num_workers": "0",
+        "--do_eval": "false",
+        "--train_frame_sampling": "center",
+    }
+    flat = [item for pair in options.items() for item in pair]
+    one = train(parse_arguments([*flat, "--per_device_batch_size", "8", "--output_dir", str(tmp_path / "one")]))
+    result = torchrun("-m", "crosstvr.train", *flat, "--per_device_batch_size", "4", "--output_dir", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = load_file(os.path.join(one, "model.safetensors"))
+    actual = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for name in expected:
+        # A key bias shifts every attention logit of a query equally: its true gradient is 0 and what remains is
+        # rounding noise, which Adam scales up to full-size steps of random sign.
+        if name.endswith("k_proj.bias"):
+            continue
+        torch.testing.assert_close(actual[name], expected[name], atol=2e-5, rtol=1e-4, msg=name)
+    shutil.rmtree(tmp_path / "two" / "final")
