@@ -2,14 +2,18 @@
 
 import os
 
-import numpy as np
-import pytest
-import torch
-from transformers import CLIPImageProcessorPil
 
-from crosstvr import CrossTVRConfig, CrossTVRModel, CrossTVRProcessor
-from crosstvr.synthetic import VOCABULARY, MovingShape, render, write_video
-from crosstvr.vocabulary import build_bert_tokenizer, build_clip_tokenizer
+# Nothing in the suite may reach the Hub: fail fast instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import CLIPImageProcessorPil  # noqa: E402
+
+from crosstvr import CrossTVRConfig, CrossTVRModel, CrossTVRProcessor  # noqa: E402
+from crosstvr.synthetic import VOCABULARY, MovingShape, render, write_video  # noqa: E402
+from crosstvr.vocabulary import build_bert_tokenizer, build_clip_tokenizer  # noqa: E402
 
 
 class CrossTVRModelTester:

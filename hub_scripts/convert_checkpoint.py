@@ -1,0 +1,249 @@
+"""Build a CrossTVR checkpoint from a CLIP checkpoint and, optionally, a BLIP-2 image-text matching checkpoint.
+
+    python hub_scripts/convert_checkpoint.py --clip openai/clip-vit-base-patch32 \\
+        --blip2 Salesforce/blip2-itm-vit-g --output crosstvr-base [--temporal-aggregator token_shift_select]
+
+What comes from where (every weight of the new model is listed in the printed table and in
+`<output>/conversion_report.json`: loaded from CLIP, loaded from BLIP-2, or newly initialised, with the reason):
+
+- CLIP: the stage-1 text and vision towers, both projections and the temperature; the stage-2 tower when it is CLIP
+  (`--stage2-tower clip`, the paper's Base); CLIP4Clip's initialisation of the temporal transformer (its first layers
+  and position embeddings from the CLIP text tower).
+- BLIP-2 ITM: the query tokens, the Q-Former and its text embeddings (to both Q-Formers when they are not shared), the
+  image-text matching head as the matching head, and BLIP-2's EVA ViT-g tower as the stage-2 tower with
+  `--stage2-tower blip2` (the paper's Large). The cross-attention keys and values of the Q-Former expect the BLIP-2
+  tower's width (1408): with a CLIP stage-2 tower of another width they are re-initialised. BLIP-2's contrastive
+  projections are not used.
+- New: the token selectors and the frame position embeddings (zero).
+
+Without `--blip2`, the fine module is newly initialised and `--qformer-tokenizer` names the BERT tokenizer to use.
+Shapes that cannot be reconciled (other than those documented re-initialisations) stop the conversion with an error.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def _load_clip(name_or_path: str):
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    return (
+        CLIPModel.from_pretrained(name_or_path),
+        AutoTokenizer.from_pretrained(name_or_path),
+        AutoImageProcessor.from_pretrained(name_or_path),
+    )
+
+
+def _load_blip2(name_or_path: str):
+    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
+
+    return Blip2ForImageTextRetrieval.from_pretrained(name_or_path), AutoTokenizer.from_pretrained(name_or_path)
+
+
+def build_config(clip, blip2, args):
+    """A CrossTVRConfig whose towers follow the given checkpoints."""
+    from transformers import Blip2QFormerConfig, CLIPTextConfig
+
+    from crosstvr import CrossTVRConfig
+
+    if args.stage2_tower == "blip2" and blip2 is None:
+        raise ValueError("--stage2-tower blip2 takes BLIP-2's vision tower: give --blip2")
+    text_config = clip.config.text_config
+    if args.max_text_length > text_config.max_position_embeddings:
+        raise ValueError(
+            f"--max-text-length {args.max_text_length} exceeds the {text_config.max_position_embeddings} positions of "
+            "the CLIP text tower"
+        )
+    if args.temporal_aggregator != "mean" and args.temporal_layers > text_config.num_hidden_layers:
+        raise ValueError(
+            f"--temporal-layers {args.temporal_layers} exceeds the {text_config.num_hidden_layers} layers of the CLIP "
+            "text tower that initialise them"
+        )
+    if args.temporal_aggregator != "mean" and text_config.hidden_size != clip.config.projection_dim:
+        raise ValueError(
+            f"the CLIP text tower is {text_config.hidden_size} wide but its projection {clip.config.projection_dim}: "
+            "CLIP4Clip's temporal transformer (on projected frames) cannot start from the text tower's layers"
+        )
+    # CLIP4Clip's seqTransf: text-tower layers running on projected frame embeddings.
+    temporal_config = CLIPTextConfig(
+        hidden_size=text_config.hidden_size,
+        intermediate_size=text_config.intermediate_size,
+        num_hidden_layers=args.temporal_layers,
+        num_attention_heads=text_config.num_attention_heads,
+        max_position_embeddings=args.temporal_positions,
+        hidden_act=text_config.hidden_act,
+        layer_norm_eps=text_config.layer_norm_eps,
+    )
+    if blip2 is not None:
+        qformer_config = blip2.config.qformer_config.to_dict()
+        num_query_tokens = blip2.config.num_query_tokens
+    else:
+        qformer_config = Blip2QFormerConfig(use_qformer_text_input=True).to_dict()
+        num_query_tokens = args.num_query_tokens
+    if args.stage2_tower == "blip2":
+        fine_vision_config = blip2.config.vision_config.to_dict()
+        if fine_vision_config["image_size"] != clip.config.vision_config.image_size:
+            raise ValueError(
+                f"the BLIP-2 tower takes {fine_vision_config['image_size']} px frames and the CLIP tower "
+                f"{clip.config.vision_config.image_size} px; both read the same frames"
+            )
+    else:
+        fine_vision_config = None  # a copy of the CLIP vision tower
+    return CrossTVRConfig(
+        text_config=text_config.to_dict(),
+        vision_config=clip.config.vision_config.to_dict(),
+        qformer_config=qformer_config,
+        temporal_config=temporal_config.to_dict(),
+        fine_vision_config=fine_vision_config,
+        share_vision_tower=args.share_vision_tower,
+        projection_dim=clip.config.projection_dim,
+        logit_scale_init_value=float(clip.logit_scale.item()),
+        num_frames=args.num_frames,
+        temporal_aggregator=args.temporal_aggregator,
+        num_query_tokens=num_query_tokens,
+        share_spatial_temporal=not args.separate_temporal_qformer,
+    )
+
+
+def source_map(model, clip, blip2, args) -> dict[str, tuple[str, torch.Tensor | None]]:
+    """For every parameter of the new model: (where it comes from, the tensor to load or None to keep the init)."""
+    clip_state, blip2_state = clip.state_dict(), blip2.state_dict() if blip2 is not None else {}
+    target = model.state_dict()
+    sources = {}
+
+    def take(name: str, origin: str, state: dict, key: str):
+        tensor = state[key]
+        if tensor.shape != target[name].shape:
+            raise ValueError(
+                f"cannot load {origin}:{key} {tuple(tensor.shape)} into {name} {tuple(target[name].shape)}; the "
+                "configurations disagree"
+            )
+        sources[name] = (f"{origin}:{key}", tensor)
+
+    for name in target:
+        top, _, rest = name.partition(".")
+        if top in ("text_model", "vision_model", "text_projection", "visual_projection", "logit_scale"):
+            take(name, "clip", clip_state, name)
+        elif top == "fine_vision_model":
+            if args.stage2_tower == "clip":
+                take(name, "clip", clip_state, f"vision_model.{rest}")
+            else:
+                take(name, "blip2", blip2_state, f"vision_model.{rest}")
+        elif top == "temporal_aggregator" and ".temporal_transformer.encoder." in name:
+            # CLIP4Clip: the temporal transformer starts as the first layers of the CLIP text tower.
+            take(name, "clip", clip_state, "text_model.encoder." + name.split(".temporal_transformer.encoder.")[1])
+        elif name.endswith("temporal_transformer.position_embeddings.weight"):
+            clip_positions = clip_state["text_model.embeddings.position_embedding.weight"]
+            rows = min(len(clip_positions), target[name].shape[0])
+            tensor = target[name].clone()
+            tensor[:rows] = clip_positions[:rows]
+            sources[name] = (f"clip:text_model.embeddings.position_embedding.weight[:{rows}] (rest new)", tensor)
+        elif blip2 is not None and top in ("query_tokens", "matching_head", "qformer", "qformer_embeddings",
+                                           "temporal_qformer", "temporal_qformer_embeddings"):
+            key = {
+                "query_tokens": "query_tokens",
+                "matching_head": f"itm_head.{rest}",
+                "qformer": f"qformer.{rest}",
+                "temporal_qformer": f"qformer.{rest}",
+                "qformer_embeddings": f"embeddings.{rest}",
+                "temporal_qformer_embeddings": f"embeddings.{rest}",
+            }[top]
+            cross_attention_kv = ".crossattention.attention.key." in name or ".crossattention.attention.value." in name
+            if cross_attention_kv and blip2_state[key].shape != target[name].shape:
+                sources[name] = (
+                    f"new: re-initialised, blip2:{key} is {tuple(blip2_state[key].shape)} for a "
+                    f"{blip2_state[key].shape[-1]}-wide tower but the stage-2 tower is {target[name].shape[-1]} wide",
+                    None,
+                )
+            else:
+                take(name, "blip2", blip2_state, key)
+        else:
+            sources[name] = ("new: initialised (" + ("zeros" if "frame_position" in name else "random") + ")", None)
+    return sources
+
+
+def convert(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from crosstvr import CrossTVRModel, CrossTVRProcessor
+
+    if not args.blip2 and not args.qformer_tokenizer:
+        raise ValueError("without --blip2, give --qformer-tokenizer (a BERT tokenizer, e.g. bert-base-uncased)")
+    clip, clip_tokenizer, image_processor = _load_clip(args.clip)
+    blip2, qformer_tokenizer = _load_blip2(args.blip2) if args.blip2 else (None, None)
+    config = build_config(clip, blip2, args)
+    if qformer_tokenizer is None:
+        qformer_tokenizer = AutoTokenizer.from_pretrained(args.qformer_tokenizer)
+    torch.manual_seed(args.seed)
+    model = CrossTVRModel(config).eval()
+    sources = source_map(model, clip, blip2, args)
+    state = model.state_dict()
+    state.update({name: tensor for name, (_, tensor) in sources.items() if tensor is not None})
+    model.load_state_dict(state)
+
+    processor = CrossTVRProcessor(
+        image_processor, clip_tokenizer, qformer_tokenizer, num_frames=args.num_frames, max_text_length=args.max_text_length
+    )
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    report = {
+        "clip": args.clip,
+        "blip2": args.blip2,
+        "weights": {name: origin for name, (origin, _) in sources.items()},
+    }
+    with open(os.path.join(args.output, "conversion_report.json"), "w", encoding="utf-8") as file:
+        json.dump(report, file, indent=1)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The table of every weight and its source, and the counts."""
+    lines = [f"{'weight':<72} source"]
+    for name, origin in report["weights"].items():
+        lines.append(f"{name:<72} {origin}")
+    loaded = sum(not origin.startswith("new") for origin in report["weights"].values())
+    lines.append(f"{loaded} weights loaded, {len(report['weights']) - loaded} newly initialised")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clip", required=True, help="CLIP checkpoint (folder or Hub id)")
+    parser.add_argument("--blip2", help="BLIP-2 image-text matching checkpoint (folder or Hub id)")
+    parser.add_argument("--qformer-tokenizer", help="BERT tokenizer for the Q-Former when --blip2 is not given")
+    parser.add_argument("--output", required=True, help="folder to write the CrossTVR checkpoint to")
+    parser.add_argument("--stage2-tower", choices=("clip", "blip2"), default="clip",
+                        help="the frozen stage-2 tower: CLIP's vision tower (Base) or BLIP-2's EVA tower (Large)")
+    parser.add_argument("--share-vision-tower", action="store_true", help="stage 2 reads the stage-1 tower")
+    parser.add_argument("--temporal-aggregator", default="token_shift_select",
+                        choices=("mean", "transformer", "token_shift_select"))
+    parser.add_argument("--temporal-layers", type=int, default=4, help="layers of the temporal transformer")
+    parser.add_argument("--temporal-positions", type=int, default=128, help="its position embeddings")
+    parser.add_argument("--separate-temporal-qformer", action="store_true", help="do not share the Q-Former")
+    parser.add_argument("--num-query-tokens", type=int, default=32, help="without --blip2")
+    parser.add_argument("--num-frames", type=int, default=12)
+    parser.add_argument("--max-text-length", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the newly initialised weights")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.share_vision_tower and args.stage2_tower == "blip2":
+        raise SystemExit("--share-vision-tower and --stage2-tower blip2 exclude each other")
+    try:
+        report = convert(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

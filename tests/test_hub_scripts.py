@@ -1,0 +1,294 @@
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModel,
+    Blip2Config,
+    Blip2ForImageTextRetrieval,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+)
+
+from crosstvr import CrossTVRModel, CrossTVRProcessor
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "hub_scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_checkpoint = load_script("convert_checkpoint")
+make_model_card = load_script("make_model_card")
+push_to_hub = load_script("push_to_hub")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, tester):
+    """A tiny CLIP checkpoint and a tiny BLIP-2 image-text matching checkpoint, saved with their preprocessors."""
+    root = tmp_path_factory.mktemp("sources")
+    clip_tokenizer, bert_tokenizer = tester.clip_tokenizer, tester.bert_tokenizer
+    torch.manual_seed(0)
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": len(clip_tokenizer),
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "max_position_embeddings": 16,
+                "bos_token_id": clip_tokenizer.bos_token_id,
+                "eos_token_id": clip_tokenizer.eos_token_id,
+                "pad_token_id": clip_tokenizer.pad_token_id,
+            },
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            projection_dim=32,
+        )
+    ).eval()
+    clip.save_pretrained(root / "clip")
+    clip_tokenizer.save_pretrained(root / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "clip"
+    )
+    blip2 = Blip2ForImageTextRetrieval(
+        Blip2Config(
+            vision_config={
+                "hidden_size": 24,
+                "intermediate_size": 48,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 16,
+            },
+            qformer_config={
+                "vocab_size": len(bert_tokenizer),
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "max_position_embeddings": 16,
+                "use_qformer_text_input": True,
+            },
+            text_config={"model_type": "opt", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "ffn_dim": 32},
+            num_query_tokens=3,
+            image_text_hidden_size=16,
+        )
+    ).eval()
+    torch.nn.init.normal_(blip2.query_tokens)
+    blip2.save_pretrained(root / "blip2")
+    bert_tokenizer.save_pretrained(root / "blip2")
+    bert_tokenizer.save_pretrained(root / "bert")
+    return {"root": root, "clip": clip, "blip2": blip2}
+
+
+def run_conversion(sources, output, *extra) -> dict:
+    argv = ["--clip", str(sources["root"] / "clip"), "--output", str(output), "--num-frames", "4",
+            "--temporal-layers", "2", "--temporal-positions", "32", "--max-text-length", "8", *extra]
+    assert convert_checkpoint.main(argv) == 0
+    with open(output / "conversion_report.json") as file:
+        return json.load(file)
+
+
+def test_conversion_keeps_clip_embeddings_and_blip2_weights(sources, tmp_path, tester):
+    output = tmp_path / "large"
+    args = ["--blip2", str(sources["root"] / "blip2"), "--stage2-tower", "blip2", "--temporal-aggregator", "mean"]
+    report = run_conversion(sources, output, *args)
+    model = CrossTVRModel.from_pretrained(output).eval()
+    assert set(report["weights"]) == set(model.state_dict())
+    new = {name.split(".")[0] for name, origin in report["weights"].items() if origin.startswith("new")}
+    assert new == {"token_selector", "frame_position_embeddings"}  # everything else comes from CLIP or BLIP-2
+
+    # Stage 1 is CLIP: texts, single frames, and the mean of normalised frames.
+    clip = sources["clip"]
+    inputs = tester.get_inputs(batch_size=2)
+    with torch.no_grad():
+        expected_text = F.normalize(clip.get_text_features(input_ids=inputs["input_ids"]).pooler_output, dim=-1)
+        torch.testing.assert_close(model.get_text_features(inputs["input_ids"]), expected_text)
+        frames = inputs["pixel_values"][1]  # (4, 3, 32, 32)
+        frame_features = F.normalize(clip.get_image_features(pixel_values=frames).pooler_output, dim=-1)
+        torch.testing.assert_close(model.get_video_features(frames[:1][None]), frame_features[:1])
+        mask = torch.tensor([[1, 1, 1, 0]])
+        torch.testing.assert_close(
+            model.get_video_features(frames[None], mask), F.normalize(frame_features[:3].mean(0, keepdim=True), dim=-1)
+        )
+
+    # Stage 2 is BLIP-2's: Q-Former, its text embeddings, query tokens, ITM head and EVA tower.
+    blip2_state, state = sources["blip2"].state_dict(), model.state_dict()
+    for name, tensor in state.items():
+        top, _, rest = name.partition(".")
+        counterpart = {
+            "qformer": f"qformer.{rest}",
+            "qformer_embeddings": f"embeddings.{rest}",
+            "matching_head": f"itm_head.{rest}",
+            "fine_vision_model": f"vision_model.{rest}",
+            "query_tokens": "query_tokens",
+        }.get(top)
+        if counterpart is not None:
+            torch.testing.assert_close(tensor, blip2_state[counterpart], msg=name)
+
+    processor = CrossTVRProcessor.from_pretrained(output)
+    assert AutoModel.from_pretrained(output, trust_remote_code=True).config.fine_vision_config.hidden_size == 24
+    assert processor(text="a red circle")["qformer_input_ids"].shape == (1, 8)
+
+
+def test_cross_attention_to_a_narrower_tower_is_reinitialised_and_reported(sources, tmp_path):
+    report = run_conversion(sources, tmp_path / "base", "--blip2", str(sources["root"] / "blip2"))
+    reinitialised = {name for name, origin in report["weights"].items() if "re-initialised" in origin}
+    assert reinitialised == {
+        f"qformer.encoder.layer.0.crossattention.attention.{kind}.{param}"
+        for kind in ("key", "value")
+        for param in ("weight", "bias")
+    } - {"qformer.encoder.layer.0.crossattention.attention.key.bias", "qformer.encoder.layer.0.crossattention.attention.value.bias"}
+    assert "24-wide tower but the stage-2 tower is 32 wide" in report["weights"][
+        "qformer.encoder.layer.0.crossattention.attention.key.weight"
+    ]
+    model = CrossTVRModel.from_pretrained(tmp_path / "base")
+    torch.testing.assert_close(
+        model.qformer.encoder.layer[0].crossattention.attention.query.weight,
+        sources["blip2"].qformer.encoder.layer[0].crossattention.attention.query.weight,
+    )
+
+
+def test_conversion_without_blip2_initialises_the_temporal_transformer_from_clip_text(sources, tmp_path):
+    output = tmp_path / "clip-only"
+    args = ["--qformer-tokenizer", str(sources["root"] / "bert"), "--temporal-aggregator", "transformer",
+            "--temporal-layers", "1", "--temporal-positions", "20"]  # the last options win
+    report = run_conversion(sources, output, *args)
+    model = CrossTVRModel.from_pretrained(output)
+    clip = sources["clip"]
+    temporal = model.temporal_aggregator.temporal_transformer
+    torch.testing.assert_close(temporal.encoder.layers[0].mlp.fc1.weight, clip.text_model.encoder.layers[0].mlp.fc1.weight)
+    torch.testing.assert_close(
+        temporal.position_embeddings.weight[:16], clip.text_model.embeddings.position_embedding.weight
+    )
+    assert report["weights"]["temporal_aggregator.temporal_transformer.position_embeddings.weight"].endswith(
+        "[:16] (rest new)"
+    )
+    assert all(
+        origin.startswith("new") for name, origin in report["weights"].items() if name.startswith(("qformer.", "query"))
+    )
+
+
+def test_conversion_errors_name_the_conflict(sources, tmp_path, capsys):
+    argv = ["--clip", str(sources["root"] / "clip"), "--output", str(tmp_path / "x")]
+    bert = ["--qformer-tokenizer", str(sources["root"] / "bert")]
+    cases = [
+        ([], "give --qformer-tokenizer"),
+        ([*bert], "--max-text-length 32 exceeds the 16 positions"),
+        ([*bert, "--max-text-length", "8"], "--temporal-layers 4 exceeds the 2 layers"),
+        ([*bert, "--max-text-length", "8", "--stage2-tower", "blip2"], "give --blip2"),
+    ]
+    for extra, message in cases:
+        assert convert_checkpoint.main([*argv, *extra]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def evaluation_results(tmp_path) -> str:
+    from crosstvr.evaluation import RetrievalEvaluation
+    from crosstvr.evaluation.report import write_results
+
+    metrics = {f"{p}_{m}": v for p in ("t2v", "v2t") for m, v in (("R1", 41.0), ("R5", 70.5), ("R10", 80.25),
+                                                                  ("MdR", 2.0), ("MnR", 12.5))}
+    evaluation = RetrievalEvaluation(1000, 1000, 15, 1.0, None, {"stage1": metrics, "two_stage": {**metrics, "t2v_R1": 49.6}})
+    path = tmp_path / "evaluation_msrvtt_test_1k.json"
+    write_results(path, evaluation, model="m", dataset="msrvtt", split="test_1k")
+    return str(path)
+
+
+def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "model"
+    run_conversion(sources, folder, "--blip2", str(sources["root"] / "blip2"), "--stage2-tower", "blip2")
+    results = evaluation_results(tmp_path)
+    assert make_model_card.main([str(folder), "--repo-id", "someone/crosstvr-large-test", "--results", results]) == 0
+    card = ModelCard.load(folder / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["license"] == "mit"
+    assert data["pipeline_tag"] == "feature-extraction" and "crosstvr" in data["tags"]
+    assert data["datasets"] == ["MSR-VTT"] and data["base_model"] == [str(sources["root"] / "clip"), str(sources["root"] / "blip2")]
+    values = {(r.task_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert len(card.data.eval_results) == 10
+    assert values[("text-to-video-retrieval", "recall_at_1")] == 49.6  # the two-stage row
+    assert values[("video-to-text-retrieval", "mean_rank")] == 12.5
+    text = card.text
+    assert "CrossTVR Large" in text and "BLIP-2 EVA ViT-g" in text and "| CrossTVR (K = 15) | 49.6 |" in text
+    assert 'AutoModel.from_pretrained("someone/crosstvr-large-test", trust_remote_code=True)' in text
+    assert "arXiv:2307.09972" in text
+
+
+class FakeHubApi:
+    """A local stand-in for `HfApi`: records the calls and keeps the committed files in a folder."""
+
+    def __init__(self, remote):
+        self.remote, self.calls = remote, []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def create_branch(self, repo_id, branch, **kwargs):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def create_commit(self, repo_id, operations, commit_message, revision=None):
+        self.calls.append(("create_commit", repo_id, commit_message, revision))
+        for operation in operations:
+            target = self.remote / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(operation.path_or_fileobj, target)
+        return type("Commit", (), {"commit_url": f"https://hub.invalid/{repo_id}/commit/1"})()
+
+
+def test_push_uploads_exactly_the_files_that_load(sources, tmp_path):
+    folder = tmp_path / "model"
+    run_conversion(sources, folder, "--blip2", str(sources["root"] / "blip2"))
+    expected = sorted(push_to_hub.loadable_files(str(folder)))
+    # Training leftovers beside the checkpoint must stay home.
+    (folder / "logs.jsonl").write_text("{}\n")
+    (folder / "optimizer.bin").write_bytes(b"pickle")
+    (folder / "checkpoints" / "step-1").mkdir(parents=True)
+    (folder / "checkpoints" / "step-1" / "model.safetensors").write_bytes(b"x")
+    (folder / "token_cache").mkdir()
+    (folder / "token_cache" / "shard-00000.safetensors").write_bytes(b"x")
+    api = FakeHubApi(tmp_path / "remote")
+    push_to_hub.push(str(folder), "someone/crosstvr", private=True, revision="v1", commit_message="first", api=api)
+    assert [call[0] for call in api.calls] == ["create_repo", "create_branch", "create_commit"]
+    assert api.calls[0][2]["private"] is True and api.calls[2][2:] == ("first", "v1")
+    uploaded = sorted(
+        os.path.relpath(os.path.join(root, name), api.remote) for root, _, names in os.walk(api.remote) for name in names
+    )
+    assert uploaded == expected
+    assert {"model.safetensors", "modeling_crosstvr.py", "qformer_tokenizer/tokenizer.json"} <= set(uploaded)
+    push_to_hub.check_loads(str(api.remote))  # what was uploaded is a complete checkpoint
+
+
+def test_push_refuses_a_folder_that_does_not_load(sources, tmp_path):
+    folder = tmp_path / "model"
+    run_conversion(sources, folder, "--qformer-tokenizer", str(sources["root"] / "bert"))
+    (folder / "modeling_crosstvr.py").write_text("this is not python\n")
+    api = FakeHubApi(tmp_path / "remote")
+    with pytest.raises(push_to_hub.CheckpointLoadError, match="does not load with trust_remote_code=True"):
+        push_to_hub.push(str(folder), "someone/crosstvr", api=api)
+    os.remove(folder / "modeling_crosstvr.py")
+    with pytest.raises(push_to_hub.CheckpointLoadError, match="modeling_crosstvr.py missing"):
+        push_to_hub.push(str(folder), "someone/crosstvr", api=api)
+    assert api.calls == []
