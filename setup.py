@@ -27,6 +27,10 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest>=8"]},
+    extras_require={
+        # FAISS serves stage-1 search of large indexes; without it, search is an exact matrix product.
+        "faiss": ["faiss-cpu>=1.8"],
+        "dev": ["pytest>=8", "faiss-cpu>=1.8"],
+    },
     entry_points={"console_scripts": ["crosstvr=crosstvr.cli:main"]},
 )

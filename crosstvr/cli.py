@@ -1,56 +1,110 @@
-"""The `crosstvr` command line."""
+"""The `crosstvr` command line: index and search a video library, run the demo, evaluate on a benchmark."""
 
 import argparse
 import json
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import asdict
 
-from .search import encode_videos, find_videos, load_model, search_videos
+from .search import load_model
 
 
 # The benchmark names, without importing `datasets` for `--help`.
 FORMATS_FOR_CLI = ("didemo", "lsmdc", "msrvtt", "msvd", "vatex")
 
 
-def _print_table(result, limit: int, root: str) -> None:
+def _print_table(result, root: str | None = None) -> None:
     print(f'\nquery: "{result.query}"')
     print(f"{'rank':>4}  {'score':>8}  {'stage-1':>8}  video")
-    for hit in result.hits[:limit]:
+    for hit in result.hits:
         marker = "*" if hit.reranked else " "
-        print(f"{hit.rank:>4}  {hit.score:>8.4f}  {hit.coarse_score:>8.4f}{marker} {os.path.relpath(hit.path, root)}")
+        path = os.path.relpath(hit.path, root) if root else hit.path
+        print(f"{hit.rank:>4}  {hit.score:>8.4f}  {hit.coarse_score:>8.4f}{marker} {path}")
+
+
+def _report_update(update: dict, index) -> None:
+    print(
+        f"indexed {update['total']} videos in {index.index_dir} ({len(update['added'])} added, "
+        f"{len(update['updated'])} re-encoded, {len(update['removed'])} removed)"
+    )
+    for path, reason in update["skipped"].items():
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def index(args: argparse.Namespace) -> int:
+    from .indexing import VideoIndex
+
+    model, processor = load_model(args.model)
+    video_index = VideoIndex.build(
+        args.video_dir,
+        args.index,
+        model,
+        processor,
+        model_name=args.model,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        chunk_size=args.chunk_size,
+        faiss_index=None if args.faiss == "none" else args.faiss,
+    )
+    _report_update(video_index.last_update, video_index)
+    if not len(video_index):
+        print(f"error: nothing could be indexed under {args.video_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def search(args: argparse.Namespace) -> int:
+    from .indexing import VideoIndex, write_contact_sheet
+
+    model, processor = load_model(args.model) if args.model else (None, None)
+    video_index = VideoIndex.open(args.index, model, processor)
+    result = video_index.search(args.query, k=args.k, top_k_rerank=args.top_k_rerank, rerank=not args.no_rerank)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        _print_table(result)
+        print("\n* re-ranked by stage 2 (score = stage-1 + w * stage-2); the others keep their stage-1 order.")
+    if args.contact_sheet:
+        write_contact_sheet(result, args.contact_sheet)
+        print(f"contact sheet written to {args.contact_sheet}", file=sys.stderr)
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:
-    model, processor = load_model(args.model)
-    with tempfile.TemporaryDirectory(prefix="crosstvr-samples-") as samples:
-        if args.videos is None:
-            from .synthetic import write_sample_library
+    from .indexing import VideoIndex, write_contact_sheet
 
-            captions = write_sample_library(samples, count=args.num_samples)
-            video_dir = samples
-            queries = args.query or list(captions.values())[:3]
-        else:
-            video_dir = args.videos
-            queries = args.query or ["a red circle moves left"]
-        paths = find_videos(video_dir)
-        if not paths:
-            print(f"error: no video files (mp4, avi, mkv, webm, mov) under {video_dir}", file=sys.stderr)
-            return 1
-        videos = encode_videos(model, processor, paths)
-        results = [search_videos(model, processor, videos, query, args.top_k_rerank) for query in queries]
+    model, processor = load_model(args.model)
+    video_dir = args.videos
+    queries = args.query
+    if video_dir is None:
+        from .synthetic import write_sample_library
+
+        video_dir = os.path.join(args.output, "videos")
+        captions = write_sample_library(video_dir, count=args.num_samples)
+        queries = queries or list(captions.values())[:3]
+    queries = queries or ["a red circle moves left"]
+    video_index = VideoIndex.build(video_dir, os.path.join(args.output, "index"), model, processor, model_name=args.model)
+    if not args.json:
+        _report_update(video_index.last_update, video_index)
+    if not len(video_index):
+        print(f"error: no video could be indexed under {video_dir}", file=sys.stderr)
+        return 1
+    results = [video_index.search(query, k=args.k, top_k_rerank=args.top_k_rerank) for query in queries]
+    sheets = []
+    for number, result in enumerate(results):
+        sheets.append(os.path.join(args.output, f"contact_sheet_{number}.png"))
+        write_contact_sheet(result, sheets[-1])
     if args.json:
-        print(json.dumps({"results": [asdict(r) for r in results], "skipped": videos.skipped}, indent=2))
-    else:
-        for result in results:
-            _print_table(result, args.k, video_dir)
-        print("\n* re-ranked by stage 2 (score = stage-1 + w * stage-2); the others keep their stage-1 order.")
-        if args.model is None:
-            print("Model: the embedded default (tiny, untrained until the synthetic benchmark ships a checkpoint).")
-        for path, reason in videos.skipped.items():
-            print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(json.dumps({"results": [asdict(r) for r in results], "contact_sheets": sheets,
+                          "skipped": video_index.last_update["skipped"]}, indent=2))
+        return 0
+    for result in results:
+        _print_table(result, video_dir)
+    print("\n* re-ranked by stage 2 (score = stage-1 + w * stage-2); the others keep their stage-1 order.")
+    print(f"contact sheets: {', '.join(sheets)}")
+    if args.model is None:
+        print("model: the embedded default (see README: what it was trained on and how well it does).")
     return 0
 
 
@@ -108,18 +162,50 @@ def evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosstvr", description="CrossTVR two-stage text-video retrieval.")
     commands = parser.add_subparsers(dest="command", required=True)
+    model_help = "checkpoint folder or Hub id (default: the embedded default)"
+
+    parser_index = commands.add_parser(
+        "index",
+        help="index a folder of videos (resumable, incremental)",
+        description="Encode every video under VIDEO_DIR (mp4, avi, mkv, webm, mov; recursively) into INDEX_DIR. "
+        "Re-running adds new videos, re-encodes changed ones, drops deleted ones, and resumes an interrupted run. "
+        "Unreadable files are skipped and listed; the exit status is 1 only if nothing could be indexed.",
+    )
+    parser_index.add_argument("video_dir")
+    parser_index.add_argument("--index", required=True, help="the index folder")
+    parser_index.add_argument("--model", help=model_help)
+    parser_index.add_argument("--batch-size", type=int, default=8, help="videos per encoding batch")
+    parser_index.add_argument("--num-workers", type=int, default=2, help="decoding processes")
+    parser_index.add_argument("--chunk-size", type=int, default=256, help="videos per stored chunk")
+    parser_index.add_argument("--faiss", choices=("flat", "ivf", "hnsw", "none"), default="flat",
+                              help="stage-1 ANN index when faiss-cpu is installed (default: flat, exact)")
+    parser_index.set_defaults(handler=index)
+
+    parser_search = commands.add_parser("search", help="search an index by text",
+                                        description="Stage-1 search of INDEX_DIR, then stage-2 re-ranking of the top K.")
+    parser_search.add_argument("index", help="the index folder")
+    parser_search.add_argument("query", help="the text query")
+    parser_search.add_argument("-k", type=int, default=10, help="results to return (default: 10)")
+    parser_search.add_argument("--top-k-rerank", type=int, help="re-ranking depth K (default: the model's)")
+    parser_search.add_argument("--no-rerank", action="store_true", help="stage 1 only")
+    parser_search.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser_search.add_argument("--contact-sheet", help="write a PNG with a few frames of every result")
+    parser_search.add_argument("--model", help="the model (default: the one the index was built with)")
+    parser_search.set_defaults(handler=search)
+
     parser_demo = commands.add_parser(
         "demo",
-        help="search a folder of videos by text (generated sample videos by default)",
-        description="Encode a folder of videos and answer text queries with a ranked list. Without --videos, sample "
-        "videos are generated; without --model, the embedded default model is used (no download).",
+        help="index generated sample videos (or --videos DIR) and search them",
+        description="Generate sample videos (unless --videos), index them, answer a few queries with a ranked list "
+        "and a contact sheet. Without --model it uses the embedded default model (no download).",
     )
-    parser_demo.add_argument("--model", help="checkpoint folder or Hub id (default: the embedded default)")
+    parser_demo.add_argument("--model", help=model_help)
     parser_demo.add_argument("--videos", help="folder of videos, searched recursively (default: generated samples)")
+    parser_demo.add_argument("--output", default="crosstvr-demo", help="samples, index and contact sheets go here")
     parser_demo.add_argument("--query", action="append", help="text query; repeat for several (default: samples)")
-    parser_demo.add_argument("-k", type=int, default=10, help="results to print per query (default: 10)")
+    parser_demo.add_argument("-k", type=int, default=5, help="results per query (default: 5)")
     parser_demo.add_argument("--top-k-rerank", type=int, help="re-ranking depth K (default: the model's)")
-    parser_demo.add_argument("--num-samples", type=int, default=8, help="sample videos to generate (default: 8)")
+    parser_demo.add_argument("--num-samples", type=int, default=12, help="sample videos to generate (default: 12)")
     parser_demo.add_argument("--json", action="store_true", help="print results as JSON")
     parser_demo.set_defaults(handler=demo)
 
@@ -129,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate stage 1 and the two-stage model on a benchmark stored in its official layout; prints "
         "the paper-style table and writes the results as JSON.",
     )
-    parser_evaluate.add_argument("--model", help="checkpoint folder or Hub id (default: the embedded default)")
+    parser_evaluate.add_argument("--model", help=model_help)
     parser_evaluate.add_argument("--dataset", required=True, choices=sorted(FORMATS_FOR_CLI))
     parser_evaluate.add_argument("--annotations", required=True, help="folder with the annotation files")
     parser_evaluate.add_argument("--videos", required=True, help="folder with the videos (searched recursively)")

@@ -154,22 +154,22 @@ def test_token_cache_build_resumes_and_refuses_other_models(workspace, tmp_path,
     reference = build_token_cache(model, processor, videos, tmp_path / "reference", shard_size=4)
 
     # Interrupt the build after the first shard: decoding the fifth video fails.
-    from crosstvr import token_cache
+    from crosstvr import video_store
 
-    original = token_cache._Videos.__getitem__
+    original = video_store._DecodedVideos.__getitem__
 
     def fail_on_fifth(self, indices):
         if self.paths[indices[0]] == videos[4]:
             raise KeyboardInterrupt
         return original(self, indices)
 
-    monkeypatch.setattr(token_cache._Videos, "__getitem__", fail_on_fifth)
+    monkeypatch.setattr(video_store._DecodedVideos, "__getitem__", fail_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         build_token_cache(model, processor, videos, tmp_path / "resumed", shard_size=4, batch_size=4)
     assert sorted(os.listdir(tmp_path / "resumed")) == ["plan.json", "shard-00000.safetensors"]
     with pytest.raises(FileNotFoundError, match="did not finish"):
         TokenCache(tmp_path / "resumed")
-    monkeypatch.setattr(token_cache._Videos, "__getitem__", original)
+    monkeypatch.setattr(video_store._DecodedVideos, "__getitem__", original)
     first_shard_time = os.path.getmtime(tmp_path / "resumed" / "shard-00000.safetensors")
     resumed = build_token_cache(model, processor, videos, tmp_path / "resumed", shard_size=4, batch_size=4)
     assert os.path.getmtime(tmp_path / "resumed" / "shard-00000.safetensors") == first_shard_time  # kept

@@ -1,0 +1,183 @@
+"""Storage shared by the token cache and the video index: encoding videos in batches, shards, fingerprints.
+
+A shard is a safetensors file with the values the frozen parts of CrossTVR compute for a group of videos:
+
+    vision_tokens  (n, T, N, D)  float16   stage-2 tokens
+    video_embeds   (n, P)        float32   stage-1 embeddings
+    video_mask     (n, T)        int8      real (1) and padding (0) frames
+
+and, in its header metadata, whatever its writer needs to describe the rows. Shards are written to a temporary name and
+renamed, so a file under a shard's name is always complete; they are read memory-mapped.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+
+from .modeling_crosstvr import CrossTVRModel
+from .processing_crosstvr import CrossTVRProcessor, VideoDecodeError
+
+
+logger = logging.getLogger(__name__)
+
+
+def write_json_atomically(path: str, payload) -> None:
+    """Write `payload` as JSON to a temporary file beside `path`, then rename it over `path`."""
+    with tempfile.NamedTemporaryFile(
+        "w", dir=os.path.dirname(os.path.abspath(path)), suffix=".partial", delete=False, encoding="utf-8"
+    ) as file:
+        json.dump(payload, file, indent=1)
+    os.replace(file.name, path)
+
+
+def model_fingerprint(model: CrossTVRModel, modules: tuple[str, ...] | None = None) -> str:
+    """SHA-256 of the model's configuration and of the weights of `modules` (top-level names; default: all)."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    state = model.state_dict()
+    for name in sorted(state):
+        if modules is None or name.split(".")[0] in modules:
+            tensor = state[name].detach().to("cpu").reshape(-1).contiguous()
+            digest.update(name.encode())
+            if tensor.numel():
+                digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def processor_fingerprint(processor: CrossTVRProcessor) -> dict:
+    """The settings that decide which frames are read and how they are preprocessed (centre sampling)."""
+    image_processor = processor.image_processor.to_dict()
+    relevant = ("size", "crop_size", "do_resize", "do_center_crop", "do_normalize", "image_mean", "image_std", "resample")
+    settings = {
+        "num_frames": processor.num_frames,
+        "sampling": "center",
+        "image_processor": {key: image_processor.get(key) for key in relevant},
+    }
+    return json.loads(json.dumps(settings))  # as a manifest stores it (tuples become lists)
+
+
+class _DecodedVideos(Dataset):
+    """Batches of videos decoded and preprocessed (centre frames); a file that cannot be read is reported, not
+    raised, so that one bad file does not stop a DataLoader worker."""
+
+    def __init__(self, paths: list[str], processor: CrossTVRProcessor):
+        self.paths, self.processor = paths, processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        pixel_values, video_masks, paths, errors = [], [], [], {}
+        for index in indices:
+            path = self.paths[index]
+            try:
+                inputs = self.processor(videos=[path], sampling="center")
+            except (VideoDecodeError, FileNotFoundError, ValueError) as error:
+                errors[path] = str(error)
+                continue
+            pixel_values.append(inputs["pixel_values"])
+            video_masks.append(inputs["video_mask"])
+            paths.append(path)
+        batch = {"paths": paths, "errors": errors}
+        if paths:
+            batch["pixel_values"], batch["video_mask"] = torch.cat(pixel_values), torch.cat(video_masks)
+        return batch
+
+
+@dataclass
+class EncodedBatch:
+    paths: list[str]
+    vision_tokens: torch.Tensor  # (n, T, N, D) float16, CPU
+    video_embeds: torch.Tensor  # (n, P) float32, CPU
+    video_mask: torch.Tensor  # (n, T) int8, CPU
+    errors: dict[str, str]
+
+
+@torch.no_grad()
+def encode_videos(
+    model: CrossTVRModel,
+    processor: CrossTVRProcessor,
+    paths: list[str],
+    batch_size: int = 8,
+    num_workers: int = 0,
+) -> Iterator[EncodedBatch]:
+    """Decode `paths` in DataLoader workers (overlapping the encoding) and encode them in batches, in order."""
+    videos = _DecodedVideos(paths, processor)
+    loader = DataLoader(
+        videos,
+        sampler=BatchSampler(SequentialSampler(videos), batch_size, drop_last=False),
+        batch_size=None,
+        num_workers=num_workers,
+    )
+    model.eval()
+    for batch in loader:
+        if not batch["paths"]:
+            yield EncodedBatch([], torch.empty(0), torch.empty(0), torch.empty(0), batch["errors"])
+            continue
+        video = model.encode_video(batch["pixel_values"].to(model.device), batch["video_mask"].to(model.device))
+        yield EncodedBatch(
+            batch["paths"],
+            video.vision_tokens.to("cpu", torch.float16),
+            video.video_embeds.to("cpu", torch.float32),
+            batch["video_mask"].to(torch.int8),
+            batch["errors"],
+        )
+
+
+def write_shard(path: str, batches: list[EncodedBatch], metadata: dict[str, str]) -> None:
+    """Concatenate encoded batches into one shard file at `path`, atomically, with `metadata` in its header."""
+    batches = [batch for batch in batches if batch.paths]
+    staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    save_file(
+        {
+            "vision_tokens": torch.cat([b.vision_tokens for b in batches]).contiguous(),
+            "video_embeds": torch.cat([b.video_embeds for b in batches]).contiguous(),
+            "video_mask": torch.cat([b.video_mask for b in batches]).contiguous(),
+        },
+        staging,
+        metadata=metadata,
+    )
+    os.replace(staging, path)
+
+
+class ShardReader:
+    """Memory-mapped read access to shard files, opened on first use (so every DataLoader worker maps its own)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._open = {}
+
+    def _file(self, name: str):
+        if name not in self._open:
+            self._open[name] = safe_open(os.path.join(self.directory, name), framework="pt")
+        return self._open[name]
+
+    def metadata(self, name: str) -> dict[str, str]:
+        return self._file(name).metadata() or {}
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        """A whole tensor of a shard (memory-mapped)."""
+        return self._file(name).get_tensor(key)
+
+    def row(self, name: str, row: int) -> dict[str, torch.Tensor]:
+        """The values of one video: `vision_tokens` (T, N, D), `video_embeds` (P,), `video_mask` (T,) as long."""
+        file = self._file(name)
+        return {
+            "vision_tokens": file.get_slice("vision_tokens")[row : row + 1][0],
+            "video_embeds": file.get_slice("video_embeds")[row : row + 1][0],
+            "video_mask": file.get_slice("video_mask")[row : row + 1][0].long(),
+        }
+
+    def close(self, name: str) -> None:
+        self._open.pop(name, None)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": {}}

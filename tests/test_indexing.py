@@ -1,0 +1,232 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from crosstvr.cli import main
+from crosstvr.default_model import build_default_model
+from crosstvr.indexing import IndexMismatchError, VideoIndex, write_contact_sheet
+from crosstvr.synthetic import write_sample_library
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    return build_default_model()
+
+
+@pytest.fixture(scope="module")
+def library_source(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("library")
+    names = sorted(write_sample_library(directory / "a", count=9, seed=1))  # nine distinct scenes
+    (directory / "b" / "nested").mkdir(parents=True)
+    for name in names[6:]:
+        shutil.move(directory / "a" / name, directory / "b" / "nested" / name)
+    return directory
+
+
+@pytest.fixture
+def library(library_source, tmp_path):
+    shutil.copytree(library_source, tmp_path / "library")
+    return tmp_path / "library"
+
+
+def index_contents(index: VideoIndex) -> dict[str, torch.Tensor]:
+    """Every indexed video's stage-1 embedding and stage-2 tokens, by path."""
+    contents = {}
+    for path, embeds in zip(index.paths, index.stage1_embeddings()):
+        entry = index.manifest["videos"][path]
+        contents[path] = (embeds, index._reader.row(f"{entry['chunk']}.safetensors", entry["row"])["vision_tokens"])
+    return contents
+
+
+def test_index_and_search_round_trip(model_and_processor, library, tmp_path):
+    model, processor = model_and_processor
+    index = VideoIndex.build(library, tmp_path / "index", model, processor, chunk_size=4, num_workers=0)
+    update = index.last_update
+    assert update["total"] == len(index) == 9 and len(update["added"]) == 9 and update["skipped"] == {}
+    assert all(path.startswith(str(library)) for path in index.paths)
+
+    # Stage-1 scores are the model's cosine similarities; the top K is re-ranked, the rest keeps stage-1 order.
+    query = "a red circle moves left"
+    text = processor(text=[query])
+    with torch.no_grad():
+        text_embeds = model.get_text_features(text["input_ids"], text["attention_mask"])
+    similarity = (index.stage1_embeddings() @ text_embeds[0]).tolist()
+    result = index.search(query, k=9, top_k_rerank=3)
+    assert [hit.rank for hit in result.hits] == list(range(1, 10))
+    for hit in result.hits:
+        assert hit.coarse_score == pytest.approx(similarity[index.paths.index(hit.path)], abs=1e-5)
+    assert [hit.reranked for hit in result.hits] == [True] * 3 + [False] * 6
+    rest = [hit.coarse_score for hit in result.hits[3:]]
+    assert rest == sorted(rest, reverse=True) and min(h.coarse_score for h in result.hits[:3]) >= max(rest)
+    stage_one = index.search(query, k=4, rerank=False)
+    assert [hit.coarse_score for hit in stage_one.hits] == pytest.approx(sorted(similarity, reverse=True)[:4], abs=1e-5)
+
+    reopened = VideoIndex.open(tmp_path / "index")  # loads the model the manifest names: the embedded default
+    assert [hit.path for hit in reopened.search(query, k=5, top_k_rerank=3).hits] == [h.path for h in result.hits[:5]]
+
+
+def test_faiss_and_exact_search_agree(model_and_processor, library, tmp_path):
+    pytest.importorskip("faiss")
+    model, processor = model_and_processor
+    with_faiss = VideoIndex.build(library, tmp_path / "faiss", model, processor, faiss_index="hnsw", num_workers=0)
+    exact = VideoIndex.build(library, tmp_path / "exact", model, processor, faiss_index=None, num_workers=0)
+    assert with_faiss.manifest["faiss"]["kind"] == "hnsw" and exact.manifest["faiss"] is None
+    assert os.path.exists(tmp_path / "faiss" / "faiss.index")
+    for query in ("a blue square moves up", "a yellow triangle moves right", "a green circle"):
+        approximate, reference = with_faiss.search(query, k=9, rerank=False), exact.search(query, k=9, rerank=False)
+        assert [h.path for h in approximate.hits] == [h.path for h in reference.hits]
+        for a, b in zip(approximate.hits, reference.hits):
+            assert a.coarse_score == pytest.approx(b.coarse_score, abs=1e-5)
+        assert [h.path for h in with_faiss.search(query, k=5).hits] == [h.path for h in exact.search(query, k=5).hits]
+
+
+def test_resume_after_a_kill_gives_the_same_index(model_and_processor, library, tmp_path, monkeypatch):
+    model, processor = model_and_processor
+    reference = VideoIndex.build(library, tmp_path / "reference", model, processor, chunk_size=2, num_workers=0)
+
+    from crosstvr import indexing
+
+    original, calls = indexing.encode_videos, []
+
+    def killed_during_the_third_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(indexing, "encode_videos", killed_during_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        VideoIndex.build(library, tmp_path / "resumed", model, processor, chunk_size=2, num_workers=0)
+    partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert len(partial["videos"]) == 4 and len(partial["chunks"]) == 2
+    assert not [name for name in os.listdir(tmp_path / "resumed" / "chunks") if "partial" in name]
+    monkeypatch.setattr(indexing, "encode_videos", original)
+    calls.clear()
+    monkeypatch.setattr(indexing, "encode_videos", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    resumed = VideoIndex.build(library, tmp_path / "resumed", model, processor, chunk_size=2, num_workers=0)
+    assert len(calls) == 3  # only the 3 unfinished chunks of 2, 2 and 1 videos
+    assert resumed.last_update["total"] == 9
+    assert sorted(os.listdir(tmp_path / "resumed" / "chunks")) == sorted(os.listdir(tmp_path / "reference" / "chunks"))
+    expected, actual = index_contents(reference), index_contents(resumed)
+    assert expected.keys() == actual.keys()
+    for path in expected:
+        for a, b in zip(actual[path], expected[path]):
+            torch.testing.assert_close(a, b)
+
+
+def test_incremental_updates(model_and_processor, library, tmp_path):
+    model, processor = model_and_processor
+    index = VideoIndex.build(library, tmp_path / "index", model, processor, chunk_size=3, num_workers=0)
+    nested = sorted(p for p in index.paths if "nested" in p)
+    first = sorted(p for p in index.paths if "nested" not in p)
+    before = index_contents(index)
+
+    update = index.add(library, num_workers=0)
+    assert update == {"added": [], "updated": [], "removed": [], "skipped": {}, "total": 9}
+
+    shutil.rmtree(library / "b")  # a whole chunk's videos go
+    os.remove(first[0])
+    shutil.copy(first[2], first[1])  # changed content (and size/mtime)
+    write_sample_library(library / "c", count=2, seed=5, size=48)
+    chunks_before = set(index.manifest["chunks"])
+    update = index.add(library, chunk_size=3, num_workers=0)
+    assert update["removed"] == sorted([first[0], *nested])
+    assert update["updated"] == [first[1]]
+    assert len(update["added"]) == 2 and all("/c/" in path for path in update["added"])
+    assert update["total"] == len(index) == 9 - 4 + 2
+    after = index_contents(index)
+    torch.testing.assert_close(after[first[1]][0], after[first[2]][0])  # re-encoded from its new content
+    torch.testing.assert_close(after[first[3]][0], before[first[3]][0])  # untouched videos keep their values
+    # The chunk that held only the nested videos is gone from disk and manifest.
+    gone = chunks_before - set(index.manifest["chunks"])
+    assert gone and not any(name.startswith(tuple(gone)) for name in os.listdir(tmp_path / "index" / "chunks"))
+
+
+def test_unreadable_files_are_skipped_and_reported(model_and_processor, media_dir, tmp_path, capsys):
+    model, processor = model_and_processor
+    library = tmp_path / "mixed"
+    library.mkdir()
+    for name in ("red_circle_left.mp4", "corrupt.mp4", "empty.mp4", "notes.mp4"):
+        shutil.copy(os.path.join(media_dir, name), library / name)
+    (library / "readme.txt").write_text("not a video, not even by name")
+    index = VideoIndex.build(library, tmp_path / "index", model, processor, num_workers=0)
+    assert [os.path.basename(p) for p in index.paths] == ["red_circle_left.mp4"]
+    skipped = {os.path.basename(path): reason for path, reason in index.last_update["skipped"].items()}
+    assert sorted(skipped) == ["corrupt.mp4", "empty.mp4", "notes.mp4"]
+    assert all("could not be decoded" in reason for reason in skipped.values())
+    # Unchanged failures are not retried; a repaired file is.
+    assert index.add(library, num_workers=0)["skipped"] == {}
+    shutil.copy(os.path.join(media_dir, "blue_square_up.mp4"), library / "notes.mp4")
+    update = index.add(library, num_workers=0)
+    assert [os.path.basename(p) for p in update["added"]] == ["notes.mp4"] and len(index) == 2
+
+    assert main(["index", str(library), "--index", str(tmp_path / "cli")]) == 0
+    captured = capsys.readouterr()
+    assert "indexed 2 videos" in captured.out and "skipped" in captured.err and "corrupt.mp4" in captured.err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(os.path.join(media_dir, "corrupt.mp4"), broken / "a.mp4")
+    assert main(["index", str(broken), "--index", str(tmp_path / "nothing")]) == 1
+    assert "nothing could be indexed" in capsys.readouterr().err
+
+
+def test_index_refuses_another_model_or_processor(model_and_processor, library, tmp_path):
+    model, processor = model_and_processor
+    VideoIndex.build(library, tmp_path / "index", model, processor, num_workers=0)
+    other, _ = build_default_model(seed=1)
+    with pytest.raises(IndexMismatchError, match="another model \\(the embedded default model\\)"):
+        VideoIndex(tmp_path / "index", other, processor)
+    _, other_processor = build_default_model()
+    other_processor.num_frames = 4
+    with pytest.raises(IndexMismatchError, match="other frame sampling"):
+        VideoIndex(tmp_path / "index", model, other_processor)
+    with pytest.raises(FileNotFoundError, match="not a video index"):
+        VideoIndex.open(tmp_path / "nowhere")
+
+
+def test_search_command_json_and_contact_sheet(model_and_processor, library, tmp_path, capsys):
+    assert main(["index", str(library), "--index", str(tmp_path / "index"), "--num-workers", "0"]) == 0
+    capsys.readouterr()
+    sheet = tmp_path / "sheet.png"
+    args = ["search", str(tmp_path / "index"), "a blue circle moves down", "-k", "4", "--json", "--contact-sheet", str(sheet)]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["query"] == "a blue circle moves down" and [h["rank"] for h in result["hits"]] == [1, 2, 3, 4]
+    image = Image.open(sheet)
+    assert image.height >= 4 * 96 and image.width > 4 * 64
+    # A frame strip per hit: the sheet is not blank where the thumbnails go.
+    assert len(set(image.crop((300, 40, 400, 120)).getdata())) > 2
+
+
+def test_contact_sheet_survives_a_vanished_file(model_and_processor, library, tmp_path):
+    model, processor = model_and_processor
+    index = VideoIndex.build(library, tmp_path / "index", model, processor, num_workers=0)
+    result = index.search("a red square", k=2)
+    os.remove(result.hits[0].path)
+    write_contact_sheet(result, tmp_path / "sheet.png")
+    assert Image.open(tmp_path / "sheet.png").height > 0
+
+
+def test_two_processes_split_the_indexing(model_and_processor, library, tmp_path):
+    model, processor = model_and_processor
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "crosstvr", "index",
+               str(library), "--index", str(tmp_path / "two"), "--chunk-size", "2", "--num-workers", "0"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = VideoIndex.open(tmp_path / "two")
+    one = VideoIndex.build(library, tmp_path / "one", model, processor, chunk_size=2, num_workers=0)
+    assert len(two) == 9 and len(two.manifest["chunks"]) == 5
+    expected, actual = index_contents(one), index_contents(two)
+    assert expected.keys() == actual.keys()
+    for path in expected:
+        torch.testing.assert_close(actual[path][0], expected[path][0])
