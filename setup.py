@@ -9,6 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["crosstvr", "crosstvr.*"]),
+    # The embedded default model (safetensors, configs, tokenizers, model card and the Hub-portable code files).
+    package_data={"crosstvr": ["default_checkpoint/*", "default_checkpoint/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         # The README's install commands pin torch==2.13.0 (a CPU build is on local disk on our CI machines).
@@ -30,7 +32,9 @@ setup(
     extras_require={
         # FAISS serves stage-1 search of large indexes; without it, search is an exact matrix product.
         "faiss": ["faiss-cpu>=1.8"],
-        "dev": ["pytest>=8", "faiss-cpu>=1.8"],
+        # The synthetic benchmark's recipe draws its recall-against-depth plot with matplotlib.
+        "benchmarks": ["matplotlib>=3.7"],
+        "dev": ["pytest>=8", "faiss-cpu>=1.8", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["crosstvr=crosstvr.cli:main"]},
 )

@@ -24,6 +24,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 TEMPORAL_AGGREGATORS = ("mean", "transformer", "token_shift_select")
+FINE_ATTENTIONS = ("spatial_temporal", "spatial", "temporal")
 FINE_VISION_MODEL_TYPES = ("clip_vision_model", "blip_2_vision_model")
 
 
@@ -80,6 +81,10 @@ class CrossTVRConfig(PreTrainedConfig):
             Noise samples of the perturbed-maximum top-k used by both token selectors in training.
         token_selection_sigma (`float`, *optional*, defaults to 0.05):
             Noise scale of the perturbed-maximum top-k.
+        fine_attention (`str`, *optional*, defaults to `"spatial_temporal"`):
+            The decoupled cross attention of stage 2 (`"spatial_temporal"`, the paper's) or one of its halves, for the
+            paper's ablation: `"spatial"` pools X_spatial(t) over frames into the matching head; `"temporal"` lets the
+            N_Q query tokens attend to the selected tokens of all frames, without the per-frame spatial pass.
         share_spatial_temporal (`bool`, *optional*, defaults to `True`):
             Whether spatial and temporal text attention share the Q-Former and its text embeddings (the paper's
             choice, Table 9); `False` builds a second Q-Former for the temporal pass.
@@ -140,6 +145,7 @@ class CrossTVRConfig(PreTrainedConfig):
     num_selected_tokens: int = 4
     token_selection_num_samples: int = 500
     token_selection_sigma: float = 0.05
+    fine_attention: str = "spatial_temporal"
     share_spatial_temporal: bool = True
     share_vision_tower: bool = False
     use_frame_position_embeddings: bool = True
@@ -168,6 +174,8 @@ class CrossTVRConfig(PreTrainedConfig):
             raise ValueError(
                 f"temporal_aggregator={self.temporal_aggregator!r} is not one of {TEMPORAL_AGGREGATORS}."
             )
+        if self.fine_attention not in FINE_ATTENTIONS:
+            raise ValueError(f"fine_attention={self.fine_attention!r} is not one of {FINE_ATTENTIONS}.")
         if self.share_vision_tower and self.fine_vision_config is not None:
             raise ValueError(
                 "fine_vision_config must be left unset when share_vision_tower=True: stage 2 then reads the stage-1 "

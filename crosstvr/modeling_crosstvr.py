@@ -227,6 +227,40 @@ def sample_hard_negatives(
     return negative_video, negative_text
 
 
+def fuse_reranking(
+    similarity: torch.Tensor, coarse_ranking: torch.Tensor, fine_scores: torch.Tensor, fine_score_weight: float
+) -> CrossTVRRerankOutput:
+    r"""
+    The two-stage ranking of every row of `similarity` (queries x candidates), given its stage-1 order
+    `coarse_ranking` (a stable descending sort of the row) and the stage-2 scores of its first K candidates
+    `fine_scores` (queries x K):
+
+        s = s_coarse + w * s_fine  for the top K, ordered by s;  the other candidates follow in stage-1 order.
+
+    The fine scores of a shorter prefix give the ranking at a smaller depth, so one scoring serves every K <= K_max.
+    """
+    num_candidates, top_k = similarity.shape[1], fine_scores.shape[1]
+    top_k_indices = coarse_ranking[:, :top_k]
+    coarse_top_k = similarity.gather(1, top_k_indices)
+    fused_scores = coarse_top_k + fine_score_weight * fine_scores.to(coarse_top_k.dtype)
+    order = fused_scores.sort(dim=1, descending=True, stable=True).indices
+    ranking = torch.cat([top_k_indices.gather(1, order), coarse_ranking[:, top_k:]], dim=1)
+    if top_k < num_candidates:
+        # Shift the fused scores of each row above its best remaining stage-1 score.
+        best_rest = similarity.gather(1, coarse_ranking[:, top_k : top_k + 1])
+        offset = best_rest - fused_scores.min(dim=1, keepdim=True).values + 1
+        logits = similarity.scatter(1, top_k_indices, fused_scores + offset)
+    else:
+        logits = similarity.scatter(1, top_k_indices, fused_scores)
+    return CrossTVRRerankOutput(
+        logits=logits,
+        ranking=ranking,
+        top_k_indices=top_k_indices,
+        fine_scores=fine_scores,
+        fused_scores=fused_scores,
+    )
+
+
 def matching_pairs(
     batch_size: int, negative_video: torch.Tensor, negative_text: torch.Tensor, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -560,20 +594,24 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.qformer_embeddings = Blip2TextEmbeddings(qformer_config)
         self.qformer = Blip2QFormerModel._from_config(qformer_config)
-        if config.share_spatial_temporal:
-            self.temporal_qformer_embeddings = None
-            self.temporal_qformer = None
-        else:
+        both_passes = config.fine_attention == "spatial_temporal"
+        if both_passes and not config.share_spatial_temporal:
             self.temporal_qformer_embeddings = Blip2TextEmbeddings(qformer_config)
             self.temporal_qformer = Blip2QFormerModel._from_config(qformer_config)
-        self.token_selector = CrossTVRTokenSelector(
-            config.fine_vision_hidden_size,
-            config.num_selected_tokens,
-            keep_cls_token=False,
-            num_samples=config.token_selection_num_samples,
-            sigma=config.token_selection_sigma,
-        )
-        if config.use_frame_position_embeddings:
+        else:
+            self.temporal_qformer_embeddings = None
+            self.temporal_qformer = None
+        if config.fine_attention == "spatial":
+            self.token_selector = None
+        else:
+            self.token_selector = CrossTVRTokenSelector(
+                config.fine_vision_hidden_size,
+                config.num_selected_tokens,
+                keep_cls_token=False,
+                num_samples=config.token_selection_num_samples,
+                sigma=config.token_selection_sigma,
+            )
+        if both_passes and config.use_frame_position_embeddings:
             self.frame_position_embeddings = nn.Parameter(torch.zeros(config.num_frames, qformer_config.hidden_size))
         else:
             self.frame_position_embeddings = None
@@ -747,59 +785,51 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         self,
         qformer_input_ids: torch.Tensor,
         qformer_attention_mask: torch.Tensor,
-        spatial_embeds: torch.Tensor,
+        queries: torch.Tensor,
+        query_mask: torch.Tensor,
         selected_tokens: torch.Tensor,
-        video_mask: torch.Tensor,
+        token_mask: torch.Tensor,
     ) -> torch.Tensor:
         r"""
-        Temporal text attention over the whole video: the T spatial outputs are the queries and the M x T selected
-        tokens the keys and values,
+        Temporal text attention over the whole video: the queries (X_spatial(t) of every frame, or the learned query
+        tokens in the `"temporal"` ablation) attend to the M x T selected tokens of all frames,
 
-            z_1 = Attn(Concat_t X_spatial(t) [+ P_t], Concat_t V_select(t)),   z_l = Attn(z_{l-1}, ...)
+            z_1 = Attn(Concat(queries, X), Concat_t V_select(t)),   z_l = Attn(z_{l-1}, ...)
 
         with the same Q-Former as the spatial pass unless `share_spatial_temporal=False`. Padding frames are masked
-        both as queries and as keys. P_t are the optional frame position embeddings.
+        both as queries and as keys.
 
         Args:
             qformer_input_ids, qformer_attention_mask: `(pairs, text_length)`.
-            spatial_embeds: `(pairs, frames, qformer_hidden_size)`, X_spatial.
-            selected_tokens: `(pairs, frames * M, fine_vision_hidden_size)`, V_select.
-            video_mask: `(pairs, frames)`.
+            queries: `(pairs, queries, qformer_hidden_size)`; query_mask: `(pairs, queries)`.
+            selected_tokens: `(pairs, frames * M, fine_vision_hidden_size)`, V_select; token_mask: `(pairs, frames * M)`.
 
         Returns:
-            The masked mean over frames of the last layer's query outputs: `(pairs, qformer_hidden_size)`.
+            The masked mean of the last layer's query outputs: `(pairs, qformer_hidden_size)`.
         """
-        num_frames = spatial_embeds.shape[1]
-        if self.frame_position_embeddings is not None:
-            if num_frames > self.frame_position_embeddings.shape[0]:
-                raise ValueError(
-                    f"The fine module has frame position embeddings for {self.frame_position_embeddings.shape[0]} "
-                    f"frames (config.num_frames) but got {num_frames} frames."
-                )
-            spatial_embeds = spatial_embeds + self.frame_position_embeddings[:num_frames]
         if self.temporal_qformer is None:
             qformer, embeddings = self.qformer, self.qformer_embeddings
         else:
             qformer, embeddings = self.temporal_qformer, self.temporal_qformer_embeddings
-        embeds = embeddings(input_ids=qformer_input_ids, query_embeds=spatial_embeds)  # (pairs, T + L, hidden)
-        attention_mask = torch.cat([video_mask.to(qformer_attention_mask.dtype), qformer_attention_mask], dim=1)
-        tokens_per_frame = selected_tokens.shape[1] // num_frames
-        # Only the T query positions cross-attend, so the padding mask over the selected tokens is built for T query
-        # rows here (the Q-Former would build it for all T + L positions of its input).
+        num_queries = queries.shape[1]
+        embeds = embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (pairs, queries + L, hidden)
+        attention_mask = torch.cat([query_mask.to(qformer_attention_mask.dtype), qformer_attention_mask], dim=1)
+        # Only the query positions cross-attend, so the padding mask over the selected tokens is built for those rows
+        # here (the Q-Former would build it for all its input positions).
         encoder_attention_mask = create_bidirectional_mask(
             config=qformer.config,
-            inputs_embeds=spatial_embeds,
-            attention_mask=video_mask.repeat_interleave(tokens_per_frame, dim=1),  # (pairs, T * M)
+            inputs_embeds=queries,
+            attention_mask=token_mask,
             encoder_hidden_states=selected_tokens,
         )
         hidden_states = qformer(
             query_embeds=embeds,
-            query_length=num_frames,
+            query_length=num_queries,
             attention_mask=attention_mask,
             encoder_hidden_states=selected_tokens,
             encoder_attention_mask=encoder_attention_mask,
-        ).last_hidden_state[:, :num_frames]  # (pairs, T, hidden)
-        weights = video_mask.to(hidden_states.dtype).unsqueeze(-1)
+        ).last_hidden_state[:, :num_queries]  # (pairs, queries, hidden)
+        weights = query_mask.to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
 
     def get_fine_logits(
@@ -811,7 +841,9 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
     ) -> torch.Tensor:
         r"""
         Matching-head logits of (text_i, video_i) pairs: spatial text attention on every real frame, token selection
-        on every real frame, temporal text attention, then `matching_head` (a linear layer to {no match, match}).
+        on every real frame, temporal text attention with X_spatial(t) (plus the frame position P_t) as queries, then
+        `matching_head` (a linear layer to {no match, match}). The `fine_attention` ablations keep one pass: `"spatial"`
+        feeds the masked mean of X_spatial(t) to the head, `"temporal"` uses the query tokens as temporal queries.
 
         Args:
             qformer_input_ids (`torch.LongTensor` of shape `(pairs, text_length)`): Q-Former (BERT) token ids.
@@ -838,27 +870,45 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             qformer_attention_mask = torch.ones_like(qformer_input_ids)
         video_mask = self._video_mask(video_mask, num_pairs, num_frames, vision_tokens.device)
         vision_tokens = vision_tokens.to(self.query_tokens.dtype)
+        fine_attention = self.config.fine_attention
 
         # Only real frames go through the per-frame passes; padding frames stay zero and are masked later.
         valid = video_mask.bool()  # (pairs, T)
         pair_of_frame = torch.arange(num_pairs, device=valid.device).unsqueeze(1).expand_as(valid)[valid]  # (F,)
         frame_tokens = vision_tokens[valid]  # (F, N, D_v)
-        spatial = self.spatial_text_attention(
-            qformer_input_ids[pair_of_frame], qformer_attention_mask[pair_of_frame], frame_tokens
-        )  # (F, hidden)
-        selected = self.token_selector(frame_tokens)  # (F, M, D_v)
+        if fine_attention != "temporal":
+            spatial = self.spatial_text_attention(
+                qformer_input_ids[pair_of_frame], qformer_attention_mask[pair_of_frame], frame_tokens
+            )  # (F, hidden)
+            spatial_embeds = spatial.new_zeros(num_pairs, num_frames, spatial.shape[-1])
+            spatial_embeds[valid] = spatial  # (pairs, T, hidden)
+        if fine_attention == "spatial":
+            weights = video_mask.to(spatial_embeds.dtype).unsqueeze(-1)
+            return self.matching_head((spatial_embeds * weights).sum(dim=1) / weights.sum(dim=1))
 
-        spatial_embeds = spatial.new_zeros(num_pairs, num_frames, spatial.shape[-1])
-        spatial_embeds[valid] = spatial  # (pairs, T, hidden)
+        selected = self.token_selector(frame_tokens)  # (F, M, D_v)
         selected_tokens = selected.new_zeros(num_pairs, num_frames, *selected.shape[1:])
         selected_tokens[valid] = selected  # (pairs, T, M, D_v)
-
+        token_mask = video_mask.repeat_interleave(selected.shape[1], dim=1)  # (pairs, T * M)
+        if fine_attention == "temporal":
+            queries = self.query_tokens.expand(num_pairs, -1, -1)  # (pairs, N_Q, hidden)
+            query_mask = torch.ones(queries.shape[:2], dtype=video_mask.dtype, device=queries.device)
+        else:
+            queries, query_mask = spatial_embeds, video_mask
+            if self.frame_position_embeddings is not None:
+                if num_frames > self.frame_position_embeddings.shape[0]:
+                    raise ValueError(
+                        f"The fine module has frame position embeddings for {self.frame_position_embeddings.shape[0]} "
+                        f"frames (config.num_frames) but got {num_frames} frames."
+                    )
+                queries = queries + self.frame_position_embeddings[:num_frames]
         pooled = self.temporal_text_attention(
             qformer_input_ids,
             qformer_attention_mask,
-            spatial_embeds,
+            queries,
+            query_mask,
             selected_tokens.flatten(1, 2),  # (pairs, T * M, D_v)
-            video_mask,
+            token_mask,
         )
         return self.matching_head(pooled)
 
@@ -924,7 +974,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         num_queries, num_candidates = similarity.shape
         top_k = min(top_k, num_candidates)
         # A stable sort breaks ties by candidate index, so the stage-1 order is deterministic.
-        coarse_scores, coarse_ranking = similarity.sort(dim=1, descending=True, stable=True)
+        coarse_ranking = similarity.sort(dim=1, descending=True, stable=True).indices
         top_k_indices = coarse_ranking[:, :top_k]  # (queries, K)
         query_index = torch.arange(num_queries, device=similarity.device).unsqueeze(1).expand_as(top_k_indices)
         flat_queries, flat_candidates = query_index.reshape(-1), top_k_indices.reshape(-1)
@@ -934,23 +984,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
                 for start in range(0, flat_queries.numel(), batch_size)
             ]
         ).view(num_queries, top_k)
-        fused_scores = coarse_scores[:, :top_k] + weight * fine_scores.to(coarse_scores.dtype)
-
-        order = fused_scores.sort(dim=1, descending=True, stable=True).indices
-        ranking = torch.cat([top_k_indices.gather(1, order), coarse_ranking[:, top_k:]], dim=1)
-        if top_k < num_candidates:
-            # Shift the fused scores of each row above its best remaining stage-1 score.
-            offset = coarse_scores[:, top_k : top_k + 1] - fused_scores.min(dim=1, keepdim=True).values + 1
-            logits = similarity.scatter(1, top_k_indices, fused_scores + offset)
-        else:
-            logits = similarity.scatter(1, top_k_indices, fused_scores)
-        return CrossTVRRerankOutput(
-            logits=logits,
-            ranking=ranking,
-            top_k_indices=top_k_indices,
-            fine_scores=fine_scores,
-            fused_scores=fused_scores,
-        )
+        return fuse_reranking(similarity, coarse_ranking, fine_scores, weight)
 
     @torch.no_grad()
     def rerank_text_to_video(

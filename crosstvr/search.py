@@ -42,9 +42,9 @@ def find_videos(directory: str | os.PathLike) -> list[str]:
 def load_model(model_name_or_path: str | None = None) -> tuple[CrossTVRModel, CrossTVRProcessor]:
     """A saved CrossTVR checkpoint (local folder or Hub id) with its processor, or the embedded default when None."""
     if model_name_or_path is None:
-        from .default_model import build_default_model
+        from .default_model import load_default_model
 
-        return build_default_model()
+        return load_default_model()
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(model_name_or_path)

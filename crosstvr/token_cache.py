@@ -38,8 +38,20 @@ from .video_store import (
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# Modules whose weights change the cached values: the stage-1 video path and the stage-2 tower.
+# What the cached values depend on: the stage-1 video path and the stage-2 tower (not the fine module, which stage 2
+# trains, so that ablations of the fine module share one cache).
 CACHED_MODULES = ("vision_model", "visual_projection", "temporal_aggregator", "fine_vision_model")
+CACHED_CONFIG_KEYS = (
+    "vision_config",
+    "fine_vision_config",
+    "temporal_config",
+    "projection_dim",
+    "temporal_aggregator",
+    "token_shift_layers",
+    "token_shift_fold_div",
+    "coarse_num_selected_patches",
+    "share_vision_tower",
+)
 
 
 class TokenCacheMismatchError(ValueError):
@@ -71,7 +83,7 @@ def build_token_cache(
         "format_version": FORMAT_VERSION,
         "videos": list(video_paths),
         "shard_size": shard_size,
-        "model": model_fingerprint(model, CACHED_MODULES),
+        "model": model_fingerprint(model, CACHED_MODULES, CACHED_CONFIG_KEYS),
         "processor": processor_fingerprint(processor),
     }
     plan_path = os.path.join(cache_dir, "plan.json")
@@ -150,7 +162,7 @@ class TokenCache:
                 f"the token cache in {self.cache_dir} was built with other frame sampling or preprocessing "
                 f"({self.manifest['processor']}); rebuild it"
             )
-        if self.manifest["model"] != model_fingerprint(model, CACHED_MODULES):
+        if self.manifest["model"] != model_fingerprint(model, CACHED_MODULES, CACHED_CONFIG_KEYS):
             raise TokenCacheMismatchError(
                 f"the token cache in {self.cache_dir} was built with another model (configuration or stage-1 / "
                 "vision-tower weights differ); rebuild it for this model"

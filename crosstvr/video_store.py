@@ -39,9 +39,18 @@ def write_json_atomically(path: str, payload) -> None:
     os.replace(file.name, path)
 
 
-def model_fingerprint(model: CrossTVRModel, modules: tuple[str, ...] | None = None) -> str:
-    """SHA-256 of the model's configuration and of the weights of `modules` (top-level names; default: all)."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+def model_fingerprint(
+    model: CrossTVRModel, modules: tuple[str, ...] | None = None, config_keys: tuple[str, ...] | None = None
+) -> str:
+    """
+    SHA-256 of the model's configuration and weights: of the configuration entries `config_keys` and the weights of
+    the top-level `modules` when given, of everything otherwise.
+    """
+    config = model.config.to_dict()
+    if config_keys is not None:
+        config = {key: config.get(key) for key in config_keys}
+    config.pop("transformers_version", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     state = model.state_dict()
     for name in sorted(state):
         if modules is None or name.split(".")[0] in modules:

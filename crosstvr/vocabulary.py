@@ -12,7 +12,7 @@ from transformers import BertTokenizer, CLIPTokenizer
 
 CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-_CHARACTERS = string.ascii_lowercase + string.digits
+_CHARACTERS = string.ascii_lowercase + string.digits + ",.'"
 
 
 def _normalise(words) -> list[str]:
@@ -21,8 +21,9 @@ def _normalise(words) -> list[str]:
 
 def build_clip_tokenizer(words) -> CLIPTokenizer:
     """
-    A CLIP byte-level BPE tokenizer whose merges spell every word of `words` as one token. Every lowercase letter and
-    digit is in the vocabulary too, with and without CLIP's end-of-word suffix "</w>".
+    A CLIP byte-level BPE tokenizer whose merges spell every word of `words` as one token. Every lowercase letter,
+    digit and the punctuation `,.'` are in the vocabulary too, with and without CLIP's end-of-word suffix "</w>" (an
+    unknown character would become CLIP's unknown token, which is also its end-of-text token).
     """
     vocab = {token: index for index, token in enumerate(CLIP_SPECIAL_TOKENS)}
     for character in _CHARACTERS:

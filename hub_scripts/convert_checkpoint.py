@@ -16,7 +16,8 @@ What comes from where (every weight of the new model is listed in the printed ta
   projections are not used.
 - New: the token selectors and the frame position embeddings (zero).
 
-Without `--blip2`, the fine module is newly initialised and `--qformer-tokenizer` names the BERT tokenizer to use.
+Without `--blip2`, the fine module is newly initialised (BLIP-2's geometry, or `--qformer-config`) and
+`--qformer-tokenizer` names the BERT tokenizer to use.
 Shapes that cannot be reconciled (other than those documented re-initialisations) stop the conversion with an error.
 """
 
@@ -44,7 +45,7 @@ def _load_blip2(name_or_path: str):
     return Blip2ForImageTextRetrieval.from_pretrained(name_or_path), AutoTokenizer.from_pretrained(name_or_path)
 
 
-def build_config(clip, blip2, args):
+def build_config(clip, blip2, args, qformer_tokenizer):
     """A CrossTVRConfig whose towers follow the given checkpoints."""
     from transformers import Blip2QFormerConfig, CLIPTextConfig
 
@@ -82,7 +83,19 @@ def build_config(clip, blip2, args):
         qformer_config = blip2.config.qformer_config.to_dict()
         num_query_tokens = blip2.config.num_query_tokens
     else:
-        qformer_config = Blip2QFormerConfig(use_qformer_text_input=True).to_dict()
+        # A new Q-Former: BLIP-2's geometry unless --qformer-config says otherwise, the tokenizer's vocabulary.
+        overrides = {}
+        if args.qformer_config:
+            with open(args.qformer_config, encoding="utf-8") as file:
+                overrides = json.load(file)
+        qformer_config = Blip2QFormerConfig(
+            use_qformer_text_input=True,
+            **{
+                "vocab_size": len(qformer_tokenizer),
+                "pad_token_id": qformer_tokenizer.pad_token_id,
+                **overrides,
+            },
+        ).to_dict()
         num_query_tokens = args.num_query_tokens
     if args.stage2_tower == "blip2":
         fine_vision_config = blip2.config.vision_config.to_dict()
@@ -174,10 +187,11 @@ def convert(args) -> dict:
     if not args.blip2 and not args.qformer_tokenizer:
         raise ValueError("without --blip2, give --qformer-tokenizer (a BERT tokenizer, e.g. bert-base-uncased)")
     clip, clip_tokenizer, image_processor = _load_clip(args.clip)
-    blip2, qformer_tokenizer = _load_blip2(args.blip2) if args.blip2 else (None, None)
-    config = build_config(clip, blip2, args)
-    if qformer_tokenizer is None:
-        qformer_tokenizer = AutoTokenizer.from_pretrained(args.qformer_tokenizer)
+    if args.blip2:
+        blip2, qformer_tokenizer = _load_blip2(args.blip2)
+    else:
+        blip2, qformer_tokenizer = None, AutoTokenizer.from_pretrained(args.qformer_tokenizer)
+    config = build_config(clip, blip2, args, qformer_tokenizer)
     torch.manual_seed(args.seed)
     model = CrossTVRModel(config).eval()
     sources = source_map(model, clip, blip2, args)
@@ -215,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", required=True, help="CLIP checkpoint (folder or Hub id)")
     parser.add_argument("--blip2", help="BLIP-2 image-text matching checkpoint (folder or Hub id)")
     parser.add_argument("--qformer-tokenizer", help="BERT tokenizer for the Q-Former when --blip2 is not given")
+    parser.add_argument("--qformer-config", help="without --blip2: JSON of Blip2QFormerConfig options (e.g. a small "
+                        "hidden_size / num_hidden_layers); default BLIP-2's geometry")
     parser.add_argument("--output", required=True, help="folder to write the CrossTVR checkpoint to")
     parser.add_argument("--stage2-tower", choices=("clip", "blip2"), default="clip",
                         help="the frozen stage-2 tower: CLIP's vision tower (Base) or BLIP-2's EVA tower (Large)")

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from crosstvr.cli import main
-from crosstvr.default_model import build_default_model
+from crosstvr.default_model import build_tiny_model
 
 
 def test_demo_runs_on_the_embedded_default_without_download(tmp_path):
@@ -39,7 +39,7 @@ def test_demo_on_a_folder_reports_unreadable_files(media_dir, tmp_path, capsys):
 
 
 def test_demo_with_a_saved_model(tmp_path, capsys):
-    model, processor = build_default_model(seed=1)
+    model, processor = build_tiny_model(seed=1)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     argv = ["demo", "--model", str(tmp_path / "model"), "--num-samples", "3", "-k", "2", "--output", str(tmp_path / "o")]

@@ -6,7 +6,7 @@ import torch
 
 from crosstvr.cli import main
 from crosstvr.data import load_retrieval_dataset, write_fixture
-from crosstvr.default_model import build_default_model
+from crosstvr.default_model import build_tiny_model
 from crosstvr.evaluation import (
     compute_retrieval_metrics,
     dual_softmax,
@@ -143,7 +143,7 @@ def msvd_test_split(tmp_path_factory):
 
 
 def test_two_stage_equals_stage_one_when_stage_two_cannot_reorder(msvd_test_split):
-    model, processor = build_default_model()
+    model, processor = build_tiny_model()
     test = msvd_test_split["test"]
     for kwargs in ({"top_k": 1}, {"fine_score_weight": 0.0}):
         evaluation = evaluate_retrieval(model, processor, test, progress=False, **kwargs)
@@ -155,7 +155,7 @@ def test_two_stage_equals_stage_one_when_stage_two_cannot_reorder(msvd_test_spli
 
 
 def test_evaluation_options_are_checked(msvd_test_split):
-    model, processor = build_default_model()
+    model, processor = build_tiny_model()
     with pytest.raises(ValueError, match="needs querybank_captions"):
         evaluate_retrieval(model, processor, msvd_test_split["test"], post_processing="qb_norm", progress=False)
     with pytest.raises(ValueError, match="post_processing='zscore'"):
@@ -164,7 +164,7 @@ def test_evaluation_options_are_checked(msvd_test_split):
 
 def test_evaluate_command_end_to_end(tmp_path, capsys):
     fixture = write_fixture("msrvtt", tmp_path / "msrvtt")
-    model, processor = build_default_model(seed=2)
+    model, processor = build_tiny_model(seed=2)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     common = ["--dataset", "msrvtt", "--annotations", fixture.annotations_dir, "--videos", fixture.videos_dir]
@@ -192,3 +192,16 @@ def test_evaluate_command_end_to_end(tmp_path, capsys):
     bank = ["--qb-norm", "--qb-norm-size", "40", "--output", str(tmp_path / "qb.json")]
     assert main(["evaluate", *common, *bank]) == 0
     assert json.loads((tmp_path / "qb.json").read_text())["post_processing"] == "qb_norm"
+
+
+def test_depth_sweep_equals_separate_evaluations(msvd_test_split):
+    from crosstvr.evaluation import encode_split, rerank_depth_sweep
+
+    model, processor = build_tiny_model()
+    test = msvd_test_split["test"]
+    encoded = encode_split(model, processor, test, progress=False)
+    similarity = encoded.text_embeds @ encoded.video_embeds.t()
+    sweep = rerank_depth_sweep(model, encoded, similarity, depths=[1, 2], progress=False)
+    for depth in (1, 2):
+        separate = evaluate_retrieval(model, processor, test, top_k=depth, progress=False)
+        assert sweep[depth] == pytest.approx(separate.metrics["two_stage"])

@@ -4,12 +4,13 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from crosstvr.cli import main
-from crosstvr.default_model import build_default_model
+from crosstvr.default_model import build_tiny_model, load_default_model
 from crosstvr.indexing import IndexMismatchError, VideoIndex, write_contact_sheet
 from crosstvr.synthetic import write_sample_library
 
@@ -19,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def model_and_processor():
-    return build_default_model()
+    return build_tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,8 @@ def index_contents(index: VideoIndex) -> dict[str, torch.Tensor]:
     return contents
 
 
-def test_index_and_search_round_trip(model_and_processor, library, tmp_path):
-    model, processor = model_and_processor
+def test_index_and_search_round_trip(library, tmp_path):
+    model, processor = load_default_model()
     index = VideoIndex.build(library, tmp_path / "index", model, processor, chunk_size=4, num_workers=0)
     update = index.last_update
     assert update["total"] == len(index) == 9 and len(update["added"]) == 9 and update["skipped"] == {}
@@ -182,10 +183,10 @@ def test_unreadable_files_are_skipped_and_reported(model_and_processor, media_di
 def test_index_refuses_another_model_or_processor(model_and_processor, library, tmp_path):
     model, processor = model_and_processor
     VideoIndex.build(library, tmp_path / "index", model, processor, num_workers=0)
-    other, _ = build_default_model(seed=1)
+    other, _ = build_tiny_model(seed=1)
     with pytest.raises(IndexMismatchError, match="another model \\(the embedded default model\\)"):
         VideoIndex(tmp_path / "index", other, processor)
-    _, other_processor = build_default_model()
+    _, other_processor = build_tiny_model()
     other_processor.num_frames = 4
     with pytest.raises(IndexMismatchError, match="other frame sampling"):
         VideoIndex(tmp_path / "index", model, other_processor)
@@ -216,8 +217,8 @@ def test_contact_sheet_survives_a_vanished_file(model_and_processor, library, tm
     assert Image.open(tmp_path / "sheet.png").height > 0
 
 
-def test_two_processes_split_the_indexing(model_and_processor, library, tmp_path):
-    model, processor = model_and_processor
+def test_two_processes_split_the_indexing(library, tmp_path):
+    model, processor = load_default_model()  # what the command line indexes with
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "crosstvr", "index",
                str(library), "--index", str(tmp_path / "two"), "--chunk-size", "2", "--num-workers", "0"]
@@ -230,3 +231,19 @@ def test_two_processes_split_the_indexing(model_and_processor, library, tmp_path
     assert expected.keys() == actual.keys()
     for path in expected:
         torch.testing.assert_close(actual[path][0], expected[path][0])
+
+
+def test_ivf_index_trains_on_a_sample_and_finds_every_vector():
+    pytest.importorskip("faiss")
+    from crosstvr.indexing import build_faiss_index
+
+    generator = np.random.default_rng(0)
+    embeddings = generator.standard_normal((3000, 16)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    index, kind, params = build_faiss_index(embeddings, "ivf")
+    assert kind == "ivf" and params == {"nlist": 219, "nprobe": 128} and index.ntotal == 3000
+    assert index.nprobe == 128
+    _, found = index.search(embeddings[:100], 1)
+    assert (found[:, 0] == np.arange(100)).mean() >= 0.95
+    small, kind, _ = build_faiss_index(embeddings[:500], "ivf")  # too few vectors for lists: exact
+    assert kind == "flat" and small.ntotal == 500

@@ -401,3 +401,24 @@ def test_model_is_a_pretrained_model_with_safetensors_round_trip(tester, tmp_pat
         loaded.get_fine_scores(*fine_inputs(loaded, inputs)), model.get_fine_scores(*fine_inputs(model, inputs))
     )
     assert not any(p.requires_grad for p in loaded.fine_vision_model.parameters())
+
+
+@pytest.mark.parametrize("fine_attention", ["spatial", "temporal"])
+def test_fine_attention_ablations_keep_one_pass(tester, fine_attention):
+    model = tester.get_model(fine_attention=fine_attention, share_spatial_temporal=False)
+    full = tester.get_model(share_spatial_temporal=False)
+    assert (model.token_selector is None) == (fine_attention == "spatial")
+    assert model.frame_position_embeddings is None and model.temporal_qformer is None  # one pass, nothing to share
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
+    inputs = tester.get_inputs()
+    model.train()
+    model(**inputs).loss.backward()
+    trained = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any(name.startswith("qformer.") for name in trained) and "matching_head.weight" in trained
+    assert ("token_selector.fc1.weight" in trained) == (fine_attention == "temporal")
+    model.eval()
+    changed = {**inputs, "pixel_values": inputs["pixel_values"].clone()}
+    changed["pixel_values"][0, -1] = torch.randn_like(changed["pixel_values"][0, -1])  # a padding frame
+    torch.testing.assert_close(
+        model.get_fine_scores(*fine_inputs(model, changed)), model.get_fine_scores(*fine_inputs(model, inputs))
+    )

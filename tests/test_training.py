@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from crosstvr import CrossTVRModel
 from crosstvr.data import load_retrieval_dataset, write_fixture
 from crosstvr.data.transforms import VideoTextCollator
-from crosstvr.default_model import build_default_config, build_default_processor
+from crosstvr.default_model import build_tiny_config, build_tiny_processor
 from crosstvr.token_cache import TokenCache, TokenCacheMismatchError, build_token_cache
 from crosstvr.train import parse_arguments
 from crosstvr.training import CachedVideoTextCollator, TrainingArguments, train
@@ -25,10 +25,10 @@ def workspace(tmp_path_factory):
     """An MSR-VTT fixture and two tiny starting checkpoints (TS2-Net and seqTransf stage 1)."""
     root = tmp_path_factory.mktemp("training")
     fixture = write_fixture("msrvtt", root / "msrvtt")
-    processor = build_default_processor()
+    processor = build_tiny_processor()
     checkpoints = {}
     for aggregator in ("token_shift_select", "transformer"):
-        config = build_default_config(processor)
+        config = build_tiny_config(processor)
         config.temporal_aggregator = aggregator
         torch.manual_seed(0)
         model = CrossTVRModel(config)
@@ -86,7 +86,7 @@ def mean_loss(model, batches, stage) -> float:
 
 def test_stage_one_lowers_the_contrastive_loss(workspace, tmp_path):
     start = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"])
-    processor = build_default_processor()
+    processor = build_tiny_processor()
     batches = fixed_batches(workspace, 1, start, processor)
     final = train(arguments(workspace, tmp_path / "run", max_steps=12))
     trained = CrossTVRModel.from_pretrained(final)
@@ -102,7 +102,7 @@ def test_stage_one_lowers_the_contrastive_loss(workspace, tmp_path):
 
 def test_stage_two_from_the_token_cache_lowers_the_matching_loss(workspace, tmp_path):
     start = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"])
-    processor = build_default_processor()
+    processor = build_tiny_processor()
     final = train(arguments(workspace, tmp_path / "run", stage=2, max_steps=36, learning_rate=3e-3))
     cache = TokenCache(tmp_path / "run" / "token_cache").check(start, processor)
     assert len(cache) == 9  # the train_9k videos, each encoded once
@@ -122,7 +122,7 @@ def test_stage_two_from_the_token_cache_lowers_the_matching_loss(workspace, tmp_
 
 def test_token_cache_gives_the_same_loss_as_pixels(workspace, tmp_path):
     model = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"]).eval()
-    processor = build_default_processor()
+    processor = build_tiny_processor()
     fixture = workspace["fixture"]
     rows = load_retrieval_dataset(
         "msrvtt", fixture.annotations_dir, fixture.videos_dir, splits=["train_9k"], cache_dir=workspace["cache"]
@@ -149,7 +149,7 @@ def test_token_cache_gives_the_same_loss_as_pixels(workspace, tmp_path):
 
 def test_token_cache_build_resumes_and_refuses_other_models(workspace, tmp_path, monkeypatch):
     model = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"]).eval()
-    processor = build_default_processor()
+    processor = build_tiny_processor()
     videos = sorted(os.path.join(workspace["fixture"].videos_dir, name) for name in os.listdir(workspace["fixture"].videos_dir))
     reference = build_token_cache(model, processor, videos, tmp_path / "reference", shard_size=4)
 
@@ -182,7 +182,7 @@ def test_token_cache_build_resumes_and_refuses_other_models(workspace, tmp_path,
         other.visual_projection.weight.add_(0.01)
     with pytest.raises(TokenCacheMismatchError, match="another model"):
         resumed.check(other, processor)
-    processor_other = build_default_processor()
+    processor_other = build_tiny_processor()
     processor_other.num_frames = 4
     with pytest.raises(TokenCacheMismatchError, match="frame sampling"):
         resumed.check(model, processor_other)
@@ -231,7 +231,7 @@ def test_lora_adapters_save_load_and_merge(workspace, tmp_path):
     base = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"]).eval()
     with_adapter = PeftModel.from_pretrained(base, adapter).eval()
     merged = CrossTVRModel.from_pretrained(final).eval()
-    processor = build_default_processor()
+    processor = build_tiny_processor()
     cache = TokenCache(tmp_path / "run" / "token_cache")
     batch = fixed_batches(workspace, 2, base, processor, cache)[0]
     fine = lambda model: model.get_fine_scores(  # noqa: E731

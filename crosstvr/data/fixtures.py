@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..synthetic import MovingShape, render, sample_scenes, write_video
+from ..synthetic import MovingShape, render, sample_moving_shapes, write_video
 
 
 @dataclass
@@ -198,5 +198,5 @@ def write_fixture(name: str, directory: str | os.PathLike, seed: int = 0) -> Fix
     videos_dir = os.path.join(os.fspath(directory), "videos")
     os.makedirs(annotations_dir, exist_ok=True)
     os.makedirs(videos_dir, exist_ok=True)
-    splits, captions = writer(annotations_dir, videos_dir, sample_scenes(num_videos, seed))
+    splits, captions = writer(annotations_dir, videos_dir, sample_moving_shapes(num_videos, seed))
     return Fixture(annotations_dir, videos_dir, splits, captions)

@@ -6,8 +6,9 @@ from .evaluator import (
     encode_split,
     encode_texts,
     evaluate_retrieval,
-    rerank_text_to_video_scores,
-    rerank_video_to_text_scores,
+    rerank_depth_sweep,
+    rerank_text_to_video,
+    rerank_video_to_text,
 )
 from .metrics import METRIC_PATH, compute_retrieval_metrics, load_retrieval_metric
 from .postprocessing import dual_softmax, querybank_normalize
@@ -24,6 +25,7 @@ __all__ = [
     "evaluate_retrieval",
     "load_retrieval_metric",
     "querybank_normalize",
-    "rerank_text_to_video_scores",
-    "rerank_video_to_text_scores",
+    "rerank_depth_sweep",
+    "rerank_text_to_video",
+    "rerank_video_to_text",
 ]

@@ -13,7 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
 from ..data.transforms import VideoTextTransform, unique_videos
-from ..modeling_crosstvr import CrossTVRModel
+from ..modeling_crosstvr import CrossTVRModel, CrossTVRRerankOutput, fuse_reranking
 from ..processing_crosstvr import CrossTVRProcessor
 from .metrics import compute_retrieval_metrics
 from .postprocessing import dual_softmax, querybank_normalize
@@ -101,8 +101,12 @@ def encode_split(
     )
 
 
+def _concatenate(outputs: list[CrossTVRRerankOutput]) -> CrossTVRRerankOutput:
+    return CrossTVRRerankOutput(**{key: torch.cat([output[key] for output in outputs]) for key in outputs[0].keys()})
+
+
 @torch.no_grad()
-def rerank_text_to_video_scores(
+def rerank_text_to_video(
     model: CrossTVRModel,
     encoded: EncodedSplit,
     similarity: torch.Tensor,
@@ -111,10 +115,10 @@ def rerank_text_to_video_scores(
     queries_per_call: int = 64,
     pair_batch_size: int = 32,
     progress: bool = True,
-) -> torch.Tensor:
-    """`(texts, videos)` scores ordering every text's stage-1 top K by s_coarse + w * s_fine above the other videos
-    (see [`CrossTVRModel.rerank_text_to_video`]); `similarity` is the `(texts, videos)` stage-1 matrix."""
-    return torch.cat(
+) -> CrossTVRRerankOutput:
+    """Every text's stage-1 top K re-ranked (see [`CrossTVRModel.rerank_text_to_video`]), in batches of texts;
+    `similarity` is the `(texts, videos)` stage-1 matrix."""
+    return _concatenate(
         [
             model.rerank_text_to_video(
                 similarity[start : start + queries_per_call],
@@ -125,7 +129,7 @@ def rerank_text_to_video_scores(
                 top_k=top_k,
                 fine_score_weight=fine_score_weight,
                 batch_size=pair_batch_size,
-            ).logits
+            )
             for start in tqdm(
                 range(0, similarity.shape[0], queries_per_call), desc="re-ranking text-to-video", disable=not progress
             )
@@ -134,7 +138,7 @@ def rerank_text_to_video_scores(
 
 
 @torch.no_grad()
-def rerank_video_to_text_scores(
+def rerank_video_to_text(
     model: CrossTVRModel,
     encoded: EncodedSplit,
     similarity: torch.Tensor,
@@ -143,10 +147,10 @@ def rerank_video_to_text_scores(
     queries_per_call: int = 64,
     pair_batch_size: int = 32,
     progress: bool = True,
-) -> torch.Tensor:
-    """`(videos, texts)` scores ordering every video's stage-1 top K texts likewise; `similarity` is still the
-    `(texts, videos)` stage-1 matrix."""
-    return torch.cat(
+) -> CrossTVRRerankOutput:
+    """Every video's stage-1 top K texts re-ranked likewise, in batches of videos; `similarity` is still the
+    `(texts, videos)` stage-1 matrix, the output has one row per video."""
+    return _concatenate(
         [
             model.rerank_video_to_text(
                 similarity[:, start : start + queries_per_call],
@@ -157,12 +161,42 @@ def rerank_video_to_text_scores(
                 top_k=top_k,
                 fine_score_weight=fine_score_weight,
                 batch_size=pair_batch_size,
-            ).logits
+            )
             for start in tqdm(
                 range(0, similarity.shape[1], queries_per_call), desc="re-ranking video-to-text", disable=not progress
             )
         ]
     )
+
+
+@torch.no_grad()
+def rerank_depth_sweep(
+    model: CrossTVRModel,
+    encoded: EncodedSplit,
+    similarity: torch.Tensor,
+    depths: list[int],
+    fine_score_weight: float | None = None,
+    pair_batch_size: int = 32,
+    progress: bool = True,
+) -> dict[int, dict[str, float]]:
+    """
+    Two-stage metrics at every re-ranking depth K in `depths`. Stage 2 scores the top max(depths) candidates of every
+    query once; each depth fuses a prefix of those scores (see [`fuse_reranking`]).
+    """
+    weight = model.config.fine_score_weight if fine_score_weight is None else fine_score_weight
+    kwargs = {"top_k": max(depths), "pair_batch_size": pair_batch_size, "progress": progress}
+    text_to_video = rerank_text_to_video(model, encoded, similarity, **kwargs)
+    video_to_text = rerank_video_to_text(model, encoded, similarity, **kwargs)
+    orders = [
+        matrix.sort(dim=1, descending=True, stable=True).indices for matrix in (similarity, similarity.t())
+    ]
+    index = encoded.text_to_video_index.numpy()
+    sweep = {}
+    for depth in depths:
+        t2v = fuse_reranking(similarity, orders[0], text_to_video.fine_scores[:, :depth], weight)
+        v2t = fuse_reranking(similarity.t(), orders[1], video_to_text.fine_scores[:, :depth], weight)
+        sweep[depth] = compute_retrieval_metrics(t2v.logits.numpy(), index, v2t.logits.numpy())
+    return sweep
 
 
 @torch.no_grad()
@@ -182,6 +216,7 @@ def evaluate_retrieval(
     num_workers: int = 0,
     pair_batch_size: int = 32,
     progress: bool = True,
+    encoded: EncodedSplit | None = None,
 ) -> RetrievalEvaluation:
     """
     Evaluate `model` on one split: the metrics of stage 1 alone and, with `rerank=True`, of the two stages (top K of
@@ -195,13 +230,15 @@ def evaluate_retrieval(
             ([`querybank_normalize`] with `querybank_captions`, `qb_norm_beta`, `qb_norm_k`; text-to-video only).
         batch_size, num_workers: videos per encoding batch and decoding worker processes.
         pair_batch_size: (text, video) pairs per stage-2 call.
+        encoded: the split as [`encode_split`] returned it for this model, to reuse instead of encoding again.
     """
     if post_processing not in POST_PROCESSING:
         raise ValueError(f"post_processing={post_processing!r} is not one of {POST_PROCESSING}")
     if (post_processing == "qb_norm") != (querybank_captions is not None):
         raise ValueError("post_processing='qb_norm' needs querybank_captions (the bank), and only it uses them")
     model.eval()
-    encoded = encode_split(model, processor, dataset, batch_size, num_workers, progress)
+    if encoded is None:
+        encoded = encode_split(model, processor, dataset, batch_size, num_workers, progress)
     similarity = encoded.text_embeds @ encoded.video_embeds.t()  # (texts, videos)
     if post_processing == "dsl":
         similarity = dual_softmax(similarity, dsl_temperature)
@@ -224,9 +261,9 @@ def evaluate_retrieval(
             "progress": progress,
         }
         metrics["two_stage"] = compute_retrieval_metrics(
-            rerank_text_to_video_scores(model, encoded, similarity, **rerank_kwargs).numpy(),
+            rerank_text_to_video(model, encoded, similarity, **rerank_kwargs).logits.numpy(),
             index,
-            rerank_video_to_text_scores(model, encoded, video_to_text_similarity, **rerank_kwargs).numpy(),
+            rerank_video_to_text(model, encoded, video_to_text_similarity, **rerank_kwargs).logits.numpy(),
         )
     return RetrievalEvaluation(
         num_texts=len(index),

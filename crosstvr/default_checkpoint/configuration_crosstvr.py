@@ -1,0 +1,219 @@
+# Copyright 2026 The crosstvr authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""CrossTVR model configuration.
+
+This file is Hub-portable: it imports only the standard library and `transformers`, and `save_pretrained` copies it
+next to every checkpoint.
+"""
+
+import copy
+
+from transformers import AutoConfig, Blip2QFormerConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+TEMPORAL_AGGREGATORS = ("mean", "transformer", "token_shift_select")
+FINE_ATTENTIONS = ("spatial_temporal", "spatial", "temporal")
+FINE_VISION_MODEL_TYPES = ("clip_vision_model", "blip_2_vision_model")
+
+
+class CrossTVRConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CrossTVRModel`]: a two-stage text-video retrieval model ("Fine-grained Text-Video Retrieval
+    with Frozen Image Encoders"). Stage 1 is a CLIP dual encoder whose frame embeddings are aggregated over time; stage
+    2 re-ranks the stage-1 top K with a frozen vision tower and a BLIP-2 Q-Former run twice, first per frame (spatial
+    text attention) and then over the selected tokens of all frames (temporal text attention).
+
+    The defaults reproduce the paper's Base model: CLIP ViT-B/32 towers, TS2-Net token shift and token selection as the
+    stage-1 aggregator, a BLIP-2-size Q-Former (12 layers, hidden 768, cross-attention every 2nd layer) with 32 query
+    tokens, M = 4 selected tokens per frame, 12 frames and re-ranking depth K = 15.
+
+    Args:
+        text_config (`dict` or `CLIPTextConfig`, *optional*):
+            The stage-1 CLIP text tower.
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The stage-1 CLIP vision tower (fine-tuned in stage 1).
+        qformer_config (`dict` or `Blip2QFormerConfig`, *optional*):
+            The Q-Former of the decoupled video-text cross attention. `encoder_hidden_size` is set to the width of the
+            stage-2 vision tower and `use_qformer_text_input` to `True` (the text positions of the Q-Former need their
+            own feed-forward layers, as in BLIP-2's image-text matching).
+        temporal_config (`dict` or `CLIPTextConfig`, *optional*):
+            The temporal transformer of the "transformer" and "token_shift_select" aggregators (CLIP4Clip's seqTransf:
+            4 CLIP text-encoder layers of width `projection_dim`, which CLIP4Clip initialises from the CLIP text tower).
+            `max_position_embeddings` bounds the number of temporal positions: frames for "transformer", frames x
+            (1 + `coarse_num_selected_patches`) tokens for "token_shift_select".
+        fine_vision_config (`dict`, `CLIPVisionConfig` or `Blip2VisionConfig`, *optional*):
+            The frozen stage-2 vision tower; the tower family follows `model_type` (`"clip_vision_model"` for CLIP
+            ViT-B/32, `"blip_2_vision_model"` for BLIP-2's EVA ViT-g/14). Defaults to a copy of `vision_config` and
+            must be left unset when `share_vision_tower=True`.
+        projection_dim (`int`, *optional*, defaults to 512):
+            Dimension of the joint stage-1 embedding space.
+        logit_scale_init_value (`float`, *optional*, defaults to 2.6592):
+            Initial value of the learnable log temperature of the contrastive loss (CLIP's log(1 / 0.07)).
+        num_frames (`int`, *optional*, defaults to 12):
+            Frames T sampled per video (the paper uses 64 for DiDeMo). Bounds the fine frame position embeddings.
+        temporal_aggregator (`str`, *optional*, defaults to `"token_shift_select"`):
+            How stage 1 aggregates frames: `"mean"` (CLIP4Clip meanP, works zero-shot from CLIP), `"transformer"`
+            (CLIP4Clip seqTransf) or `"token_shift_select"` (TS2-Net, the paper's stage 1).
+        token_shift_layers (`int`, *optional*, defaults to 2):
+            TS2-Net token shift is applied in this many last layers of the stage-1 vision tower.
+        token_shift_fold_div (`int`, *optional*, defaults to 7):
+            TS2-Net's shift period: every `fold`-th patch (fold = tokens // `token_shift_fold_div`) is taken from the
+            previous frame and the patches `fold // 2` further on from the next frame.
+        coarse_num_selected_patches (`int`, *optional*, defaults to 3):
+            Patches TS2-Net's token selection keeps per frame beside the CLS token.
+        num_query_tokens (`int`, *optional*, defaults to 32):
+            Learnable query embeddings N_Q of the spatial text attention.
+        num_selected_tokens (`int`, *optional*, defaults to 4):
+            Tokens M per frame the stage-2 token selector passes to the temporal text attention.
+        token_selection_num_samples (`int`, *optional*, defaults to 500):
+            Noise samples of the perturbed-maximum top-k used by both token selectors in training.
+        token_selection_sigma (`float`, *optional*, defaults to 0.05):
+            Noise scale of the perturbed-maximum top-k.
+        fine_attention (`str`, *optional*, defaults to `"spatial_temporal"`):
+            The decoupled cross attention of stage 2 (`"spatial_temporal"`, the paper's) or one of its halves, for the
+            paper's ablation: `"spatial"` pools X_spatial(t) over frames into the matching head; `"temporal"` lets the
+            N_Q query tokens attend to the selected tokens of all frames, without the per-frame spatial pass.
+        share_spatial_temporal (`bool`, *optional*, defaults to `True`):
+            Whether spatial and temporal text attention share the Q-Former and its text embeddings (the paper's
+            choice, Table 9); `False` builds a second Q-Former for the temporal pass.
+        share_vision_tower (`bool`, *optional*, defaults to `False`):
+            Whether stage 2 reads the stage-1 vision tower instead of a separate frozen one (the paper's appendix:
+            same accuracy, smaller model).
+        use_frame_position_embeddings (`bool`, *optional*, defaults to `True`):
+            Add a learnable, zero-initialised frame position embedding to X_spatial(t) before the temporal pass. The
+            paper's equations leave the temporal pass without any notion of frame order; at initialisation this is
+            exactly the paper's module, and training can learn order ("A, then B").
+        rerank_top_k (`int`, *optional*, defaults to 15):
+            Re-ranking depth K: candidates per query that stage 2 scores.
+        fine_score_weight (`float`, *optional*, defaults to 1.0):
+            w in the fused score s = s_coarse + w * s_fine of the re-ranked candidates.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the initialisation of the layers CrossTVR adds.
+
+    Example:
+
+    ```python
+    >>> from crosstvr import CrossTVRConfig, CrossTVRModel
+
+    >>> config = CrossTVRConfig()  # the paper's Base model
+    >>> model = CrossTVRModel(config)
+    ```"""
+
+    model_type = "crosstvr"
+    sub_configs_defaults = {
+        "text_config": CLIPTextConfig,
+        "vision_config": CLIPVisionConfig,
+        "qformer_config": SubConfigSpec(Blip2QFormerConfig, init_kwargs={"use_qformer_text_input": True}),
+        "temporal_config": SubConfigSpec(
+            CLIPTextConfig,
+            init_kwargs={
+                "hidden_size": 512,
+                "intermediate_size": 2048,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 8,
+                "max_position_embeddings": 128,
+            },
+        ),
+        "fine_vision_config": SubConfigSpec(AutoConfig, model_type="clip_vision_model", optional=True),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    temporal_config: dict | PreTrainedConfig | None = None
+    fine_vision_config: dict | PreTrainedConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    num_frames: int = 12
+    temporal_aggregator: str = "token_shift_select"
+    token_shift_layers: int = 2
+    token_shift_fold_div: int = 7
+    coarse_num_selected_patches: int = 3
+    num_query_tokens: int = 32
+    num_selected_tokens: int = 4
+    token_selection_num_samples: int = 500
+    token_selection_sigma: float = 0.05
+    fine_attention: str = "spatial_temporal"
+    share_spatial_temporal: bool = True
+    share_vision_tower: bool = False
+    use_frame_position_embeddings: bool = True
+    rerank_top_k: int = 15
+    fine_score_weight: float = 1.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.fine_vision_config is None and not self.share_vision_tower:
+            self.fine_vision_config = copy.deepcopy(self.vision_config)
+        # The Q-Former cross-attends to the stage-2 vision tokens, and its text positions need their own FFN.
+        self.qformer_config.encoder_hidden_size = self.fine_vision_hidden_size
+        self.qformer_config.use_qformer_text_input = True
+        self.validate_architecture()
+
+    @property
+    def fine_vision_hidden_size(self) -> int:
+        """Width of the stage-2 vision tokens (the stage-1 tower's when the tower is shared)."""
+        tower = self.vision_config if self.share_vision_tower else self.fine_vision_config
+        return tower.hidden_size
+
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation: rejects settings that cannot build a network."""
+        if self.temporal_aggregator not in TEMPORAL_AGGREGATORS:
+            raise ValueError(
+                f"temporal_aggregator={self.temporal_aggregator!r} is not one of {TEMPORAL_AGGREGATORS}."
+            )
+        if self.fine_attention not in FINE_ATTENTIONS:
+            raise ValueError(f"fine_attention={self.fine_attention!r} is not one of {FINE_ATTENTIONS}.")
+        if self.share_vision_tower and self.fine_vision_config is not None:
+            raise ValueError(
+                "fine_vision_config must be left unset when share_vision_tower=True: stage 2 then reads the stage-1 "
+                "vision tower."
+            )
+        if self.fine_vision_config is not None and self.fine_vision_config.model_type not in FINE_VISION_MODEL_TYPES:
+            raise ValueError(
+                f"fine_vision_config has model_type {self.fine_vision_config.model_type!r}; the stage-2 tower must be "
+                f"one of {FINE_VISION_MODEL_TYPES}."
+            )
+        if self.temporal_aggregator != "mean" and self.temporal_config.hidden_size != self.projection_dim:
+            raise ValueError(
+                f"temporal_config.hidden_size ({self.temporal_config.hidden_size}) must equal projection_dim "
+                f"({self.projection_dim}): the temporal transformer runs on projected frame embeddings."
+            )
+        temporal_positions = self.num_frames * (
+            1 + self.coarse_num_selected_patches if self.temporal_aggregator == "token_shift_select" else 1
+        )
+        if self.temporal_aggregator != "mean" and temporal_positions > self.temporal_config.max_position_embeddings:
+            raise ValueError(
+                f"The {self.temporal_aggregator!r} aggregator needs {temporal_positions} temporal positions for "
+                f"num_frames={self.num_frames}, but temporal_config.max_position_embeddings is "
+                f"{self.temporal_config.max_position_embeddings}; raise it."
+            )
+        if self.temporal_aggregator == "token_shift_select" and not (
+            0 <= self.token_shift_layers <= self.vision_config.num_hidden_layers
+        ):
+            raise ValueError(
+                f"token_shift_layers={self.token_shift_layers} must lie in [0, vision_config.num_hidden_layers="
+                f"{self.vision_config.num_hidden_layers}]."
+            )
+        for name in ("num_frames", "num_query_tokens", "num_selected_tokens", "rerank_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+
+
+# `save_pretrained` copies this file next to the weights and records it in `auto_map`.
+CrossTVRConfig.register_for_auto_class()
+
+
+__all__ = ["CrossTVRConfig"]

@@ -1,0 +1,1188 @@
+# Copyright 2026 The crosstvr authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PyTorch CrossTVR: two-stage text-video retrieval with a frozen image encoder.
+
+Stage 1 ("coarse") is a CLIP dual encoder; stage 2 ("fine") re-ranks the stage-1 top K with a frozen vision tower and
+a BLIP-2 Q-Former run as decoupled spatial and temporal text attention, followed by a matching head.
+
+This file is Hub-portable: it imports only torch, `transformers` and its sibling `configuration_crosstvr`, and
+`save_pretrained` copies it next to every checkpoint.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    Blip2QFormerModel,
+    Blip2VisionModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoder, CLIPPreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration_crosstvr import CrossTVRConfig
+
+
+logger = logging.get_logger(__name__)
+
+FINE_VISION_MODEL_CLASSES = {"clip_vision_model": CLIPVisionModel, "blip_2_vision_model": Blip2VisionModel}
+
+
+@dataclass
+class CrossTVROutput(ModelOutput):
+    """
+    Output of [`CrossTVRModel.forward`], the training step of both stages.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Sum of the losses that were computed: `loss_contrastive` always, `loss_matching` when Q-Former inputs were
+            given.
+        loss_contrastive (`torch.FloatTensor` of shape `()`, *optional*):
+            Stage-1 symmetric InfoNCE loss.
+        loss_matching (`torch.FloatTensor` of shape `()`, *optional*):
+            Stage-2 video-text matching loss on the positives and the ALBEF hard negatives.
+        logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+            Temperature-scaled stage-1 similarities, texts x videos.
+        logits_per_video (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+            The transpose of `logits_per_text`.
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised stage-1 text embeddings.
+        video_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised stage-1 video embeddings.
+        matching_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`, *optional*):
+            Matching-head logits of the positive pairs, then (text, hard negative video), then (hard negative text,
+            video).
+        matching_labels (`torch.LongTensor` of shape `(3 * batch_size,)`, *optional*):
+            1 for the positive pairs, 0 for the hard negatives.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_contrastive: torch.FloatTensor | None = None
+    loss_matching: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    logits_per_video: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    video_embeds: torch.FloatTensor | None = None
+    matching_logits: torch.FloatTensor | None = None
+    matching_labels: torch.LongTensor | None = None
+
+
+@dataclass
+class CrossTVRVideoOutput(ModelOutput):
+    """
+    Output of [`CrossTVRModel.encode_video`]: everything retrieval needs to know about a video.
+
+    Args:
+        video_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised stage-1 video embeddings.
+        vision_tokens (`torch.FloatTensor` of shape `(batch_size, frames, tokens, fine_vision_hidden_size)`):
+            Tokens of the frozen stage-2 vision tower, the V_t of the fine module.
+    """
+
+    video_embeds: torch.FloatTensor | None = None
+    vision_tokens: torch.FloatTensor | None = None
+
+
+@dataclass
+class CrossTVRRerankOutput(ModelOutput):
+    """
+    Output of [`CrossTVRModel.rerank_text_to_video`] and [`CrossTVRModel.rerank_video_to_text`], one row per query.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(queries, candidates)`):
+            Scores whose row order is the two-stage ranking: the re-ranked top K carry their fused score shifted by a
+            per-row constant above every other candidate, which keeps its stage-1 similarity. Use them to rank and to
+            compute metrics; read `fused_scores` for the fused values themselves.
+        ranking (`torch.LongTensor` of shape `(queries, candidates)`):
+            Candidate indices, best first: the top K by fused score, then the rest in stage-1 order.
+        top_k_indices (`torch.LongTensor` of shape `(queries, K)`):
+            The candidates stage 2 scored, in stage-1 order.
+        fine_scores (`torch.FloatTensor` of shape `(queries, K)`):
+            s_fine of those candidates: log p(match) of the matching head.
+        fused_scores (`torch.FloatTensor` of shape `(queries, K)`):
+            s_coarse + w * s_fine of those candidates.
+    """
+
+    logits: torch.FloatTensor | None = None
+    ranking: torch.LongTensor | None = None
+    top_k_indices: torch.LongTensor | None = None
+    fine_scores: torch.FloatTensor | None = None
+    fused_scores: torch.FloatTensor | None = None
+
+
+@dataclass
+class CrossTVRRetrievalOutput(ModelOutput):
+    """
+    Output of [`CrossTVRModel.retrieve`]: two-stage retrieval of a batch of texts against a set of videos.
+
+    Args:
+        logits_per_text (`torch.FloatTensor` of shape `(texts, videos)`):
+            Stage-1 cosine similarities s_coarse.
+        text_to_video (`CrossTVRRerankOutput`):
+            Re-ranked videos for every text.
+        video_to_text (`CrossTVRRerankOutput`):
+            Re-ranked texts for every video.
+        text_embeds (`torch.FloatTensor` of shape `(texts, projection_dim)`):
+            L2-normalised stage-1 text embeddings.
+        video_embeds (`torch.FloatTensor` of shape `(videos, projection_dim)`):
+            L2-normalised stage-1 video embeddings.
+    """
+
+    logits_per_text: torch.FloatTensor | None = None
+    text_to_video: CrossTVRRerankOutput | None = None
+    video_to_text: CrossTVRRerankOutput | None = None
+    text_embeds: torch.FloatTensor | None = None
+    video_embeds: torch.FloatTensor | None = None
+
+
+def masked_mean_pool(frame_embeds: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    r"""
+    CLIP4Clip's mean pooling ("meanP") of frame embeddings into one video embedding:
+
+        v = normalize( sum_t m_t normalize(f_t) / sum_t m_t )
+
+    Args:
+        frame_embeds: `(batch, frames, dim)`.
+        video_mask: `(batch, frames)`, 1 for real frames and 0 for padding.
+
+    Returns:
+        `(batch, dim)`, L2-normalised.
+    """
+    frame_embeds = F.normalize(frame_embeds, dim=-1)
+    weights = video_mask.to(frame_embeds.dtype).unsqueeze(-1)  # (batch, frames, 1)
+    pooled = (frame_embeds * weights).sum(dim=1) / weights.sum(dim=1)
+    return F.normalize(pooled, dim=-1)
+
+
+def contrastive_loss(logits_per_text: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+    r"""
+    Symmetric InfoNCE of CLIP / CLIP4Clip over a batch of (text_i, video_i) pairs:
+
+        L = 1/2 [ -1/B sum_i log softmax_j(s_ij)_i  -  1/B sum_j log softmax_i(s_ij)_j ]
+
+    where s = `logits_per_text` (already temperature-scaled). When a video appears several times in the batch, its
+    other captions are neither positives nor negatives: they are removed from the denominators.
+
+    Args:
+        logits_per_text: `(batch, batch)`, texts x videos.
+        positive_mask: `(batch, batch)` bool, True where text i describes video j (the diagonal included).
+    """
+    batch_size = logits_per_text.shape[0]
+    diagonal = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
+    logits = logits_per_text.masked_fill(positive_mask & ~diagonal, float("-inf"))
+    labels = torch.arange(batch_size, device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def sample_hard_negatives(
+    logits_per_text: torch.Tensor, positive_mask: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    ALBEF / BLIP hard-negative mining from the stage-1 similarities of a batch: for every text i one negative video
+
+        j ~ softmax_j(s_ij)  over the videos that do not match text i,
+
+    and for every video j one negative text i ~ softmax_i(s_ij) likewise, so that harder negatives are drawn more often.
+
+    Args:
+        logits_per_text: `(texts, videos)` temperature-scaled stage-1 similarities (no gradient is needed).
+        positive_mask: `(texts, videos)` bool, True where the text describes the video.
+        generator: optional random generator, for reproducible sampling.
+
+    Returns:
+        `(negative_video_per_text (texts,), negative_text_per_video (videos,))` as index tensors.
+    """
+    logits_per_text = logits_per_text.detach().float()
+    # BLIP adds a small constant so that rows whose negatives all underflow can still be sampled.
+    weights_text_to_video = (logits_per_text.softmax(dim=1) + 1e-4).masked_fill(positive_mask, 0)
+    weights_video_to_text = (logits_per_text.t().softmax(dim=1) + 1e-4).masked_fill(positive_mask.t(), 0)
+    if (weights_text_to_video.sum(dim=1) == 0).any() or (weights_video_to_text.sum(dim=1) == 0).any():
+        raise ValueError(
+            "Hard-negative sampling needs, for every text, a video of the batch it does not describe (and vice "
+            "versa); this batch has none. Use batches with at least two different videos."
+        )
+    negative_video = torch.multinomial(weights_text_to_video, 1, generator=generator).squeeze(1)
+    negative_text = torch.multinomial(weights_video_to_text, 1, generator=generator).squeeze(1)
+    return negative_video, negative_text
+
+
+def fuse_reranking(
+    similarity: torch.Tensor, coarse_ranking: torch.Tensor, fine_scores: torch.Tensor, fine_score_weight: float
+) -> CrossTVRRerankOutput:
+    r"""
+    The two-stage ranking of every row of `similarity` (queries x candidates), given its stage-1 order
+    `coarse_ranking` (a stable descending sort of the row) and the stage-2 scores of its first K candidates
+    `fine_scores` (queries x K):
+
+        s = s_coarse + w * s_fine  for the top K, ordered by s;  the other candidates follow in stage-1 order.
+
+    The fine scores of a shorter prefix give the ranking at a smaller depth, so one scoring serves every K <= K_max.
+    """
+    num_candidates, top_k = similarity.shape[1], fine_scores.shape[1]
+    top_k_indices = coarse_ranking[:, :top_k]
+    coarse_top_k = similarity.gather(1, top_k_indices)
+    fused_scores = coarse_top_k + fine_score_weight * fine_scores.to(coarse_top_k.dtype)
+    order = fused_scores.sort(dim=1, descending=True, stable=True).indices
+    ranking = torch.cat([top_k_indices.gather(1, order), coarse_ranking[:, top_k:]], dim=1)
+    if top_k < num_candidates:
+        # Shift the fused scores of each row above its best remaining stage-1 score.
+        best_rest = similarity.gather(1, coarse_ranking[:, top_k : top_k + 1])
+        offset = best_rest - fused_scores.min(dim=1, keepdim=True).values + 1
+        logits = similarity.scatter(1, top_k_indices, fused_scores + offset)
+    else:
+        logits = similarity.scatter(1, top_k_indices, fused_scores)
+    return CrossTVRRerankOutput(
+        logits=logits,
+        ranking=ranking,
+        top_k_indices=top_k_indices,
+        fine_scores=fine_scores,
+        fused_scores=fused_scores,
+    )
+
+
+def matching_pairs(
+    batch_size: int, negative_video: torch.Tensor, negative_text: torch.Tensor, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The 3B video-text matching pairs of the B rows `offset .. offset + B - 1` of a (possibly gathered) batch: each
+    positive (text_i, video_i), then (text_i, its hard negative video), then (the hard negative text of video_j,
+    video_j). Returns `(text_index, video_index, labels)` into the batch, labels 1 for positives and 0 for negatives.
+    """
+    rows = torch.arange(offset, offset + batch_size, device=negative_video.device)
+    text_index = torch.cat([rows, rows, negative_text[rows]])
+    video_index = torch.cat([rows, negative_video[rows], rows])
+    labels = torch.cat([torch.ones_like(rows), torch.zeros_like(rows), torch.zeros_like(rows)])
+    return text_index, video_index, labels
+
+
+def all_gather_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """
+    Concatenate `tensor` from every process of `group` along dim 0. Gradients flow back to every process's own slice,
+    summed over the processes' losses: when every process computes the same global loss, DDP's gradient averaging then
+    yields exactly the single-process gradient of that loss. All processes must pass the same shape.
+    """
+    import torch.distributed.nn
+
+    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous(), group=group), dim=0)
+
+
+def all_gather_no_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate `tensor` from every process of `group` along dim 0, without gradient."""
+    gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(gathered, tensor.detach().contiguous(), group=group)
+    return torch.cat(gathered, dim=0)
+
+
+def shift_tokens(hidden_states: torch.Tensor, video_mask: torch.Tensor, fold_div: int) -> torch.Tensor:
+    r"""
+    TS2-Net token shift: whole patch tokens are exchanged between neighbouring frames so that attention inside a frame
+    sees a little motion context. With fold = max(tokens // fold_div, 2), the patches at positions 1, 1 + fold,
+    1 + 2 fold, ... of frame t are replaced by those of frame t - 1, and the patches at 1 + fold // 2 + k fold by those
+    of frame t + 1 (TS2-Net: fold_div 7, 50 tokens -> 7 patches each way). The CLS token is never shifted, and no
+    token is exchanged with a padding frame (TS2-Net itself ignores padding), so padding cannot leak into real frames.
+
+    Args:
+        hidden_states: `(batch * frames, tokens, dim)`, the frames of a video contiguous.
+        video_mask: `(batch, frames)`, 0 marks padding frames.
+    """
+    batch_size, num_frames = video_mask.shape
+    frames_total, num_tokens, dim = hidden_states.shape
+    if frames_total != batch_size * num_frames:
+        raise ValueError(f"token shift got {frames_total} frames for a video_mask of shape {tuple(video_mask.shape)}")
+    tokens = hidden_states.view(batch_size, num_frames, num_tokens, dim)
+    fold = max(num_tokens // fold_div, 2)
+    from_previous = torch.arange(1, num_tokens, fold, device=tokens.device)
+    from_next = torch.arange(1 + fold // 2, num_tokens, fold, device=tokens.device)
+    valid = video_mask.bool()
+    both_real = (valid[:, 1:] & valid[:, :-1])[:, :, None, None]  # (batch, frames - 1, 1, 1): pair (t, t + 1)
+    shifted = tokens.clone()
+    shifted[:, 1:, from_previous] = torch.where(
+        both_real, tokens[:, :-1, from_previous], tokens[:, 1:, from_previous]
+    )
+    shifted[:, :-1, from_next] = torch.where(both_real, tokens[:, 1:, from_next], tokens[:, :-1, from_next])
+    return shifted.view(frames_total, num_tokens, dim)
+
+
+class PerturbedTopK(torch.autograd.Function):
+    r"""
+    Differentiable top-k by perturbed maximum (Berthet et al., 2020; Cordonnier et al., 2021), as in TS2-Net:
+
+        y(s) = E_Z[ onehot(topk(s + sigma Z)) ],        Z ~ N(0, I)
+        dy/ds = E_Z[ onehot(topk(s + sigma Z)) Z^T ] / sigma
+
+    estimated with `num_samples` draws. The k indices of every draw are sorted by position, so row j of the indicator
+    is the j-th kept token in spatial order.
+
+    Input `(rows, candidates)` scores; output `(rows, k, candidates)` soft indicators whose rows sum to 1.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, k: int, num_samples: int, sigma: float) -> torch.Tensor:
+        rows, candidates = scores.shape
+        noise = torch.randn(rows, num_samples, candidates, dtype=scores.dtype, device=scores.device)
+        perturbed = scores.unsqueeze(1) + sigma * noise  # (rows, samples, candidates)
+        indices = perturbed.topk(k, dim=-1).indices.sort(dim=-1).values  # (rows, samples, k)
+        indicators = scores.new_zeros(rows, k, candidates)
+        indicators.scatter_add_(2, indices.transpose(1, 2), scores.new_full((rows, k, num_samples), 1 / num_samples))
+        ctx.save_for_backward(noise, indices)
+        ctx.sigma = sigma
+        return indicators
+
+    @staticmethod
+    def backward(ctx, grad_indicators: torch.Tensor):
+        noise, indices = ctx.saved_tensors
+        num_samples = noise.shape[1]
+        # sum_j dL/dy[j, idx_s(j)] for every draw s: (rows, samples)
+        selected_grad = grad_indicators.gather(2, indices.transpose(1, 2)).sum(dim=1)
+        grad_scores = torch.einsum("rs,rsc->rc", selected_grad, noise) / (num_samples * ctx.sigma)
+        return grad_scores, None, None, None
+
+
+class CrossTVRTokenShiftAttention(CLIPAttention):
+    """
+    A CLIP attention layer whose input is token-shifted between neighbouring frames first (TS2-Net's shift sits in
+    front of the attention of the last layers of the vision tower; the residual stream is not shifted). The parameter
+    names are CLIP's, so CLIP checkpoints load unchanged. The vision tower must be called with `video_mask`
+    `(batch, frames)` among its keyword arguments, which transformers hands down to every attention layer.
+    """
+
+    def __init__(self, config: CLIPVisionConfig, fold_div: int):
+        super().__init__(config)
+        self.fold_div = fold_div
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        video_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if video_mask is None:
+            raise ValueError("The token-shift layers of the vision tower need `video_mask` (batch, frames).")
+        hidden_states = shift_tokens(hidden_states, video_mask, self.fold_div)
+        return super().forward(hidden_states, attention_mask, **kwargs)
+
+
+class CrossTVRTokenSelector(nn.Module):
+    r"""
+    TS2-Net token selection. Every token n of a frame is scored from its own feature and the frame's CLS feature,
+
+        h_n = GELU(W_in LN(v_n)),   p = softmax_n( W_2 GELU(W_1 [h_n ; h_0]) ),
+
+    and the `num_selected` most informative tokens are kept, in position order: by perturbed maximum in training
+    (soft, differentiable, see [`PerturbedTopK`]) and by hard top-k in evaluation (the tokens themselves). The
+    perturbation acts on log p, which orders the tokens exactly as p does and keeps the noise scale independent of the
+    number of tokens.
+
+    With `keep_cls_token=True` (TS2-Net's stage 1) the CLS token is always kept in front and the selection runs over
+    the patches; otherwise (CrossTVR's stage 2) it runs over all tokens.
+    """
+
+    def __init__(self, hidden_size: int, num_selected: int, keep_cls_token: bool, num_samples: int, sigma: float):
+        super().__init__()
+        self.num_selected = num_selected
+        self.keep_cls_token = keep_cls_token
+        self.num_samples = num_samples
+        self.sigma = sigma
+        self.layer_norm = nn.LayerNorm(hidden_size)
+        self.in_proj = nn.Linear(hidden_size, hidden_size // 2, bias=False)
+        self.fc1 = nn.Linear(2 * (hidden_size // 2), hidden_size // 2, bias=False)
+        self.fc2 = nn.Linear(hidden_size // 2, 1, bias=False)
+
+    def token_log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """log p over the candidate tokens: `(frames, tokens, dim)` -> `(frames, candidates)`."""
+        local_features = F.gelu(self.in_proj(self.layer_norm(tokens)))  # (frames, tokens, dim / 2)
+        global_features = local_features[:, :1].expand_as(local_features)
+        logits = self.fc2(F.gelu(self.fc1(torch.cat([local_features, global_features], dim=-1)))).squeeze(-1)
+        if self.keep_cls_token:
+            logits = logits[:, 1:]
+        return logits.log_softmax(dim=-1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(frames, tokens, dim)` -> `(frames, num_selected (+ 1 with the kept CLS), dim)`."""
+        candidates = tokens[:, 1:] if self.keep_cls_token else tokens
+        if self.num_selected > candidates.shape[1]:
+            raise ValueError(
+                f"The token selector keeps {self.num_selected} tokens per frame but a frame has only "
+                f"{candidates.shape[1]} candidates; lower the number of selected tokens in the config."
+            )
+        log_probs = self.token_log_probs(tokens)  # (frames, candidates)
+        if self.training:
+            indicators = PerturbedTopK.apply(log_probs, self.num_selected, self.num_samples, self.sigma)
+            selected = torch.einsum("fkc,fcd->fkd", indicators.to(candidates.dtype), candidates)
+        else:
+            indices = log_probs.topk(self.num_selected, dim=-1).indices.sort(dim=-1).values  # (frames, k)
+            selected = candidates.gather(1, indices.unsqueeze(-1).expand(-1, -1, candidates.shape[-1]))
+        if self.keep_cls_token:
+            selected = torch.cat([tokens[:, :1], selected], dim=1)
+        return selected
+
+
+class CrossTVRTemporalTransformer(CLIPPreTrainedModel):
+    r"""
+    CLIP4Clip's "seqTransf" temporal transformer over a sequence of embeddings e_1..e_S (frames, or selected tokens of
+    all frames), with learned temporal positions p_s and a residual around the encoder:
+
+        e'_s = e_s + Encoder(e + p, mask)_s
+
+    It is a CLIP text-encoder stack (CLIP4Clip initialises it from the CLIP text tower), hence a CLIP sub-model: it
+    gets CLIP's weight initialisation and attention implementation.
+    """
+
+    config: CLIPTextConfig
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__(config)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.encoder = CLIPEncoder(config)
+        self.post_init()
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`(batch, positions, dim)` and a `(batch, positions)` mask -> `(batch, positions, dim)`."""
+        positions = torch.arange(embeds.shape[1], device=embeds.device)
+        hidden_states = embeds + self.position_embeddings(positions)
+        attention_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=mask)
+        hidden_states = self.encoder(inputs_embeds=hidden_states, attention_mask=attention_mask).last_hidden_state
+        return embeds + hidden_states
+
+
+class CrossTVRMeanPooling(nn.Module):
+    """Stage-1 aggregator "mean" (CLIP4Clip meanP): the masked mean of the frames' CLS embeddings."""
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__()
+
+    def forward(self, frame_tokens: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        """`(batch, frames, tokens, dim)` projected tokens -> `(batch, dim)` normalised video embeddings."""
+        return masked_mean_pool(frame_tokens[:, :, 0], video_mask)
+
+
+class CrossTVRSequenceTransformer(nn.Module):
+    """Stage-1 aggregator "transformer" (CLIP4Clip seqTransf): the frames' CLS embeddings through a temporal
+    transformer, then mean pooling."""
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__()
+        self.temporal_transformer = CrossTVRTemporalTransformer._from_config(config.temporal_config)
+
+    def forward(self, frame_tokens: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        frame_embeds = self.temporal_transformer(frame_tokens[:, :, 0], video_mask)  # (batch, frames, dim)
+        return masked_mean_pool(frame_embeds, video_mask)
+
+
+class CrossTVRTokenShiftSelect(nn.Module):
+    """Stage-1 aggregator "token_shift_select" (TS2-Net; the token shift itself sits in the vision tower): per frame
+    the CLS token and the most informative patches are selected, all frames' selected tokens go through one temporal
+    transformer, and the frames' CLS outputs are mean-pooled."""
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__()
+        self.token_selector = CrossTVRTokenSelector(
+            config.projection_dim,
+            config.coarse_num_selected_patches,
+            keep_cls_token=True,
+            num_samples=config.token_selection_num_samples,
+            sigma=config.token_selection_sigma,
+        )
+        self.temporal_transformer = CrossTVRTemporalTransformer._from_config(config.temporal_config)
+
+    def forward(self, frame_tokens: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        batch_size, num_frames, _, dim = frame_tokens.shape
+        selected = self.token_selector(frame_tokens.flatten(0, 1))  # (batch * frames, 1 + k, dim)
+        tokens_per_frame = selected.shape[1]
+        selected = selected.view(batch_size, num_frames * tokens_per_frame, dim)
+        token_mask = video_mask.repeat_interleave(tokens_per_frame, dim=1)  # (batch, frames * (1 + k))
+        hidden_states = self.temporal_transformer(selected, token_mask)
+        frame_embeds = hidden_states.view(batch_size, num_frames, tokens_per_frame, dim)[:, :, 0]
+        return masked_mean_pool(frame_embeds, video_mask)
+
+
+TEMPORAL_AGGREGATOR_CLASSES = {
+    "mean": CrossTVRMeanPooling,
+    "transformer": CrossTVRSequenceTransformer,
+    "token_shift_select": CrossTVRTokenShiftSelect,
+}
+
+
+class CrossTVRPreTrainedModel(PreTrainedModel):
+    config: CrossTVRConfig
+    config_class = CrossTVRConfig
+    base_model_prefix = "crosstvr"
+    main_input_name = "input_ids"
+    input_modalities = ("video", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = [
+        "CLIPEncoderLayer",
+        "CLIPTextEmbeddings",
+        "CLIPVisionEmbeddings",
+        "Blip2EncoderLayer",
+        "Blip2QFormerLayer",
+        "Blip2TextEmbeddings",
+    ]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, CrossTVRModel):
+            init.constant_(module.logit_scale, config.logit_scale_init_value)
+            init.normal_(module.text_projection.weight, std=config.text_config.hidden_size**-0.5)
+            init.normal_(module.visual_projection.weight, std=config.vision_config.hidden_size**-0.5)
+            init.normal_(module.query_tokens, std=config.initializer_range)
+            if module.frame_position_embeddings is not None:
+                init.zeros_(module.frame_position_embeddings)
+        elif isinstance(module, Blip2TextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+
+
+class CrossTVRModel(CrossTVRPreTrainedModel):
+    r"""
+    CrossTVR: a CLIP dual encoder (stage 1) and a decoupled video-text cross-attention re-ranker (stage 2) over the
+    tokens of a frozen vision tower.
+
+    Public verbs, as in CLIP: [`get_text_features`], [`get_video_features`], [`get_vision_tokens`] and
+    [`encode_video`] (both at once); [`get_fine_scores`] scores given (text, video) pairs with stage 2;
+    [`rerank_text_to_video`], [`rerank_video_to_text`] and [`retrieve`] run two-stage retrieval; `forward` computes
+    the training losses.
+    """
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__(config)
+        # Stage 1: CLIP dual encoder with a temporal aggregator.
+        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+        self.has_token_shift = config.temporal_aggregator == "token_shift_select" and config.token_shift_layers > 0
+        if self.has_token_shift:
+            layers = self.vision_model.encoder.layers
+            for layer in layers[len(layers) - config.token_shift_layers :]:
+                layer.self_attn = CrossTVRTokenShiftAttention(config.vision_config, config.token_shift_fold_div)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.temporal_aggregator = TEMPORAL_AGGREGATOR_CLASSES[config.temporal_aggregator](config)
+
+        # Stage 2: frozen vision tower, Q-Former based spatial and temporal text attention, matching head.
+        if config.share_vision_tower:
+            self.fine_vision_model = None
+        else:
+            fine_vision_class = FINE_VISION_MODEL_CLASSES[config.fine_vision_config.model_type]
+            self.fine_vision_model = fine_vision_class._from_config(config.fine_vision_config)
+        qformer_config = config.qformer_config
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
+        self.qformer_embeddings = Blip2TextEmbeddings(qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(qformer_config)
+        both_passes = config.fine_attention == "spatial_temporal"
+        if both_passes and not config.share_spatial_temporal:
+            self.temporal_qformer_embeddings = Blip2TextEmbeddings(qformer_config)
+            self.temporal_qformer = Blip2QFormerModel._from_config(qformer_config)
+        else:
+            self.temporal_qformer_embeddings = None
+            self.temporal_qformer = None
+        if config.fine_attention == "spatial":
+            self.token_selector = None
+        else:
+            self.token_selector = CrossTVRTokenSelector(
+                config.fine_vision_hidden_size,
+                config.num_selected_tokens,
+                keep_cls_token=False,
+                num_samples=config.token_selection_num_samples,
+                sigma=config.token_selection_sigma,
+            )
+        if both_passes and config.use_frame_position_embeddings:
+            self.frame_position_embeddings = nn.Parameter(torch.zeros(config.num_frames, qformer_config.hidden_size))
+        else:
+            self.frame_position_embeddings = None
+        self.matching_head = nn.Linear(qformer_config.hidden_size, 2)
+
+        self.post_init()
+        self.train(self.training)  # freezes the separate stage-2 tower
+
+    def train(self, mode: bool = True):
+        """
+        Like `nn.Module.train`, except that the separate stage-2 vision tower stays frozen: in eval mode and without
+        gradients. (`from_pretrained` re-creates parameters while loading and ends with `eval()`, so this is also
+        what keeps a loaded tower frozen.)
+        """
+        super().train(mode)
+        if self.fine_vision_model is not None:
+            self.fine_vision_model.requires_grad_(False).eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Input checks
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        vision_config = self.config.vision_config
+        expected = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+        if pixel_values.dim() != 5 or tuple(pixel_values.shape[2:]) != expected:
+            raise ValueError(
+                "pixel_values must be shaped (batch, frames, channels, height, width) = (*, *, "
+                f"{', '.join(map(str, expected))}), got {tuple(pixel_values.shape)}. Use CrossTVRProcessor to sample "
+                "and resize the frames of a video."
+            )
+
+    def _video_mask(self, video_mask: torch.Tensor | None, batch_size: int, num_frames: int, device) -> torch.Tensor:
+        if video_mask is None:
+            return torch.ones(batch_size, num_frames, dtype=torch.long, device=device)
+        if tuple(video_mask.shape) != (batch_size, num_frames):
+            raise ValueError(
+                f"video_mask must be shaped (batch, frames) = ({batch_size}, {num_frames}), got {tuple(video_mask.shape)}."
+            )
+        if not video_mask.bool().any(dim=1).all():
+            raise ValueError("video_mask marks a video with no real frame; every video needs at least one frame.")
+        return video_mask
+
+    @staticmethod
+    def _check_text_length(input_ids: torch.Tensor, max_length: int, name: str) -> None:
+        if input_ids.shape[-1] > max_length:
+            raise ValueError(
+                f"{name} has {input_ids.shape[-1]} tokens but its text encoder takes at most {max_length}; tokenize "
+                "with CrossTVRProcessor, which truncates to max_text_length."
+            )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Stage 1: dual encoder
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        r"""
+        Stage-1 text embeddings: the CLIP text tower's EOS state, projected and L2-normalised.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): CLIP token ids.
+            attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*).
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
+        """
+        self._check_text_length(input_ids, self.config.text_config.max_position_embeddings, "input_ids")
+        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def _vision_tower_tokens(
+        self, vision_model: nn.Module, pixel_values: torch.Tensor, video_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """All tokens of every frame, after the tower's final LayerNorm: `(batch, frames, tokens, width)`."""
+        self._check_pixel_values(pixel_values)
+        batch_size, num_frames = pixel_values.shape[:2]
+        video_mask = self._video_mask(video_mask, batch_size, num_frames, pixel_values.device)
+        # Only the token-shift layers read `video_mask`; the other towers are called exactly as in transformers.
+        kwargs = {"video_mask": video_mask} if vision_model is self.vision_model and self.has_token_shift else {}
+        outputs = vision_model(pixel_values=pixel_values.flatten(0, 1), **kwargs)
+        tokens = outputs.last_hidden_state
+        if isinstance(vision_model, CLIPVisionModel):
+            # CLIP normalises only its pooled CLS state; BLIP-2's tower already normalises every token.
+            tokens = vision_model.post_layernorm(tokens)
+        return tokens.view(batch_size, num_frames, *tokens.shape[1:])
+
+    def get_video_features(self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        r"""
+        Stage-1 video embeddings: every frame through the CLIP vision tower, projected, aggregated over time by the
+        configured aggregator and L2-normalised.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, frames, channels, height, width)`).
+            video_mask (`torch.LongTensor` of shape `(batch_size, frames)`, *optional*): 0 marks padding frames.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
+        """
+        tokens = self._vision_tower_tokens(self.vision_model, pixel_values, video_mask)
+        video_mask = self._video_mask(video_mask, *pixel_values.shape[:2], pixel_values.device)
+        return self.temporal_aggregator(self.visual_projection(tokens), video_mask)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Stage 2: decoupled video-text cross attention
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def get_vision_tokens(self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        r"""
+        The frozen stage-2 vision tokens V_t of every frame (never differentiated; cacheable).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, frames, channels, height, width)`).
+            video_mask (`torch.LongTensor` of shape `(batch_size, frames)`, *optional*): read only by a shared tower
+                with token shift.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, frames, tokens, fine_vision_hidden_size)`.
+        """
+        tower = self.vision_model if self.fine_vision_model is None else self.fine_vision_model
+        return self._vision_tower_tokens(tower, pixel_values, video_mask)
+
+    def encode_video(self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None) -> CrossTVRVideoOutput:
+        """
+        Stage-1 embeddings and stage-2 vision tokens of videos, with one tower pass when the tower is shared.
+        """
+        if self.fine_vision_model is not None:
+            return CrossTVRVideoOutput(
+                video_embeds=self.get_video_features(pixel_values, video_mask),
+                vision_tokens=self.get_vision_tokens(pixel_values, video_mask),
+            )
+        tokens = self._vision_tower_tokens(self.vision_model, pixel_values, video_mask)
+        video_mask = self._video_mask(video_mask, *pixel_values.shape[:2], pixel_values.device)
+        return CrossTVRVideoOutput(
+            video_embeds=self.temporal_aggregator(self.visual_projection(tokens), video_mask),
+            vision_tokens=tokens.detach(),
+        )
+
+    def spatial_text_attention(
+        self, qformer_input_ids: torch.Tensor, qformer_attention_mask: torch.Tensor, frame_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        r"""
+        Spatial text attention, independently per frame (BLIP-2's image-text matching path on one frame):
+
+            z_{t,1} = Attn(Concat(Q, X), V_t),   z_{t,l} = Attn(z_{t,l-1}, V_t),  l = 2..L
+            X_spatial(t) = mean over the N_Q query positions of z_{t,L}
+
+        Queries Q and text X share self-attention; only the query positions cross-attend to V_t.
+
+        Args:
+            qformer_input_ids, qformer_attention_mask: `(frames, text_length)`, the text of each frame's pair.
+            frame_tokens: `(frames, tokens, fine_vision_hidden_size)`, V_t.
+
+        Returns:
+            X_spatial: `(frames, qformer_hidden_size)`.
+        """
+        num_rows = frame_tokens.shape[0]
+        queries = self.query_tokens.expand(num_rows, -1, -1)  # (frames, N_Q, hidden)
+        embeds = self.qformer_embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (frames, N_Q + L, hidden)
+        attention_mask = torch.cat([qformer_attention_mask.new_ones(queries.shape[:2]), qformer_attention_mask], dim=1)
+        hidden_states = self.qformer(
+            query_embeds=embeds,
+            query_length=queries.shape[1],
+            attention_mask=attention_mask,
+            encoder_hidden_states=frame_tokens,
+        ).last_hidden_state
+        return hidden_states[:, : queries.shape[1]].mean(dim=1)
+
+    def temporal_text_attention(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        queries: torch.Tensor,
+        query_mask: torch.Tensor,
+        selected_tokens: torch.Tensor,
+        token_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        r"""
+        Temporal text attention over the whole video: the queries (X_spatial(t) of every frame, or the learned query
+        tokens in the `"temporal"` ablation) attend to the M x T selected tokens of all frames,
+
+            z_1 = Attn(Concat(queries, X), Concat_t V_select(t)),   z_l = Attn(z_{l-1}, ...)
+
+        with the same Q-Former as the spatial pass unless `share_spatial_temporal=False`. Padding frames are masked
+        both as queries and as keys.
+
+        Args:
+            qformer_input_ids, qformer_attention_mask: `(pairs, text_length)`.
+            queries: `(pairs, queries, qformer_hidden_size)`; query_mask: `(pairs, queries)`.
+            selected_tokens: `(pairs, frames * M, fine_vision_hidden_size)`, V_select; token_mask: `(pairs, frames * M)`.
+
+        Returns:
+            The masked mean of the last layer's query outputs: `(pairs, qformer_hidden_size)`.
+        """
+        if self.temporal_qformer is None:
+            qformer, embeddings = self.qformer, self.qformer_embeddings
+        else:
+            qformer, embeddings = self.temporal_qformer, self.temporal_qformer_embeddings
+        num_queries = queries.shape[1]
+        embeds = embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (pairs, queries + L, hidden)
+        attention_mask = torch.cat([query_mask.to(qformer_attention_mask.dtype), qformer_attention_mask], dim=1)
+        # Only the query positions cross-attend, so the padding mask over the selected tokens is built for those rows
+        # here (the Q-Former would build it for all its input positions).
+        encoder_attention_mask = create_bidirectional_mask(
+            config=qformer.config,
+            inputs_embeds=queries,
+            attention_mask=token_mask,
+            encoder_hidden_states=selected_tokens,
+        )
+        hidden_states = qformer(
+            query_embeds=embeds,
+            query_length=num_queries,
+            attention_mask=attention_mask,
+            encoder_hidden_states=selected_tokens,
+            encoder_attention_mask=encoder_attention_mask,
+        ).last_hidden_state[:, :num_queries]  # (pairs, queries, hidden)
+        weights = query_mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
+
+    def get_fine_logits(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor | None,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Matching-head logits of (text_i, video_i) pairs: spatial text attention on every real frame, token selection
+        on every real frame, temporal text attention with X_spatial(t) (plus the frame position P_t) as queries, then
+        `matching_head` (a linear layer to {no match, match}). The `fine_attention` ablations keep one pass: `"spatial"`
+        feeds the masked mean of X_spatial(t) to the head, `"temporal"` uses the query tokens as temporal queries.
+
+        Args:
+            qformer_input_ids (`torch.LongTensor` of shape `(pairs, text_length)`): Q-Former (BERT) token ids.
+            qformer_attention_mask (`torch.LongTensor` of shape `(pairs, text_length)`, *optional*).
+            vision_tokens (`torch.FloatTensor` of shape `(pairs, frames, tokens, fine_vision_hidden_size)`): from
+                [`get_vision_tokens`] or a token cache (any float dtype).
+            video_mask (`torch.LongTensor` of shape `(pairs, frames)`, *optional*).
+
+        Returns:
+            `torch.FloatTensor` of shape `(pairs, 2)`.
+        """
+        self._check_text_length(
+            qformer_input_ids, self.config.qformer_config.max_position_embeddings, "qformer_input_ids"
+        )
+        if vision_tokens.dim() != 4 or vision_tokens.shape[-1] != self.config.fine_vision_hidden_size:
+            raise ValueError(
+                "vision_tokens must be shaped (pairs, frames, tokens, fine_vision_hidden_size = "
+                f"{self.config.fine_vision_hidden_size}), got {tuple(vision_tokens.shape)}."
+            )
+        num_pairs, num_frames = vision_tokens.shape[:2]
+        if qformer_input_ids.shape[0] != num_pairs:
+            raise ValueError(f"Got {qformer_input_ids.shape[0]} texts for {num_pairs} videos; pairs must align.")
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        video_mask = self._video_mask(video_mask, num_pairs, num_frames, vision_tokens.device)
+        vision_tokens = vision_tokens.to(self.query_tokens.dtype)
+        fine_attention = self.config.fine_attention
+
+        # Only real frames go through the per-frame passes; padding frames stay zero and are masked later.
+        valid = video_mask.bool()  # (pairs, T)
+        pair_of_frame = torch.arange(num_pairs, device=valid.device).unsqueeze(1).expand_as(valid)[valid]  # (F,)
+        frame_tokens = vision_tokens[valid]  # (F, N, D_v)
+        if fine_attention != "temporal":
+            spatial = self.spatial_text_attention(
+                qformer_input_ids[pair_of_frame], qformer_attention_mask[pair_of_frame], frame_tokens
+            )  # (F, hidden)
+            spatial_embeds = spatial.new_zeros(num_pairs, num_frames, spatial.shape[-1])
+            spatial_embeds[valid] = spatial  # (pairs, T, hidden)
+        if fine_attention == "spatial":
+            weights = video_mask.to(spatial_embeds.dtype).unsqueeze(-1)
+            return self.matching_head((spatial_embeds * weights).sum(dim=1) / weights.sum(dim=1))
+
+        selected = self.token_selector(frame_tokens)  # (F, M, D_v)
+        selected_tokens = selected.new_zeros(num_pairs, num_frames, *selected.shape[1:])
+        selected_tokens[valid] = selected  # (pairs, T, M, D_v)
+        token_mask = video_mask.repeat_interleave(selected.shape[1], dim=1)  # (pairs, T * M)
+        if fine_attention == "temporal":
+            queries = self.query_tokens.expand(num_pairs, -1, -1)  # (pairs, N_Q, hidden)
+            query_mask = torch.ones(queries.shape[:2], dtype=video_mask.dtype, device=queries.device)
+        else:
+            queries, query_mask = spatial_embeds, video_mask
+            if self.frame_position_embeddings is not None:
+                if num_frames > self.frame_position_embeddings.shape[0]:
+                    raise ValueError(
+                        f"The fine module has frame position embeddings for {self.frame_position_embeddings.shape[0]} "
+                        f"frames (config.num_frames) but got {num_frames} frames."
+                    )
+                queries = queries + self.frame_position_embeddings[:num_frames]
+        pooled = self.temporal_text_attention(
+            qformer_input_ids,
+            qformer_attention_mask,
+            queries,
+            query_mask,
+            selected_tokens.flatten(1, 2),  # (pairs, T * M, D_v)
+            token_mask,
+        )
+        return self.matching_head(pooled)
+
+    def get_fine_scores(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor | None,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Stage-2 score of (text_i, video_i) pairs, the log-probability of a match:
+
+            s_fine = log softmax(matching_head(...))[match]  (<= 0)
+
+        We fuse the log-probability rather than the raw match logit: only logit differences are trained by the
+        matching loss, so the log-probability is the well-defined quantity. Arguments as in [`get_fine_logits`].
+
+        Returns:
+            `torch.FloatTensor` of shape `(pairs,)`.
+        """
+        logits = self.get_fine_logits(qformer_input_ids, qformer_attention_mask, vision_tokens, video_mask)
+        return logits.log_softmax(dim=-1)[:, 1]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Two-stage retrieval
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _pair_scorer(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor | None,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor | None,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A function (text indices, video indices) -> s_fine of those pairs, reading only the rows it needs (so
+        `vision_tokens` may live on another device or be memory-mapped)."""
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+
+        def score_pairs(texts: torch.Tensor, videos: torch.Tensor) -> torch.Tensor:
+            rows, texts = videos.to(vision_tokens.device), texts.to(qformer_input_ids.device)
+            return self.get_fine_scores(
+                qformer_input_ids[texts].to(self.device),
+                qformer_attention_mask[texts].to(self.device),
+                vision_tokens[rows].to(self.device),
+                None if video_mask is None else video_mask[rows.to(video_mask.device)].to(self.device),
+            )
+
+        return score_pairs
+
+    def _rerank(
+        self,
+        similarity: torch.Tensor,
+        score_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        top_k: int | None,
+        fine_score_weight: float | None,
+        batch_size: int,
+    ) -> CrossTVRRerankOutput:
+        """Re-rank the top K candidates of every row of `similarity` (queries x candidates) with `score_pairs`."""
+        top_k = self.config.rerank_top_k if top_k is None else top_k
+        weight = self.config.fine_score_weight if fine_score_weight is None else fine_score_weight
+        num_queries, num_candidates = similarity.shape
+        top_k = min(top_k, num_candidates)
+        # A stable sort breaks ties by candidate index, so the stage-1 order is deterministic.
+        coarse_ranking = similarity.sort(dim=1, descending=True, stable=True).indices
+        top_k_indices = coarse_ranking[:, :top_k]  # (queries, K)
+        query_index = torch.arange(num_queries, device=similarity.device).unsqueeze(1).expand_as(top_k_indices)
+        flat_queries, flat_candidates = query_index.reshape(-1), top_k_indices.reshape(-1)
+        fine_scores = torch.cat(
+            [
+                score_pairs(flat_queries[start : start + batch_size], flat_candidates[start : start + batch_size])
+                for start in range(0, flat_queries.numel(), batch_size)
+            ]
+        ).view(num_queries, top_k)
+        return fuse_reranking(similarity, coarse_ranking, fine_scores, weight)
+
+    @torch.no_grad()
+    def rerank_text_to_video(
+        self,
+        similarity: torch.Tensor,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor | None,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor | None = None,
+        top_k: int | None = None,
+        fine_score_weight: float | None = None,
+        batch_size: int = 32,
+    ) -> CrossTVRRerankOutput:
+        r"""
+        Text-to-video re-ranking: for every text, its stage-1 top-K videos are scored by stage 2 and re-ordered by
+        s = s_coarse + w * s_fine; the other videos keep their stage-1 order below them.
+
+        Args:
+            similarity (`torch.FloatTensor` of shape `(texts, videos)`): stage-1 scores (cosine, or post-processed).
+            qformer_input_ids, qformer_attention_mask (`(texts, text_length)`): Q-Former tokens of the texts.
+            vision_tokens (`(videos, frames, tokens, width)`): stage-2 tokens of the videos; only the candidates'
+                rows are read, so a memory-mapped cache works.
+            video_mask (`(videos, frames)`, *optional*).
+            top_k (`int`, *optional*): K, defaults to `config.rerank_top_k`.
+            fine_score_weight (`float`, *optional*): w, defaults to `config.fine_score_weight`.
+            batch_size (`int`, *optional*, defaults to 32): (text, video) pairs per stage-2 call.
+        """
+        score_pairs = self._pair_scorer(qformer_input_ids, qformer_attention_mask, vision_tokens, video_mask)
+        return self._rerank(similarity, score_pairs, top_k, fine_score_weight, batch_size)
+
+    @torch.no_grad()
+    def rerank_video_to_text(
+        self,
+        similarity: torch.Tensor,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor | None,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor | None = None,
+        top_k: int | None = None,
+        fine_score_weight: float | None = None,
+        batch_size: int = 32,
+    ) -> CrossTVRRerankOutput:
+        r"""
+        Video-to-text re-ranking: for every video, its stage-1 top-K texts are scored by stage 2 and re-ordered.
+        `similarity` is texts x videos, as for [`rerank_text_to_video`]; the output has one row per video.
+        """
+        score_text_video = self._pair_scorer(qformer_input_ids, qformer_attention_mask, vision_tokens, video_mask)
+        return self._rerank(
+            similarity.t(), lambda videos, texts: score_text_video(texts, videos), top_k, fine_score_weight, batch_size
+        )
+
+    @torch.no_grad()
+    def retrieve(
+        self,
+        input_ids: torch.Tensor,
+        qformer_input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        video_mask: torch.Tensor | None = None,
+        top_k: int | None = None,
+        fine_score_weight: float | None = None,
+        batch_size: int = 32,
+    ) -> CrossTVRRetrievalOutput:
+        r"""
+        Full two-stage retrieval of a batch of texts against a set of videos, in both directions: stage 1 scores every
+        pair by cosine similarity, stage 2 re-ranks the top K of every text and of every video.
+
+        Args:
+            input_ids, attention_mask (`(texts, length)`): CLIP tokens of the texts.
+            qformer_input_ids, qformer_attention_mask (`(texts, length)`): Q-Former tokens of the texts.
+            pixel_values (`(videos, frames, channels, height, width)`), video_mask (`(videos, frames)`).
+            top_k, fine_score_weight, batch_size: as in [`rerank_text_to_video`].
+        """
+        text_embeds = self.get_text_features(input_ids, attention_mask)
+        video = self.encode_video(pixel_values, video_mask)
+        similarity = text_embeds @ video.video_embeds.t()  # (texts, videos)
+        rerank_inputs = (similarity, qformer_input_ids, qformer_attention_mask, video.vision_tokens, video_mask)
+        return CrossTVRRetrievalOutput(
+            logits_per_text=similarity,
+            text_to_video=self.rerank_text_to_video(*rerank_inputs, top_k, fine_score_weight, batch_size),
+            video_to_text=self.rerank_video_to_text(*rerank_inputs, top_k, fine_score_weight, batch_size),
+            text_embeds=text_embeds,
+            video_embeds=video.video_embeds,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        video_mask: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
+        vision_tokens: torch.Tensor | None = None,
+        video_ids: torch.Tensor | None = None,
+        process_group=None,
+        generator: torch.Generator | None = None,
+    ) -> CrossTVROutput:
+        r"""
+        Training losses on a batch of (text_i, video_i) pairs.
+
+        - Stage 1, always: symmetric InfoNCE on the temperature-scaled similarities (see [`contrastive_loss`]).
+        - Stage 2, when `qformer_input_ids` is given: for every text a hard negative video and for every video a hard
+          negative text are sampled from the stage-1 similarities (see [`sample_hard_negatives`]), and the matching
+          head is trained with cross-entropy on the B positive and 2B negative pairs (see [`matching_pairs`]).
+
+        `loss` is the sum of the computed losses; freeze the parameters of the stage you do not train.
+
+        With a `process_group` (data-parallel training), the batch is the union of the batches of its processes:
+        embeddings are gathered with gradient, the contrastive loss is the global one, negatives are drawn from the
+        whole global batch, and each process scores the pairs of its own rows. Pass the same `generator` state on every
+        process so that all draw the same negatives; the losses and DDP-averaged gradients then equal those of one
+        process holding the global batch.
+
+        Args:
+            input_ids, attention_mask (`(batch, length)`): CLIP tokens.
+            pixel_values (`(batch, frames, channels, height, width)`, *optional*): needed unless both `video_embeds`
+                and (for stage 2) `vision_tokens` are given.
+            video_mask (`(batch, frames)`, *optional*).
+            qformer_input_ids, qformer_attention_mask (`(batch, length)`, *optional*): Q-Former tokens; enable stage 2.
+            video_embeds (`(batch, projection_dim)`, *optional*): precomputed stage-1 video embeddings (a frozen stage 1
+                during stage-2 training).
+            vision_tokens (`(batch, frames, tokens, width)`, *optional*): precomputed stage-2 tokens (a token cache).
+            video_ids (`(batch,)`, *optional*): video identities; captions of the same video are then not used as each
+                other's negatives.
+            process_group (`torch.distributed.ProcessGroup`, *optional*): compute the losses over the global batch of
+                this group's processes (e.g. `torch.distributed.group.WORLD`); every process must pass the same batch
+                size.
+            generator (`torch.Generator`, *optional*): randomness of the hard-negative sampling.
+        """
+        batch_size = input_ids.shape[0]
+        needs_tokens = qformer_input_ids is not None and vision_tokens is None
+        if pixel_values is None and (video_embeds is None or needs_tokens):
+            raise ValueError(
+                "forward needs pixel_values, unless video_embeds (and, with qformer_input_ids, vision_tokens) are given."
+            )
+        text_embeds = self.get_text_features(input_ids, attention_mask)
+        if video_embeds is None and needs_tokens:
+            video = self.encode_video(pixel_values, video_mask)
+            video_embeds, vision_tokens = video.video_embeds, video.vision_tokens
+        elif video_embeds is None:
+            video_embeds = self.get_video_features(pixel_values, video_mask)
+        elif needs_tokens:
+            vision_tokens = self.get_vision_tokens(pixel_values, video_mask)
+
+        if process_group is not None:
+            gather = lambda tensor: all_gather_with_grad(tensor, process_group)  # noqa: E731
+            gather_data = lambda tensor: all_gather_no_grad(tensor, process_group)  # noqa: E731
+            offset = torch.distributed.get_rank(process_group) * batch_size  # this process's rows in the global batch
+        else:
+            gather = gather_data = lambda tensor: tensor  # noqa: E731
+            offset = 0
+        all_text_embeds, all_video_embeds = gather(text_embeds), gather(video_embeds)
+        logits_per_text = self.logit_scale.exp().clamp(max=100) * all_text_embeds @ all_video_embeds.t()  # (B, B)
+        if video_ids is None:
+            positive_mask = torch.eye(len(all_text_embeds), dtype=torch.bool, device=logits_per_text.device)
+        else:
+            all_video_ids = gather_data(video_ids)
+            positive_mask = all_video_ids.unsqueeze(1) == all_video_ids.unsqueeze(0)
+        loss_contrastive = contrastive_loss(logits_per_text, positive_mask)
+        loss, loss_matching, matching_logits, matching_labels = loss_contrastive, None, None, None
+
+        if qformer_input_ids is not None:
+            if qformer_attention_mask is None:
+                qformer_attention_mask = torch.ones_like(qformer_input_ids)
+            if video_mask is None:
+                video_mask = torch.ones(vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device)
+            negative_video, negative_text = sample_hard_negatives(logits_per_text, positive_mask, generator)
+            text_index, video_index, matching_labels = matching_pairs(batch_size, negative_video, negative_text, offset)
+            matching_logits = self.get_fine_logits(
+                gather_data(qformer_input_ids)[text_index],
+                gather_data(qformer_attention_mask)[text_index],
+                gather_data(vision_tokens)[video_index],
+                gather_data(video_mask)[video_index],
+            )
+            loss_matching = F.cross_entropy(matching_logits, matching_labels)
+            loss = loss + loss_matching
+
+        return CrossTVROutput(
+            loss=loss,
+            loss_contrastive=loss_contrastive,
+            loss_matching=loss_matching,
+            logits_per_text=logits_per_text,
+            logits_per_video=logits_per_text.t(),
+            text_embeds=text_embeds,
+            video_embeds=video_embeds,
+            matching_logits=matching_logits,
+            matching_labels=matching_labels,
+        )
+
+# `save_pretrained` copies this file next to the weights and records it in `auto_map`.
+CrossTVRModel.register_for_auto_class("AutoModel")
+
+
+__all__ = ["CrossTVRModel", "CrossTVRPreTrainedModel"]

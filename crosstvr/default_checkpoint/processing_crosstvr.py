@@ -1,0 +1,295 @@
+# Copyright 2026 The crosstvr authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Processor class for CrossTVR: frame sampling, the CLIP image processor, the CLIP tokenizer and the Q-Former tokenizer.
+
+This file is Hub-portable: it imports only the standard library, torch and `transformers`; decord, which reads video
+files, is imported when a video file is read.
+"""
+
+import os
+from collections.abc import Sequence
+
+import torch
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+
+SAMPLING_MODES = ("center", "random")
+
+
+class VideoDecodeError(ValueError):
+    """A video file exists but cannot be decoded (corrupt, empty, or not a video)."""
+
+
+def sample_frame_indices(
+    num_video_frames: int,
+    num_frames: int,
+    sampling: str = "center",
+    start: int = 0,
+    end: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """
+    Uniform frame sampling (TSN-style segments, as in the CLIP4Clip family): the frames `[start, end)` are split into
+    `num_frames` equal segments and one frame is taken per segment, the segment's centre (`sampling="center"`, for
+    evaluation) or a uniformly random frame of it (`sampling="random"`, for training). A clip shorter than `num_frames`
+    yields all its frames; the caller pads the rest.
+
+    Returns:
+        Increasing frame indices, at most `num_frames` of them.
+    """
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling={sampling!r} is not one of {SAMPLING_MODES}")
+    end = num_video_frames if end is None else min(end, num_video_frames)
+    start = max(start, 0)
+    length = end - start
+    if length <= 0:
+        raise ValueError(f"empty frame range [{start}, {end}) in a video of {num_video_frames} frames")
+    if length <= num_frames:
+        return list(range(start, end))
+    segment = length / num_frames
+    if sampling == "center":
+        offsets = [0.5] * num_frames
+    else:
+        offsets = torch.rand(num_frames, generator=generator).tolist()
+    return [start + min(int((i + offset) * segment), length - 1) for i, offset in enumerate(offsets)]
+
+
+def read_video(
+    path: str | os.PathLike,
+    num_frames: int,
+    sampling: str = "center",
+    start_time: float | None = None,
+    end_time: float | None = None,
+    generator: torch.Generator | None = None,
+    num_threads: int = 0,
+):
+    """
+    Decode `num_frames` uniformly sampled RGB frames of a video file with decord (see [`sample_frame_indices`]),
+    optionally from the clip `[start_time, end_time)` in seconds (LSMDC, DiDeMo).
+
+    Returns:
+        A `(frames, height, width, 3)` uint8 array with at most `num_frames` frames.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        VideoDecodeError: the file cannot be decoded, has no frames, or the clip lies outside the video.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video file {path!r} does not exist")
+    try:
+        import decord
+    except ImportError as error:
+        raise ImportError("Reading video files needs decord: `pip install decord`.") from error
+    try:
+        reader = decord.VideoReader(path, num_threads=num_threads)
+        num_video_frames = len(reader)
+        fps = reader.get_avg_fps()
+    except (RuntimeError, decord.DECORDError) as error:
+        raise VideoDecodeError(f"video {path!r} could not be decoded: {str(error).splitlines()[0]}") from error
+    if num_video_frames == 0:
+        raise VideoDecodeError(f"video {path!r} has no frames")
+    start = 0 if start_time is None else int(start_time * fps)
+    end = num_video_frames if end_time is None else max(int(end_time * fps), start + 1)
+    if start >= num_video_frames:
+        raise VideoDecodeError(
+            f"video {path!r}: the clip starts at {start_time} s but the video lasts {num_video_frames / fps:.2f} s"
+        )
+    indices = sample_frame_indices(num_video_frames, num_frames, sampling, start, end, generator)
+    try:
+        return reader.get_batch(indices).asnumpy()
+    except (RuntimeError, decord.DECORDError) as error:
+        message = str(error).splitlines()[0]
+        if "from_size == to_size" not in message:
+            raise VideoDecodeError(f"video {path!r} could not be decoded: {message}") from error
+    # decord 0.6 mis-sizes the frames of some geometries (e.g. 48x48 or 72x40 px) although the stream is fine.
+    return _read_frames_with_pyav(path, indices)
+
+
+def _read_frames_with_pyav(path: str, indices: list[int]):
+    """The frames `indices` of a video decoded with PyAV, in presentation order (decord's fallback)."""
+    try:
+        import av
+    except ImportError as error:
+        raise VideoDecodeError(
+            f"video {path!r}: decord cannot convert frames of this size; `pip install av` to decode it with PyAV"
+        ) from error
+    wanted, frames = set(indices), {}
+    try:
+        with av.open(path) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in wanted:
+                    frames[index] = frame.to_ndarray(format="rgb24")
+                if index >= indices[-1]:
+                    break
+    except av.FFmpegError as error:
+        raise VideoDecodeError(f"video {path!r} could not be decoded: {error}") from error
+    if len(frames) < len(wanted):
+        raise VideoDecodeError(f"video {path!r}: PyAV decoded fewer frames than the container announced")
+    return torch.stack([torch.from_numpy(frames[index]) for index in indices]).numpy()
+
+
+def _is_frame(value) -> bool:
+    """A single decoded frame: a PIL image, or an (H, W, C) array or tensor."""
+    return hasattr(value, "getpixel") or getattr(value, "ndim", None) == 3
+
+
+class CrossTVRProcessor(ProcessorMixin):
+    r"""
+    Constructs a CrossTVR processor: a CLIP image processor for the frames, the CLIP tokenizer for stage 1 and the
+    Q-Former's tokenizer (BERT, as in BLIP-2) for stage 2, plus video frame sampling.
+
+    Videos are given as file paths (decoded with decord) or as already decoded frames: a sequence of PIL images or of
+    `(H, W, C)` arrays, or one `(frames, H, W, C)` array or tensor per video. `num_frames` frames are sampled uniformly
+    (segment centres by default, random offsets within the segments with `sampling="random"`); videos with fewer frames
+    are padded with zero frames and `video_mask` marks them with 0. Texts are padded and truncated to `max_text_length`
+    tokens by both tokenizers (CLIP4Clip's max_words); pass `truncation=False` to get an error instead.
+
+    Args:
+        image_processor ([`CLIPImageProcessor`]): resizes, crops and normalises frames.
+        tokenizer ([`CLIPTokenizer`]): stage-1 tokenizer.
+        qformer_tokenizer ([`BertTokenizer`]): stage-2 (Q-Former) tokenizer.
+        num_frames (`int`, *optional*, defaults to 12): frames T per video.
+        max_text_length (`int`, *optional*, defaults to 32): text length L in tokens.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, qformer_tokenizer=None, num_frames=12, max_text_length=32):
+        self.num_frames = num_frames
+        self.max_text_length = max_text_length
+        super().__init__(image_processor, tokenizer, qformer_tokenizer)
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        videos=None,
+        sampling: str = "center",
+        start_times: Sequence[float | None] | None = None,
+        end_times: Sequence[float | None] | None = None,
+        generator: torch.Generator | None = None,
+        return_tensors: str | None = "pt",
+        **text_kwargs,
+    ) -> BatchFeature:
+        """
+        Tokenize `text` and/or sample and preprocess `videos`.
+
+        Args:
+            text (`str` or `list[str]`, *optional*): captions or queries.
+            videos (*optional*): one video or a list of videos (paths or decoded frames, see the class docstring).
+            sampling (`str`, *optional*, defaults to `"center"`): `"center"` or `"random"` frame sampling.
+            start_times, end_times (*optional*): per video, the clip to sample from, in seconds (files only).
+            generator (`torch.Generator`, *optional*): randomness of `sampling="random"`.
+            return_tensors (`str`, *optional*, defaults to `"pt"`).
+            text_kwargs: passed to both tokenizers (e.g. `padding`, `truncation`).
+
+        Returns:
+            [`BatchFeature`] with `input_ids`, `attention_mask`, `qformer_input_ids`, `qformer_attention_mask` for text
+            and `pixel_values` `(batch, num_frames, 3, H, W)`, `video_mask` `(batch, num_frames)` for videos.
+        """
+        if text is None and videos is None:
+            raise ValueError("CrossTVRProcessor needs `text`, `videos`, or both.")
+        data = {}
+        if text is not None:
+            data.update(self._tokenize(text, **text_kwargs))
+        if videos is not None:
+            data.update(self._process_videos(videos, sampling, start_times, end_times, generator))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _tokenize(self, text: str | list[str], **text_kwargs) -> dict:
+        if isinstance(text, str):
+            text = [text]
+        if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
+            raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        kwargs = {"padding": "max_length", "truncation": True, "max_length": self.max_text_length, **text_kwargs}
+        clip_encoding = self.tokenizer(list(text), **kwargs)
+        qformer_encoding = self.qformer_tokenizer(list(text), **kwargs)
+        for name, encoding in (("tokenizer", clip_encoding), ("qformer_tokenizer", qformer_encoding)):
+            too_long = [t for t, ids in zip(text, encoding["input_ids"]) if len(ids) > self.max_text_length]
+            if too_long:
+                raise ValueError(
+                    f"{len(too_long)} text(s) exceed max_text_length={self.max_text_length} tokens of the {name} "
+                    f"(first: {too_long[0]!r}); leave truncation on or shorten them."
+                )
+        return {
+            "input_ids": clip_encoding["input_ids"],
+            "attention_mask": clip_encoding["attention_mask"],
+            "qformer_input_ids": qformer_encoding["input_ids"],
+            "qformer_attention_mask": qformer_encoding["attention_mask"],
+        }
+
+    def _as_video_list(self, videos) -> list:
+        """Normalise the accepted inputs to a list with one entry (path or frame sequence) per video."""
+        if isinstance(videos, (str, os.PathLike)) or getattr(videos, "ndim", None) == 4:
+            return [videos]
+        if getattr(videos, "ndim", None) == 5:
+            return list(videos)
+        if isinstance(videos, (list, tuple)) and videos and _is_frame(videos[0]):
+            return [videos]
+        if isinstance(videos, (list, tuple)) and videos:
+            return list(videos)
+        raise ValueError(
+            "videos must be a path, a sequence of frames, a (frames, H, W, C) array, or a list of those; got "
+            f"{type(videos).__name__}"
+        )
+
+    def _video_frames(self, video, sampling, start_time, end_time, generator) -> list:
+        """Up to `num_frames` frames of one video, sampled as documented."""
+        if isinstance(video, (str, os.PathLike)):
+            return list(read_video(video, self.num_frames, sampling, start_time, end_time, generator))
+        if start_time is not None or end_time is not None:
+            raise ValueError("start_times / end_times apply to video files, not to decoded frames")
+        frames = list(video)
+        if not frames:
+            raise ValueError("a video given as decoded frames has no frames")
+        for frame in frames:
+            if not _is_frame(frame):
+                raise ValueError(
+                    f"a decoded frame must be a PIL image or an (H, W, C) array, got {type(frame).__name__} with shape "
+                    f"{getattr(frame, 'shape', None)}"
+                )
+        return [frames[i] for i in sample_frame_indices(len(frames), self.num_frames, sampling, generator=generator)]
+
+    def _process_videos(self, videos, sampling, start_times, end_times, generator) -> dict:
+        videos = self._as_video_list(videos)
+        start_times = [None] * len(videos) if start_times is None else list(start_times)
+        end_times = [None] * len(videos) if end_times is None else list(end_times)
+        if not len(start_times) == len(end_times) == len(videos):
+            raise ValueError(
+                f"got {len(videos)} videos but {len(start_times)} start_times and {len(end_times)} end_times"
+            )
+        frames_per_video = [
+            self._video_frames(video, sampling, start, end, generator)
+            for video, start, end in zip(videos, start_times, end_times)
+        ]
+        flat_frames = [frame for frames in frames_per_video for frame in frames]
+        processed = self.image_processor(images=flat_frames, return_tensors="pt")["pixel_values"]  # (sum_k, C, H, W)
+        pixel_values = processed.new_zeros(len(videos), self.num_frames, *processed.shape[1:])
+        video_mask = torch.zeros(len(videos), self.num_frames, dtype=torch.long)
+        offset = 0
+        for index, frames in enumerate(frames_per_video):
+            pixel_values[index, : len(frames)] = processed[offset : offset + len(frames)]
+            video_mask[index, : len(frames)] = 1
+            offset += len(frames)
+        return {"pixel_values": pixel_values, "video_mask": video_mask}
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask", "pixel_values", "video_mask"]
+
+
+# `save_pretrained` copies this file next to the weights and records it in `auto_map`.
+CrossTVRProcessor.register_for_auto_class()
+
+
+__all__ = ["CrossTVRProcessor", "VideoDecodeError", "read_video", "sample_frame_indices"]

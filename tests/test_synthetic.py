@@ -1,0 +1,154 @@
+"""The synthetic benchmark: its generator, a smoke run of its recipe, and the embedded default model it ships."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from crosstvr.data import load_msvd
+from crosstvr.synthetic import (
+    COLOURS,
+    DOT_COLOURS,
+    render_scene,
+    scene_groups,
+    write_benchmark,
+    write_sample_library,
+)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _changed_fields(scene, other) -> set[str]:
+    return {f.name for f in dataclasses.fields(scene) if getattr(scene, f.name) != getattr(other, f.name)}
+
+
+def test_scene_groups_are_deterministic_per_seed():
+    assert scene_groups(5, seed=3) == scene_groups(5, seed=3)
+    assert scene_groups(5, seed=3) != scene_groups(5, seed=4)
+    scene = scene_groups(1, seed=3)[0]["base"]
+    np.testing.assert_array_equal(render_scene(scene), render_scene(scene))
+
+
+def test_hard_negatives_differ_in_one_detail_and_in_their_captions():
+    for group in scene_groups(20, seed=0):
+        base = group["base"]
+        assert _changed_fields(base, group["dot_colour"]) == {"dot_colour"}
+        assert _changed_fields(base, group["order"]) == {"top_first"}
+        moved = "top" if base.top_first else "bottom"
+        assert _changed_fields(base, group["direction"]) == {moved}
+        assert _changed_fields(getattr(base, moved), getattr(group["direction"], moved)) == {"direction"}
+        assert len({scene.captions()[0] for scene in group.values()}) == 4
+
+
+def test_captions_describe_the_rendered_frames():
+    num_frames, size = 12, 64
+    for group in scene_groups(10, seed=1):
+        for scene in group.values():
+            frames = render_scene(scene, num_frames=num_frames, size=size).astype(int)
+            caption = scene.captions()[0]
+            first, second = scene.order
+            # The caption names the objects in the order they move, then the dot.
+            assert caption == (f"{first.phrase} goes {first.direction}, then {second.phrase} goes "
+                               f"{second.direction}, {scene.dot_colour} dot flashes")
+            # The dot has its colour in the middle third of the clip only.
+            dot = frames[:, scene.dot_y, scene.dot_x]
+            assert (dot[num_frames // 2] == DOT_COLOURS[scene.dot_colour]).all()
+            assert not (dot[0] == DOT_COLOURS[scene.dot_colour]).all()
+            # The object named first moves (its pixels change) in the first half, the other in the second half.
+            for obj, row in ((scene.top, slice(0, size // 2 - 6)), (scene.bottom, slice(size // 2 + 6, size))):
+                colour = np.array(COLOURS[obj.colour])
+                masks = (frames[:, row] == colour).all(-1)
+                first_half = masks[: num_frames // 2] != masks[0]
+                second_half = masks[num_frames // 2 :] != masks[num_frames // 2]
+                moves_first = first_half.any() and not second_half.any()
+                assert moves_first == (obj is first), (caption, obj)
+                # The direction of its movement: where its pixels go at the height of the movement.
+                peak = num_frames // 4 if obj is first else num_frames // 2 + num_frames // 4
+                ys, xs = np.nonzero(masks[peak])
+                y0, x0 = np.nonzero(masks[0 if obj is first else num_frames // 2])
+                shift = (xs.mean() - x0.mean(), ys.mean() - y0.mean())
+                expected = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[obj.direction]
+                assert np.sign(np.round(shift)).tolist() == list(expected), (caption, obj, shift)
+
+
+def test_write_benchmark_is_read_by_the_msvd_loader(tmp_path):
+    splits = write_benchmark(tmp_path, seed=0, groups=(2, 1, 1), num_frames=6)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [8, 4, 4]
+    rows = load_msvd(tmp_path / "annotations", tmp_path / "videos", splits=["train", "test"])
+    assert len(rows["train"]) == 8 * 3 and len(rows["test"]) == 4
+    scenes = json.loads((tmp_path / "annotations" / "scenes.json").read_text())
+    groups = scene_groups(4, seed=0)
+    for row in rows["test"]:
+        record = scenes[row["video_id"]]
+        assert row["caption"] == groups[record["group"]][record["variant"]].captions()[0]
+    # Same seed, same bytes of annotations.
+    again = tmp_path / "again"
+    write_benchmark(again, seed=0, groups=(2, 1, 1), num_frames=6)
+    for name in ("raw-captions.json", "scenes.json", "test_list.txt"):
+        assert (again / "annotations" / name).read_bytes() == (tmp_path / "annotations" / name).read_bytes()
+
+
+def _load_benchmark(name: str = "synthetic_benchmark"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_recipe_writes_the_paper_shaped_report(tmp_path, capsys):
+    benchmark = _load_benchmark()
+    assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "0", "1"]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    table = report["summary"]["table"]
+    assert set(table) == {"stage1", "spatial", "temporal", "shared", "separate"}
+    for row in table.values():
+        mean, std = row["t2v_R1"]
+        assert 0 <= mean <= 100 and std >= 0
+    assert [int(depth) for depth in report["summary"]["depths"]] == list(range(2, 20))
+    assert set(report["per_seed"]) == {"0", "1"}
+    markdown = (tmp_path / "results.md").read_text()
+    assert "+ spatial & temporal, shared (CrossTVR)" in markdown and "| 19 |" in markdown
+    assert (tmp_path / "depth_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert '"benchmark": "synthetic"' in capsys.readouterr().out
+    # The diagnostics read the same run.
+    assert _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--seed", "1"]) == 0
+    diagnostics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(diagnostics["stage2_within_group_accuracy"]) == {"base", "dot_colour", "direction", "order"}
+    assert all(0 <= value <= 1 for value in diagnostics["stage1_within_group_accuracy"].values())
+
+
+def test_embedded_default_loads_with_remote_code_and_retrieves(tmp_path):
+    from crosstvr import CrossTVRModel, CrossTVRProcessor
+    from crosstvr.default_model import DEFAULT_CHECKPOINT
+
+    # A fresh interpreter that imports only transformers: the checkpoint's own copy of the code is what loads.
+    code = (
+        "import sys; from transformers import AutoModel; "
+        f"model = AutoModel.from_pretrained({DEFAULT_CHECKPOINT!r}, trust_remote_code=True); "
+        "print(type(model).__name__, type(model).__module__, 'crosstvr' in sys.modules)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout.split()
+    assert output[0] == "CrossTVRModel" and output[1].startswith("transformers_modules.") and output[2] == "False"
+    model = CrossTVRModel.from_pretrained(DEFAULT_CHECKPOINT).eval()
+    processor = CrossTVRProcessor.from_pretrained(DEFAULT_CHECKPOINT)
+    # Scenes the model has not seen (another seed), 4 groups of near-duplicates.
+    captions = write_sample_library(tmp_path / "videos", count=16, seed=77)
+    names = sorted(captions)
+    with torch.no_grad():
+        videos = processor(videos=[str(tmp_path / "videos" / name) for name in names])
+        texts = processor(text=[captions[name] for name in names])
+        output = model.retrieve(**texts, **videos)
+    ranking = output.text_to_video.ranking
+    hits = sum(int(ranking[query, 0]) == query for query in range(16))
+    in_top4 = sum(query in ranking[query, :4].tolist() for query in range(16))
+    # Chance is 1 hit in 16 queries (and 4 of 16 in the top 4); the model finds each query's group of near-duplicates
+    # and, within it, its own video more often than a guess would.
+    assert hits >= 3 and in_top4 >= 12, ranking[:, :4]
