@@ -152,3 +152,12 @@ def test_embedded_default_loads_with_remote_code_and_retrieves(tmp_path):
     # Chance is 1 hit in 16 queries (and 4 of 16 in the top 4); the model finds each query's group of near-duplicates
     # and, within it, its own video more often than a guess would.
     assert hits >= 3 and in_top4 >= 12, ranking[:, :4]
+
+
+def test_embedded_default_ships_the_current_model_code():
+    from crosstvr.default_model import DEFAULT_CHECKPOINT
+
+    package = os.path.join(ROOT, "crosstvr")
+    for name in ("configuration_crosstvr.py", "modeling_crosstvr.py", "processing_crosstvr.py"):
+        with open(os.path.join(package, name), "rb") as source, open(os.path.join(DEFAULT_CHECKPOINT, name), "rb") as copy:
+            assert source.read() == copy.read(), f"{name} changed: re-run synthetic_benchmark.py --ship-default"

@@ -1,0 +1,475 @@
+"""Speed and memory of every stage of the pipeline, against the machine's limit and the peer approach.
+
+    python benchmarks/bench_performance.py [--sections limit encode rerank decode index search train memory]
+                                           [--geometry base|tiny] [--device cpu|cuda] [--quick]
+
+Measured at the paper's Base geometry (ViT-B/32 at 224 px, 12 frames of 50 tokens, a BLIP-2-size Q-Former: 12 layers,
+width 768, cross-attention every 2nd layer, 32 queries + 32 text tokens), with random weights: timing does not depend
+on them. `--geometry tiny` runs the same code on the embedded default's toy geometry (the test suite's smoke run).
+
+Sections (each prints its rows; the end prints the table and one JSON line):
+
+- limit:  fp32 matrix-multiply throughput (GFLOP/s), the yardstick for the rest.
+- encode: stage-1 + stage-2 video encoding, frames/s and counted FLOPs as a fraction of the limit.
+- rerank: stage 2 for one query at K = 15, batched (all K x T spatial sequences in one call) against a naive loop
+          of one call per pair; its FLOP efficiency; and its cost as a fraction of encoding the 1,000 videos searched.
+- decode: our sampler (decord, 12 uniformly spaced frames) against the CLIP4Clip way (OpenCV decodes every frame,
+          keeps one per second, subsamples) on generated 30 s H.264 videos with 250-frame keyframe intervals.
+- index:  `VideoIndex.build` end to end (decode + preprocess + encode + write) against encoding alone.
+- search: stage-1 search, ms per query, exact (one matrix product) against FAISS IVF, with recall of the exact top 15,
+          over 10k / 100k / 1M clustered embeddings.
+- train:  stage-2 training steps/s from the token cache against from pixels.
+- memory: peak RSS of indexing N and 2N videos (flat when streaming) and of a search; token-cache bytes per video.
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("limit", "encode", "rerank", "decode", "index", "search", "train", "memory")
+TOP_K = 15
+# Videos per index chunk in the memory section: both library sizes span several chunks, so a peak that does not grow
+# with the library shows that indexing streams (it holds one chunk's tokens, about 0.9 MB a video at Base geometry).
+MEMORY_CHUNK_SIZE = 4
+NPROBES = (8, 32, 128)  # IVF lists probed per query (the index default is 128)
+
+
+def build_model(geometry: str, device: str):
+    """A random CrossTVR of the given geometry (eval mode) and its processor."""
+    from crosstvr import CrossTVRConfig, CrossTVRModel, CrossTVRProcessor
+    from crosstvr.default_model import build_tiny_model, build_tiny_processor
+
+    if geometry == "tiny":
+        model, processor = build_tiny_model(seed=0)
+        return model.to(device), processor
+    from transformers import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    model = CrossTVRModel(CrossTVRConfig()).eval().to(device)  # the defaults are the paper's Base geometry
+    tiny = build_tiny_processor()  # its tokenizers: token ids are random here, only lengths matter
+    processor = CrossTVRProcessor(
+        CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+        tiny.tokenizer,
+        tiny.qformer_tokenizer,
+        num_frames=model.config.num_frames,
+        max_text_length=32,
+    )
+    return model, processor
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(function, device: str, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `function()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        function()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def counted_flops(function) -> int:
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def matmul_limit(device: str, repeats: int) -> float:
+    """fp32 GFLOP/s of square matrix products, the machine's practical limit for these models: the best of `repeats`
+    runs (a limit; on a shared machine the median would understate it)."""
+    size = 2048
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b
+    best = min(timed(lambda: a @ b, device, 1, warmup=0) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def random_text(processor, model, count: int, device: str) -> dict:
+    """Q-Former and CLIP token ids of `count` texts at the processor's full length."""
+    length = processor.max_text_length
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(model.config.text_config.vocab_size, model.config.qformer_config.vocab_size)
+    ids = torch.randint(5, vocab, (count, length), generator=generator)
+    ones = torch.ones(count, length, dtype=torch.long)
+    return {
+        "input_ids": ids.to(device), "attention_mask": ones.to(device),
+        "qformer_input_ids": ids.to(device), "qformer_attention_mask": ones.to(device),
+    }
+
+
+def pixels(model, count: int, device: str) -> torch.Tensor:
+    vision = model.config.vision_config
+    size = (count, model.config.num_frames, 3, vision.image_size, vision.image_size)
+    return torch.randn(size, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def bench_encode(model, device: str, limit: float, repeats: int) -> dict:
+    batch = 2
+    pixel_values = pixels(model, batch, device)
+    with torch.no_grad():
+        flops = counted_flops(lambda: model.encode_video(pixel_values[:1]))
+        seconds = timed(lambda: model.encode_video(pixel_values), device, repeats)
+    videos_per_s = batch / seconds
+    return {
+        "frames_per_s": videos_per_s * model.config.num_frames,
+        "videos_per_s": videos_per_s,
+        "gflop_per_video": flops / 1e9,
+        "fraction_of_limit": flops * videos_per_s / 1e9 / limit,
+    }
+
+
+def bench_rerank(model, processor, device: str, limit: float, encode: dict, repeats: int) -> dict:
+    config = model.config
+    tokens_per_frame = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
+    generator = torch.Generator().manual_seed(2)
+    vision_tokens = torch.randn(TOP_K, config.num_frames, tokens_per_frame, config.vision_config.hidden_size,
+                                generator=generator).to(device)
+    text = random_text(processor, model, 1, device)
+    similarity = torch.rand(1, TOP_K, generator=generator).to(device)
+    args = (similarity, text["qformer_input_ids"], text["qformer_attention_mask"], vision_tokens)
+
+    def batched():
+        return model.rerank_text_to_video(*args, top_k=TOP_K, batch_size=TOP_K)
+
+    def per_pair():
+        return model.rerank_text_to_video(*args, top_k=TOP_K, batch_size=1)
+
+    flops = counted_flops(batched)
+    seconds = timed(batched, device, repeats)
+    loop_seconds = timed(per_pair, device, max(1, repeats // 2))
+    result = {
+        "ms_per_query": seconds * 1e3,
+        "per_pair_loop_ms": loop_seconds * 1e3,
+        "speedup_over_loop": loop_seconds / seconds,
+        "gflop_per_query": flops / 1e9,
+        "fraction_of_limit": flops / seconds / 1e9 / limit,
+        "fraction_of_encoding_1000_videos": seconds / (1000 / encode["videos_per_s"]),
+    }
+    return result
+
+
+def write_long_video(path: str, seconds: int = 30, fps: int = 30, size: tuple[int, int] = (320, 240),
+                     keyframe_interval: int = 250) -> None:
+    """A moving-gradient H.264 video (x264's default keyframe interval of 250 frames)."""
+    import av
+
+    width, height = size
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = keyframe_interval
+        stream.options = {"preset": "veryfast"}
+        for index in range(seconds * fps):
+            shift = index * 3
+            channels = [(x + shift) % 256 + 0 * y, (y + shift) % 256 + 0 * x, np.full((height, width, 1), shift % 256)]
+            frame = np.concatenate(channels, axis=-1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.astype(np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+
+
+def peer_read_video(path: str, num_frames: int) -> np.ndarray:
+    """CLIP4Clip's reader: OpenCV decodes every frame, one frame per second is kept, then uniformly subsampled."""
+    import cv2
+
+    capture = cv2.VideoCapture(path)
+    fps = max(int(round(capture.get(cv2.CAP_PROP_FPS))), 1)
+    kept, index = [], 0
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        if index % fps == 0:
+            kept.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        index += 1
+    capture.release()
+    positions = np.linspace(0, len(kept) - 1, num=num_frames, dtype=int)
+    return np.stack([kept[i] for i in positions])
+
+
+def bench_decode(num_frames: int, workdir: str, count: int) -> dict:
+    from crosstvr.processing_crosstvr import read_video
+
+    paths = []
+    for index in range(count):
+        path = os.path.join(workdir, f"long{index}.mp4")
+        if not os.path.exists(path):
+            write_long_video(path)
+        paths.append(path)
+    ours = timed(lambda: [read_video(path, num_frames) for path in paths], "cpu", 1) / count
+    result = {"videos": count, "ours_s_per_video": ours, "ours_frames_per_s": num_frames / ours}
+    try:
+        peer = timed(lambda: [peer_read_video(path, num_frames) for path in paths], "cpu", 1) / count
+    except ImportError:
+        result["peer"] = "OpenCV is not installed (pip install -e .[benchmarks])"
+        return result
+    result.update({"peer_s_per_video": peer, "peer_frames_per_s": num_frames / peer, "speedup_over_peer": peer / ours})
+    return result
+
+
+def write_clips(directory: str, count: int, size: int) -> None:
+    from crosstvr.synthetic import write_video
+
+    os.makedirs(directory, exist_ok=True)
+    generator = np.random.default_rng(0)
+    for index in range(count):
+        frames = generator.integers(0, 255, (24, size, size, 3), dtype=np.uint8)
+        write_video(os.path.join(directory, f"clip{index:04d}.mp4"), frames)
+
+
+def bench_index(model, processor, device: str, encode: dict, workdir: str, count: int) -> dict:
+    from crosstvr.indexing import VideoIndex
+
+    videos = os.path.join(workdir, f"clips{count}")
+    write_clips(videos, count, model.config.vision_config.image_size)
+    index_dir = tempfile.mkdtemp(dir=workdir)
+    start = time.perf_counter()
+    VideoIndex.build(videos, index_dir, model, processor, batch_size=4, num_workers=1, faiss_index=None,
+                     progress=False)
+    seconds = time.perf_counter() - start
+    frames_per_s = count * model.config.num_frames / seconds
+    return {"videos": count, "frames_per_s": frames_per_s,
+            "fraction_of_encoder_only": frames_per_s / encode["frames_per_s"]}
+
+
+def clustered_embeddings(count: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors around 1,000 random centres: the neighbourhood structure of real video embeddings."""
+    generator = np.random.default_rng(seed)
+    centres = generator.standard_normal((1000, dim)).astype(np.float32)
+    points = centres[generator.integers(0, 1000, count)] + 0.6 * generator.standard_normal((count, dim),
+                                                                                        dtype=np.float32)
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def bench_search(sizes: list[int], dim: int, queries: int) -> dict:
+    from crosstvr.indexing import _faiss, build_faiss_index
+
+    results = {}
+    for size in sizes:
+        database = clustered_embeddings(size, dim, seed=size)
+        probe = clustered_embeddings(queries, dim, seed=size + 1)
+        database_t, probe_t = torch.from_numpy(database), torch.from_numpy(probe)
+        exact = (probe_t @ database_t.t()).topk(TOP_K, dim=1).indices.numpy()
+        start = time.perf_counter()
+        for row in probe_t:  # one query at a time: the latency a user sees
+            (database_t @ row).topk(TOP_K)
+        row = {"exact_ms_per_query": (time.perf_counter() - start) / queries * 1e3}
+        if _faiss() is not None:
+            start = time.perf_counter()
+            index, kind, params = build_faiss_index(database, "ivf")
+            row["ivf_build_s"] = time.perf_counter() - start
+            row["ivf_nlist"] = params.get("nlist", 0)
+            for nprobe in NPROBES:
+                index.nprobe = nprobe
+                start = time.perf_counter()
+                found = np.concatenate([index.search(probe[i : i + 1], TOP_K)[1] for i in range(queries)])
+                row[f"ivf{nprobe}_ms_per_query"] = (time.perf_counter() - start) / queries * 1e3
+                row[f"ivf{nprobe}_recall_at_15"] = float(
+                    np.mean([len(set(f) & set(e)) / TOP_K for f, e in zip(found, exact)])
+                )
+        results[str(size)] = row
+        del database, database_t
+        gc.collect()
+    return results
+
+
+def bench_train(model, processor, device: str, repeats: int) -> dict:
+    batch = 2
+    text = random_text(processor, model, batch, device)
+    pixel_values = pixels(model, batch, device)
+    trainable = [p for n, p in model.named_parameters() if n.startswith(("qformer", "query_tokens", "matching_head",
+                                                                         "token_selector", "temporal_qformer",
+                                                                         "frame_position_embeddings"))]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    model.train()
+    with torch.no_grad():
+        video = model.encode_video(pixel_values)
+    cached = {"video_embeds": video.video_embeds, "vision_tokens": video.vision_tokens}
+
+    def step(**video_inputs):
+        loss = model(**text, **video_inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def from_pixels():
+        with torch.no_grad():  # the frozen towers, as in stage-2 training without a cache
+            encoded = model.encode_video(pixel_values)
+        step(video_embeds=encoded.video_embeds, vision_tokens=encoded.vision_tokens)
+
+    cache_seconds = timed(lambda: step(**cached), device, repeats)
+    pixel_seconds = timed(from_pixels, device, repeats)
+    model.eval()
+    return {"batch": batch, "cache_steps_per_s": 1 / cache_seconds, "pixel_steps_per_s": 1 / pixel_seconds,
+            "speedup": pixel_seconds / cache_seconds}
+
+
+MEMORY_CHILD = """
+import sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {benchmarks!r})
+from bench_performance import MEMORY_CHUNK_SIZE, build_model, peak_rss_mb, reset_peak_rss
+from crosstvr.indexing import VideoIndex
+model, processor = build_model({geometry!r}, "cpu")
+baseline = reset_peak_rss()
+if {mode!r} == "index":
+    VideoIndex.build({videos!r}, {index_dir!r}, model, processor, batch_size=4, num_workers=1, faiss_index=None,
+                     chunk_size=MEMORY_CHUNK_SIZE, progress=False)
+else:
+    index = VideoIndex.open({index_dir!r}, model, processor)
+    index.search("a red circle goes left", k=10)
+print(baseline, peak_rss_mb())
+"""
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> float:
+    """Reset this process's peak RSS to its current RSS (Linux: /proc/self/clear_refs) and return it in MB."""
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def _peak_rss_mb(geometry: str, mode: str, videos: str, index_dir: str) -> tuple[float, float]:
+    """(RSS with the model loaded, peak RSS while indexing or searching) of a fresh process, in MB."""
+    code = MEMORY_CHILD.format(root=ROOT, benchmarks=os.path.join(ROOT, "benchmarks"), geometry=geometry, mode=mode,
+                               videos=videos, index_dir=index_dir)
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    baseline, peak = output.strip().splitlines()[-1].split()
+    return float(baseline), float(peak)
+
+
+def bench_memory(geometry: str, image_size: int, workdir: str, count: int) -> dict:
+    result = {}
+    for videos in (count, 2 * count):
+        folder = os.path.join(workdir, f"clips{videos}")
+        write_clips(folder, videos, image_size)
+        index_dir = os.path.join(workdir, f"memory-index{videos}")
+        shutil.rmtree(index_dir, ignore_errors=True)
+        result["model_rss_mb"], result[f"index_{videos}_peak_rss_mb"] = _peak_rss_mb(geometry, "index", folder,
+                                                                                     index_dir)
+        shards = [os.path.join(root, name) for root, _, names in os.walk(index_dir) for name in names
+                  if name.endswith(".safetensors")]
+        result["cache_bytes_per_video"] = sum(os.path.getsize(path) for path in shards) / videos
+    result["search_peak_rss_mb"] = _peak_rss_mb(geometry, "search", folder, index_dir)[1]
+    growth = result[f"index_{2 * count}_peak_rss_mb"] - result[f"index_{count}_peak_rss_mb"]
+    result[f"index_peak_growth_mb_per_{count}_more_videos"] = growth
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+TARGETS = {
+    ("memory", "cache_bytes_per_video"): ("<=", 1_000_000),
+    ("encode", "fraction_of_limit"): (">=", 0.85),
+    ("rerank", "fraction_of_limit"): (">=", 0.85),
+    ("index", "fraction_of_encoder_only"): (">=", 0.90),
+    ("decode", "speedup_over_peer"): (">=", 5.0),
+    ("rerank", "fraction_of_encoding_1000_videos"): ("<=", 0.01),
+    ("train", "speedup"): (">=", 5.0),
+}
+
+
+def table(results: dict) -> str:
+    lines = ["| section | measure | value | target |", "| --- | --- | --- | --- |"]
+    for section, values in results.items():
+        rows = values.items() if section != "search" else (
+            (f"{size} {key}", value) for size, row in values.items() for key, value in row.items()
+        )
+        for key, value in rows:
+            target = TARGETS.get((section, key))
+            mark = ""
+            if target and isinstance(value, (int, float)):
+                met = value >= target[1] if target[0] == ">=" else value <= target[1]
+                mark = f"{target[0]} {target[1]:g} ({'met' if met else 'missed'})"
+            if key.endswith("recall_at_15"):
+                mark = f">= 0.99 ({'met' if value >= 0.99 else 'missed'})"
+            if key.startswith("1000000 ivf") and key.endswith("ms_per_query"):
+                mark = f"<= 20 ({'met' if value <= 20 else 'missed'})"
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            lines.append(f"| {section} | {key} | {shown} | {mark} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--geometry", choices=("base", "tiny"), default="base")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (a smoke run)")
+    parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--memory-videos", type=int, help="N of the memory section (N and 2N videos; default 8)")
+    args = parser.parse_args(argv)
+    repeats = 2 if args.quick else 3
+    model, processor = build_model(args.geometry, args.device)
+    results = {}
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
+        results["limit"] = {"matmul_gflop_per_s": matmul_limit(args.device, 10),
+                            "device": torch.cuda.get_device_name() if args.device == "cuda" else
+                            f"cpu x{torch.get_num_threads()} threads"}
+        limit = results["limit"]["matmul_gflop_per_s"]
+        encode = bench_encode(model, args.device, limit, repeats)
+        if "encode" in args.sections:
+            results["encode"] = encode
+        if "rerank" in args.sections:
+            results["rerank"] = bench_rerank(model, processor, args.device, limit, encode, repeats)
+        if "decode" in args.sections:
+            results["decode"] = bench_decode(model.config.num_frames, workdir, 1 if args.quick else 3)
+        if "index" in args.sections:
+            results["index"] = bench_index(model, processor, args.device, encode, workdir, 4 if args.quick else 16)
+        if "search" in args.sections:
+            sizes = [10_000] if args.quick else [10_000, 100_000, 1_000_000]
+            results["search"] = bench_search(sizes, model.config.projection_dim, 20 if args.quick else 200)
+        if "train" in args.sections:
+            results["train"] = bench_train(model, processor, args.device, repeats)
+        if "memory" in args.sections:
+            results["memory"] = bench_memory(args.geometry, model.config.vision_config.image_size, workdir,
+                                             args.memory_videos or (2 if args.quick else 8))
+    print(table(results))
+    print(json.dumps({"benchmark": "performance", "geometry": args.geometry, **results}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The performance benchmark script runs end to end (tiny geometry, quick sizes); its numbers are not asserted."""
+
+import importlib.util
+import json
+import os
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_performance_benchmark_prints_its_table_and_json(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_performance",
+                                                  os.path.join(ROOT, "benchmarks", "bench_performance.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sections = ["encode", "rerank", "decode", "index", "search", "train"]
+    argv = ["--geometry", "tiny", "--quick", "--device", "cpu", "--workdir", str(tmp_path), "--sections", *sections]
+    assert module.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| section |")
+    report = json.loads(lines[-1])
+    assert set(sections) <= set(report)
+    assert report["rerank"]["speedup_over_loop"] > 0 and report["encode"]["gflop_per_video"] > 0
+    assert 0 <= report["search"]["10000"]["ivf128_recall_at_15"] <= 1
