@@ -32,8 +32,9 @@ setup(
     extras_require={
         # FAISS serves stage-1 search of large indexes; without it, search is an exact matrix product.
         "faiss": ["faiss-cpu>=1.8"],
-        # The synthetic benchmark's recipe draws its recall-against-depth plot with matplotlib.
-        "benchmarks": ["matplotlib>=3.7"],
+        # The synthetic benchmark's recipe draws its recall-against-depth plot with matplotlib; the performance
+        # benchmark's peer reader (CLIP4Clip's) decodes with OpenCV.
+        "benchmarks": ["matplotlib>=3.7", "opencv-python-headless>=4.8"],
         "dev": ["pytest>=8", "faiss-cpu>=1.8", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["crosstvr=crosstvr.cli:main"]},
