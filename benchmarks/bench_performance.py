@@ -244,7 +244,7 @@ def write_clips(directory: str, count: int, size: int) -> None:
         write_video(os.path.join(directory, f"clip{index:04d}.mp4"), frames)
 
 
-def bench_index(model, processor, device: str, encode: dict, workdir: str, count: int) -> dict:
+def bench_index(model, processor, encode: dict, workdir: str, count: int) -> dict:
     from crosstvr.indexing import VideoIndex
 
     videos = os.path.join(workdir, f"clips{count}")
@@ -304,9 +304,9 @@ def bench_train(model, processor, device: str, repeats: int) -> dict:
     batch = 2
     text = random_text(processor, model, batch, device)
     pixel_values = pixels(model, batch, device)
-    trainable = [p for n, p in model.named_parameters() if n.startswith(("qformer", "query_tokens", "matching_head",
-                                                                         "token_selector", "temporal_qformer",
-                                                                         "frame_position_embeddings"))]
+    from crosstvr.training import FINE_MODULES
+
+    trainable = [p for n, p in model.named_parameters() if n.split(".")[0] in FINE_MODULES]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     model.train()
     with torch.no_grad():
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         if "decode" in args.sections:
             results["decode"] = bench_decode(model.config.num_frames, workdir, 1 if args.quick else 3)
         if "index" in args.sections:
-            results["index"] = bench_index(model, processor, args.device, encode, workdir, 4 if args.quick else 16)
+            results["index"] = bench_index(model, processor, encode, workdir, 4 if args.quick else 16)
         if "search" in args.sections:
             sizes = [10_000] if args.quick else [10_000, 100_000, 1_000_000]
             results["search"] = bench_search(sizes, model.config.projection_dim, 20 if args.quick else 200)

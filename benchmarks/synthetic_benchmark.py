@@ -71,7 +71,8 @@ def _load_script(name: str):
     return module
 
 
-def _train(output_dir: str, data: str, **options) -> str:
+def _train(output_dir: str, data: str, batch: int, **options) -> str:
+    """`crosstvr.training.train` on the benchmark's data, with a global batch of `batch` on one process."""
     from crosstvr.training import TrainingArguments, train
 
     arguments = TrainingArguments(
@@ -85,6 +86,8 @@ def _train(output_dir: str, data: str, **options) -> str:
             "save_steps": 10**9,
             "logging_steps": 10,
             "do_eval": False,
+            "batch_size": batch,
+            "per_device_batch_size": batch,
             **options,
         }
     )
@@ -97,6 +100,7 @@ def pretrain_image_encoder(work: str, data: str, settings: dict, seed: int = PRE
 
     from crosstvr import CrossTVRModel
     from crosstvr.default_model import build_tiny_config, build_tiny_processor
+    from crosstvr.training import PRETRAINED_STAGE_ONE_MODULES
 
     processor = build_tiny_processor(num_frames=1)
     start = os.path.join(work, "pretrain-start")
@@ -110,8 +114,7 @@ def pretrain_image_encoder(work: str, data: str, settings: dict, seed: int = PRE
         stage=1,
         seed=seed,
         max_steps=settings["pretrain_steps"],
-        batch_size=settings["batch"],
-        per_device_batch_size=settings["batch"],
+        batch=settings["batch"],
         learning_rate=3e-4,
         pretrained_lr_scale=1.0,
         warmup_ratio=0.05,
@@ -125,12 +128,8 @@ def pretrain_image_encoder(work: str, data: str, settings: dict, seed: int = PRE
         projection_dim=model.config.projection_dim,
     )
     clip = CLIPModel(config)
-    clip.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("text_model", "vision_model",
-                                                                             "text_projection", "visual_projection",
-                                                                             "logit_scale")},
-        strict=True,
-    )
+    clip_modules = (*PRETRAINED_STAGE_ONE_MODULES, "logit_scale")
+    clip.load_state_dict({k: v for k, v in model.state_dict().items() if k.split(".")[0] in clip_modules}, strict=True)
     clip_dir = os.path.join(work, "clip")
     clip.save_pretrained(clip_dir)
     processor.tokenizer.save_pretrained(clip_dir)
@@ -177,15 +176,15 @@ def convert(work: str, clip_dir: str, seed: int) -> str:
 def variant_checkpoint(stage1_dir: str, output: str, overrides: dict, seed: int) -> str:
     """The stage-1 model with a newly initialised fine module of the given configuration."""
     from crosstvr import CrossTVRConfig, CrossTVRModel, CrossTVRProcessor
+    from crosstvr.training import FINE_MODULES
 
     trained = CrossTVRModel.from_pretrained(stage1_dir)
     config = CrossTVRConfig(**{**trained.config.to_dict(), **overrides})
     torch.manual_seed(seed)
     model = CrossTVRModel(config)
-    fine = ("query_tokens", "qformer", "temporal_qformer", "token_selector", "frame_position_embeddings", "matching_head")
-    stage_one = {k: v for k, v in trained.state_dict().items() if not k.startswith(fine)}
+    stage_one = {k: v for k, v in trained.state_dict().items() if k.split(".")[0] not in FINE_MODULES}
     missing = model.load_state_dict(stage_one, strict=False).missing_keys
-    assert all(key.startswith(fine) for key in missing), missing
+    assert all(key.split(".")[0] in FINE_MODULES for key in missing), missing
     model.save_pretrained(output)
     CrossTVRProcessor.from_pretrained(stage1_dir).save_pretrained(output)
     return output
@@ -223,8 +222,7 @@ def run_seed(output: str, data: str, clip_dir: str, seed: int, settings: dict) -
         stage=1,
         seed=seed,
         num_train_epochs=settings["stage1_epochs"],
-        batch_size=settings["batch"],
-        per_device_batch_size=settings["batch"],
+        batch=settings["batch"],
         learning_rate=3e-4,
         pretrained_lr_scale=0.3,
         num_workers=2,
@@ -243,8 +241,7 @@ def run_seed(output: str, data: str, clip_dir: str, seed: int, settings: dict) -
             seed=seed,
             token_cache_dir=token_cache,
             num_train_epochs=settings["stage2_epochs"],
-            batch_size=settings["batch"],
-            per_device_batch_size=settings["batch"],
+            batch=settings["batch"],
             learning_rate=5e-4,
         )
         timings[f"stage2-{name}"] = time.perf_counter() - started

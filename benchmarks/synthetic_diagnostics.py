@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(data, "annotations", f"{args.split}_list.txt")) as file:
         video_ids = [line.strip() for line in file if line.strip()]
     groups = {}
-    for video_id in video_ids:
-        groups.setdefault(scenes[video_id]["group"], {})[scenes[video_id]["variant"]] = video_ids.index(video_id)
+    for position, video_id in enumerate(video_ids):
+        groups.setdefault(scenes[video_id]["group"], {})[scenes[video_id]["variant"]] = position
 
     with torch.no_grad():
         video = [
