@@ -220,7 +220,8 @@ def test_contact_sheet_survives_a_vanished_file(model_and_processor, library, tm
 def test_two_processes_split_the_indexing(library, tmp_path):
     model, processor = load_default_model()  # what the command line indexes with
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "crosstvr", "index",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crosstvr",
+               "index",
                str(library), "--index", str(tmp_path / "two"), "--chunk-size", "2", "--num-workers", "0"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
