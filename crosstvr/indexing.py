@@ -248,10 +248,13 @@ class VideoIndex:
         files `skipped` (path -> reason), and the `total` of indexed videos.
         """
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
         if faiss_index is not None and faiss_index not in FAISS_KINDS:
             raise ValueError(f"faiss_index={faiss_index!r} is not one of {FAISS_KINDS} or None")
-        state = PartialState()
+        # Like `Accelerator`, honour ACCELERATE_USE_CPU: without it, PartialState under torchrun on a machine without
+        # GPUs reports a single process, and every process would index every video.
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
         files = {os.path.abspath(path): _stat(path) for path in find_videos(video_dir)}
         root = os.path.abspath(video_dir) + os.sep
         self._merge_finished_chunks()

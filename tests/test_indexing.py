@@ -225,6 +225,8 @@ def test_two_processes_split_the_indexing(library, tmp_path):
                str(library), "--index", str(tmp_path / "two"), "--chunk-size", "2", "--num-workers", "0"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The work is split: the main process's progress bar counts its own chunks (0, 2, 4: 5 videos), not all 9.
+    assert "5/5" in result.stderr and "9/9" not in result.stderr, result.stderr[-3000:]
     two = VideoIndex.open(tmp_path / "two")
     one = VideoIndex.build(library, tmp_path / "one", model, processor, chunk_size=2, num_workers=0)
     assert len(two) == 9 and len(two.manifest["chunks"]) == 5
