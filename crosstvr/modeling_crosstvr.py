@@ -39,6 +39,7 @@ from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoder, CLIPPreTrainedModel
+from transformers.pytorch_utils import apply_chunking_to_forward
 from transformers.utils import ModelOutput, logging
 
 from .configuration_crosstvr import CrossTVRConfig
@@ -322,6 +323,118 @@ def shift_tokens(hidden_states: torch.Tensor, video_mask: torch.Tensor, fold_div
     )
     shifted[:, :-1, from_next] = torch.where(both_real, tokens[:, 1:, from_next], tokens[:, :-1, from_next])
     return shifted.view(frames_total, num_tokens, dim)
+
+
+def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing positions that are padding in every row (`attention_mask` 0): they are masked as keys and
+    their outputs are never read, so the result is unchanged and their compute is saved (processors pad to
+    `max_text_length`, captions are usually far shorter)."""
+    used = attention_mask.any(dim=0).nonzero()
+    length = int(used[-1]) + 1 if used.numel() else 1
+    return input_ids[:, :length], attention_mask[:, :length]
+
+
+def _query_positions_after_self_attention(
+    layer: nn.Module,
+    query_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """What a Q-Former layer does to its query positions after self-attention: cross-attention to the vision tokens
+    (in the layers that have it), then the query feed-forward. `(rows, N_Q, hidden)` in and out."""
+    if layer.has_cross_attention:
+        query_states = layer.crossattention(
+            query_states, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask
+        )
+    return apply_chunking_to_forward(
+        layer.feed_forward_chunk_query, layer.chunk_size_feed_forward, layer.seq_len_dim, query_states
+    )
+
+
+def qformer_query_outputs(
+    qformer: Blip2QFormerModel,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_queries: int,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None = None,
+    input_of_row: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""
+    The query positions of the Q-Former's last layer, z_L[:N_Q], computing only what they depend on. Equal to
+
+        qformer(query_embeds=embeds[input_of_row], query_length=N_Q, attention_mask=attention_mask[input_of_row],
+                encoder_hidden_states=..., encoder_attention_mask=...).last_hidden_state[:, :N_Q]
+
+    with two savings, which matter because re-ranking runs the Q-Former on K x T sequences per query:
+
+    - The last layer's text positions feed nothing: its self-attention runs for the query positions only (as queries
+      over all positions), and its text feed-forward is skipped.
+    - With `input_of_row`, rows share inputs whose query part does not depend on the row (the learned query tokens,
+      as in the spatial pass, where every frame of a pair has the same text). The first layer's self-attention sees
+      only the input, and its text positions never cross-attend, so
+
+          z_1 = Concat(FFN_q(CrossAttn(SA(e)[:N_Q][i(r)], V_r)), FFN_x(SA(e)[N_Q:])[i(r)])
+
+      computes the self-attention and the text feed-forward once per input instead of once per row. In training
+      mode the inputs are gathered to the rows first, so that dropout draws a mask per row as the plain Q-Former does.
+
+    Args:
+        qformer: the Q-Former (its layers are run one by one).
+        embeds: `(inputs, N_Q + L, hidden)`, Concat(queries, text embeddings) before the Q-Former's layer norm.
+        attention_mask: `(inputs, N_Q + L)`, 1 for positions to attend to.
+        num_queries: N_Q.
+        encoder_hidden_states: `(rows, tokens, encoder_hidden_size)`, what the query positions cross-attend to.
+        encoder_attention_mask: a 4D mask over `encoder_hidden_states` for the query positions, or None.
+        input_of_row: `(rows,)`, the input of each row; None when inputs and rows are the same.
+
+    Returns:
+        `(rows, N_Q, hidden)`.
+    """
+    if input_of_row is not None and qformer.training:
+        embeds, attention_mask, input_of_row = embeds[input_of_row], attention_mask[input_of_row], None
+    hidden_states = qformer.dropout(qformer.layernorm(embeds.to(qformer.layernorm.weight.dtype)))
+    encoder_hidden_states = encoder_hidden_states.to(hidden_states.dtype)
+    self_attention_mask = create_bidirectional_mask(
+        config=qformer.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+    )
+    *layers, last_layer = qformer.encoder.layer
+    if input_of_row is not None:
+        if layers:
+            first_layer, layers = layers[0], layers[1:]
+            attention_output = first_layer.attention(hidden_states, attention_mask=self_attention_mask)
+            text_states = apply_chunking_to_forward(
+                first_layer.feed_forward_chunk,
+                first_layer.chunk_size_feed_forward,
+                first_layer.seq_len_dim,
+                attention_output[:, num_queries:],
+            )  # (inputs, L, hidden)
+            query_states = _query_positions_after_self_attention(
+                first_layer,
+                attention_output[:, :num_queries][input_of_row],  # (rows, N_Q, hidden)
+                encoder_hidden_states,
+                encoder_attention_mask,
+            )
+            hidden_states = torch.cat([query_states, text_states[input_of_row]], dim=1)  # (rows, N_Q + L, hidden)
+        else:
+            hidden_states = hidden_states[input_of_row]
+        if self_attention_mask is not None:
+            self_attention_mask = self_attention_mask[input_of_row]
+    for layer in layers:
+        hidden_states = layer(
+            hidden_states,
+            attention_mask=self_attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            query_length=num_queries,
+        )
+    query_mask = None if self_attention_mask is None else self_attention_mask[:, :, :num_queries]
+    query_states = last_layer.attention(
+        hidden_states[:, :num_queries], encoder_hidden_states=hidden_states, encoder_attention_mask=query_mask
+    )  # (rows, N_Q, hidden): self-attention with the query positions as queries
+    return _query_positions_after_self_attention(
+        last_layer, query_states, encoder_hidden_states, encoder_attention_mask
+    )
 
 
 class PerturbedTopK(torch.autograd.Function):
@@ -631,6 +744,20 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             self.fine_vision_model.requires_grad_(False).eval()
         return self
 
+    def unused_parameter_names(self) -> list[str]:
+        """
+        Parameters that no output depends on: the text feed-forward of each Q-Former's last layer (only the query
+        positions of the last layer are read, see [`qformer_query_outputs`]). They stay in checkpoints, as in BLIP-2's;
+        training freezes them, since distributed data parallel expects a gradient for every trainable parameter.
+        """
+        names = []
+        for prefix in ("qformer", "temporal_qformer"):
+            if getattr(self, prefix) is not None:
+                last_layer = f"{prefix}.encoder.layer.{self.config.qformer_config.num_hidden_layers - 1}"
+                names += [name for name, _ in self.named_parameters() if name.startswith(f"{last_layer}.intermediate.")]
+                names += [name for name, _ in self.named_parameters() if name.startswith(f"{last_layer}.output.")]
+        return names
+
     # ----------------------------------------------------------------------------------------------------------------
     # Input checks
     # ----------------------------------------------------------------------------------------------------------------
@@ -752,7 +879,11 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         )
 
     def spatial_text_attention(
-        self, qformer_input_ids: torch.Tensor, qformer_attention_mask: torch.Tensor, frame_tokens: torch.Tensor
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        frame_tokens: torch.Tensor,
+        text_of_frame: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
         Spatial text attention, independently per frame (BLIP-2's image-text matching path on one frame):
@@ -760,26 +891,31 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             z_{t,1} = Attn(Concat(Q, X), V_t),   z_{t,l} = Attn(z_{t,l-1}, V_t),  l = 2..L
             X_spatial(t) = mean over the N_Q query positions of z_{t,L}
 
-        Queries Q and text X share self-attention; only the query positions cross-attend to V_t.
+        Queries Q and text X share self-attention; only the query positions cross-attend to V_t. The first layer's
+        self-attention does not depend on the frame, so it runs once per text (see [`qformer_query_outputs`]).
 
         Args:
-            qformer_input_ids, qformer_attention_mask: `(frames, text_length)`, the text of each frame's pair.
+            qformer_input_ids, qformer_attention_mask: `(texts, text_length)`; one text per frame when
+                `text_of_frame` is None.
             frame_tokens: `(frames, tokens, fine_vision_hidden_size)`, V_t.
+            text_of_frame: `(frames,)`, *optional*: the text each frame is paired with.
 
         Returns:
             X_spatial: `(frames, qformer_hidden_size)`.
         """
-        num_rows = frame_tokens.shape[0]
-        queries = self.query_tokens.expand(num_rows, -1, -1)  # (frames, N_Q, hidden)
-        embeds = self.qformer_embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (frames, N_Q + L, hidden)
+        num_texts = qformer_input_ids.shape[0]
+        queries = self.query_tokens.expand(num_texts, -1, -1)  # (texts, N_Q, hidden)
+        embeds = self.qformer_embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (texts, N_Q + L, hidden)
         attention_mask = torch.cat([qformer_attention_mask.new_ones(queries.shape[:2]), qformer_attention_mask], dim=1)
-        hidden_states = self.qformer(
-            query_embeds=embeds,
-            query_length=queries.shape[1],
-            attention_mask=attention_mask,
+        query_states = qformer_query_outputs(
+            self.qformer,
+            embeds,
+            attention_mask,
+            queries.shape[1],
             encoder_hidden_states=frame_tokens,
-        ).last_hidden_state
-        return hidden_states[:, : queries.shape[1]].mean(dim=1)
+            input_of_row=text_of_frame,
+        )  # (frames, N_Q, hidden)
+        return query_states.mean(dim=1)
 
     def temporal_text_attention(
         self,
@@ -814,21 +950,21 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         num_queries = queries.shape[1]
         embeds = embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (pairs, queries + L, hidden)
         attention_mask = torch.cat([query_mask.to(qformer_attention_mask.dtype), qformer_attention_mask], dim=1)
-        # Only the query positions cross-attend, so the padding mask over the selected tokens is built for those rows
-        # here (the Q-Former would build it for all its input positions).
+        # Only the query positions cross-attend, so the padding mask over the selected tokens is built for those rows.
         encoder_attention_mask = create_bidirectional_mask(
             config=qformer.config,
             inputs_embeds=queries,
             attention_mask=token_mask,
             encoder_hidden_states=selected_tokens,
         )
-        hidden_states = qformer(
-            query_embeds=embeds,
-            query_length=num_queries,
-            attention_mask=attention_mask,
+        hidden_states = qformer_query_outputs(
+            qformer,
+            embeds,
+            attention_mask,
+            num_queries,
             encoder_hidden_states=selected_tokens,
             encoder_attention_mask=encoder_attention_mask,
-        ).last_hidden_state[:, :num_queries]  # (pairs, queries, hidden)
+        )  # (pairs, queries, hidden)
         weights = query_mask.to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
 
@@ -872,13 +1008,21 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         vision_tokens = vision_tokens.to(self.query_tokens.dtype)
         fine_attention = self.config.fine_attention
 
+        qformer_input_ids, qformer_attention_mask = trim_text_padding(qformer_input_ids, qformer_attention_mask)
+
         # Only real frames go through the per-frame passes; padding frames stay zero and are masked later.
         valid = video_mask.bool()  # (pairs, T)
         pair_of_frame = torch.arange(num_pairs, device=valid.device).unsqueeze(1).expand_as(valid)[valid]  # (F,)
         frame_tokens = vision_tokens[valid]  # (F, N, D_v)
         if fine_attention != "temporal":
+            # Each distinct text goes through the spatial pass's first self-attention once (re-ranking pairs one text
+            # with K videos of T frames each).
+            text_length = qformer_input_ids.shape[1]
+            texts, text_of_pair = torch.unique(
+                torch.cat([qformer_input_ids, qformer_attention_mask], dim=1), dim=0, return_inverse=True
+            )  # (texts, 2 L), (pairs,)
             spatial = self.spatial_text_attention(
-                qformer_input_ids[pair_of_frame], qformer_attention_mask[pair_of_frame], frame_tokens
+                texts[:, :text_length], texts[:, text_length:], frame_tokens, text_of_pair[pair_of_frame]
             )  # (F, hidden)
             spatial_embeds = spatial.new_zeros(num_pairs, num_frames, spatial.shape[-1])
             spatial_embeds[valid] = spatial  # (pairs, T, hidden)

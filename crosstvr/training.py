@@ -190,11 +190,13 @@ class CachedVideoTextCollator:
 
 
 def set_trainable_parameters(model: CrossTVRModel, stage: int) -> list[str]:
-    """Freeze everything but the stage's parameters (the separate stage-2 tower stays frozen); returns the names."""
-    trainable = []
+    """Freeze everything but the stage's parameters (the separate stage-2 tower and the parameters no output depends
+    on stay frozen); returns the names."""
+    trainable, unused = [], set(model.unused_parameter_names())
     for name, parameter in model.named_parameters():
         top = name.split(".")[0]
         wanted = top in FINE_MODULES if stage == 2 else top not in FINE_MODULES and top != "fine_vision_model"
+        wanted = wanted and name not in unused
         parameter.requires_grad_(wanted)
         if wanted:
             trainable.append(name)

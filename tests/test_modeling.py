@@ -1,11 +1,13 @@
 import pytest
 import torch
+from transformers.masking_utils import create_bidirectional_mask
 
 from crosstvr import CrossTVRModel
 from crosstvr.modeling_crosstvr import (
     CrossTVRTokenSelector,
     PerturbedTopK,
     contrastive_loss,
+    qformer_query_outputs,
     sample_hard_negatives,
     shift_tokens,
 )
@@ -103,6 +105,45 @@ def test_padding_text_tokens_do_not_change_scores(tester):
     ids, mask, tokens, video_mask = fine_inputs(model, inputs)
     torch.testing.assert_close(
         model.get_fine_scores(ids.masked_fill(qformer_padding, 7), mask, tokens, video_mask),
+        model.get_fine_scores(ids, mask, tokens, video_mask),
+    )
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("training", [False, True])
+def test_qformer_query_outputs_equal_the_plain_qformer(tester, num_layers, training):
+    """The pruned Q-Former (first layer once per input, last layer for query positions only) gives the query outputs of
+    the plain transformers Q-Former run on every row, with padded text and a masked cross-attention."""
+    model = tester.get_model(qformer_config={**tester.get_config().qformer_config.to_dict(),
+                                             "num_hidden_layers": num_layers}).train(training)
+    qformer, num_queries = model.qformer, model.config.num_query_tokens
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, num_queries + 5, 32, generator=generator)  # 2 inputs: shared queries, different texts
+    embeds[1, :num_queries] = embeds[0, :num_queries]
+    attention_mask = torch.tensor([[1] * (num_queries + 5), [1] * (num_queries + 3) + [0, 0]])
+    input_of_row = torch.tensor([0, 1, 1, 0, 1])
+    frame_tokens = torch.randn(5, 7, 32, generator=generator)
+    token_mask = torch.ones(5, 7, dtype=torch.long)
+    token_mask[2, 4:] = 0
+    encoder_mask = create_bidirectional_mask(config=qformer.config, inputs_embeds=embeds[input_of_row, :num_queries],
+                                             attention_mask=token_mask, encoder_hidden_states=frame_tokens)
+    expected = qformer(
+        query_embeds=embeds[input_of_row], query_length=num_queries, attention_mask=attention_mask[input_of_row],
+        encoder_hidden_states=frame_tokens, encoder_attention_mask=encoder_mask,
+    ).last_hidden_state[:, :num_queries]
+    for rows in (input_of_row, None):
+        inputs = (embeds, attention_mask) if rows is not None else (embeds[input_of_row], attention_mask[input_of_row])
+        outputs = qformer_query_outputs(qformer, *inputs, num_queries, frame_tokens, encoder_mask, input_of_row=rows)
+        torch.testing.assert_close(outputs, expected)
+
+
+def test_fine_scores_ignore_how_far_texts_are_padded(tester):
+    model = tester.get_model().eval()
+    ids, mask, tokens, video_mask = fine_inputs(model, tester.get_inputs())
+    longer_ids = torch.cat([ids, ids.new_zeros(ids.shape[0], 4)], dim=1)
+    longer_mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 4)], dim=1)
+    torch.testing.assert_close(
+        model.get_fine_scores(longer_ids, longer_mask, tokens, video_mask),
         model.get_fine_scores(ids, mask, tokens, video_mask),
     )
 
@@ -243,7 +284,11 @@ def test_gradients_reach_the_fine_module_and_not_the_frozen_tower(tester):
     assert all(p.grad is None for p in model.fine_vision_model.parameters())
     for name in ("query_tokens", "matching_head.weight", "token_selector.fc1.weight", "frame_position_embeddings"):
         assert model.get_parameter(name).grad is not None, name
-    assert all(p.grad is not None for p in model.qformer.parameters() if p.requires_grad)
+    unused = set(model.unused_parameter_names())
+    assert unused and all(".intermediate." in name or ".output." in name for name in unused)
+    for name, parameter in model.named_parameters():
+        if name.startswith("qformer."):  # every Q-Former parameter but the unused ones gets a gradient
+            assert (parameter.grad is None) == (name in unused), name
     assert model.vision_model.embeddings.patch_embedding.weight.grad is not None  # stage 1 is trainable
 
 
