@@ -194,6 +194,18 @@ def test_index_refuses_another_model_or_processor(model_and_processor, library, 
         VideoIndex.open(tmp_path / "nowhere")
 
 
+def test_index_command_with_reference_frame_decoding(library, tmp_path):
+    exact, fast = tmp_path / "exact", tmp_path / "fast"
+    assert main(["index", str(library), "--index", str(exact), "--num-workers", "0"]) == 0
+    argv = ["index", str(library), "--index", str(fast), "--num-workers", "0", "--decoding", "reference_frames"]
+    assert main(argv) == 0
+    exact_index, fast_index = VideoIndex.open(exact), VideoIndex.open(fast)
+    assert fast_index.paths == exact_index.paths
+    # Nearby frames instead of the exact ones: nearly the same embeddings, not a different index.
+    similarity = (fast_index.stage1_embeddings() * exact_index.stage1_embeddings()).sum(dim=-1)
+    assert (similarity > 0.9).all()
+
+
 def test_search_command_json_and_contact_sheet(model_and_processor, library, tmp_path, capsys):
     assert main(["index", str(library), "--index", str(tmp_path / "index"), "--num-workers", "0"]) == 0
     capsys.readouterr()

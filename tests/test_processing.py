@@ -60,15 +60,72 @@ def test_read_video_clip_times(media_dir):
         read_video(path, 4, start_time=5.0)
 
 
+@pytest.fixture(scope="module")
+def numbered_video(tmp_path_factory) -> str:
+    """120 flat grey frames at 24 fps whose brightness is twice their index, H.264 with x264's default B-frames
+    (non-reference frames to skip) and a keyframe every 40 frames."""
+    import av
+
+    path = os.fspath(tmp_path_factory.mktemp("numbered") / "numbered.mp4")
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        stream.codec_context.gop_size = 40
+        for index in range(120):
+            frame = np.full((64, 64, 3), 2 * index, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def frame_numbers(frames: np.ndarray, video: str) -> list[int]:
+    """Which frames of `video` these are, told by their brightness (every frame decoded with PyAV as the reference)."""
+    brightness = _read_frames_with_pyav(video, list(range(120))).mean(axis=(1, 2, 3))
+    assert (np.diff(brightness) > 0).all()
+    return [int(np.abs(brightness - frame.mean()).argmin()) for frame in frames]
+
+
+def test_reference_frame_decoding_takes_the_nearest_reference_frames(numbered_video):
+    targets = sample_frame_indices(120, 12)
+    # Exact decoding: the sampled frames themselves.
+    assert frame_numbers(read_video(numbered_video, 12), numbered_video) == targets
+    frames = read_video(numbered_video, 12, decoding="reference_frames")
+    assert frames.shape == (12, 64, 64, 3) and frames.dtype == np.uint8
+    numbers = frame_numbers(frames, numbered_video)
+    assert numbers == sorted(set(numbers))  # distinct, in order
+    offsets = [abs(number - target) for number, target in zip(numbers, targets)]
+    assert max(offsets) <= 2 and any(offsets)  # some sampled frames were skipped and replaced by a neighbour
+
+
+def test_reference_frame_decoding_of_a_clip(numbered_video):
+    # [2 s, 4 s) at 24 fps is frames 48..95; the decoder starts from the keyframe at 40.
+    frames = read_video(numbered_video, 4, start_time=2.0, end_time=4.0, decoding="reference_frames")
+    numbers = frame_numbers(frames, numbered_video)
+    targets = sample_frame_indices(120, 4, start=48, end=96)
+    assert all(abs(number - target) <= 2 for number, target in zip(numbers, targets))
+    with pytest.raises(VideoDecodeError, match="starts at 9.0 s but the video lasts 5.00 s"):
+        read_video(numbered_video, 4, start_time=9.0, decoding="reference_frames")
+
+
+def test_reference_frame_decoding_of_short_clips_decodes_every_frame(media_dir, numbered_video):
+    assert read_video(os.path.join(media_dir, "short.mp4"), 4, decoding="reference_frames").shape[0] == 2
+    # 30 frames for 12 samples (under 4 per sample): nothing is skipped, so the samples are exact.
+    numbers = frame_numbers(read_video(numbered_video, 12, end_time=1.25, decoding="reference_frames"), numbered_video)
+    assert numbers == sample_frame_indices(120, 12, end=30)
+
+
+@pytest.mark.parametrize("decoding", ["exact", "reference_frames"])
 @pytest.mark.parametrize("name", ["corrupt.mp4", "empty.mp4", "notes.mp4"])
-def test_unreadable_files_raise_an_error_naming_the_file(media_dir, name):
+def test_unreadable_files_raise_an_error_naming_the_file(media_dir, name, decoding):
     with pytest.raises(VideoDecodeError, match=name):
-        read_video(os.path.join(media_dir, name), 4)
+        read_video(os.path.join(media_dir, name), 4, decoding=decoding)
 
 
-def test_missing_file(media_dir):
+def test_missing_file_and_unknown_decoding(media_dir):
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         read_video(os.path.join(media_dir, "missing.mp4"), 4)
+    with pytest.raises(ValueError, match="decoding='fast' is not one of"):
+        read_video(os.path.join(media_dir, "short.mp4"), 4, decoding="fast")
 
 
 def test_processor_shapes_and_masks_for_files(tester, media_dir):
@@ -132,6 +189,12 @@ def test_processor_save_load_round_trip(tester, tmp_path, frames):
     assert (tmp_path / "qformer_tokenizer").is_dir()
     loaded = CrossTVRProcessor.from_pretrained(tmp_path)
     assert (loaded.num_frames, loaded.max_text_length) == (tester.num_frames, tester.text_length)
+    assert loaded.decoding == "exact"
+    processor.decoding = "reference_frames"
+    processor.save_pretrained(tmp_path)
+    assert CrossTVRProcessor.from_pretrained(tmp_path).decoding == "reference_frames"
+    with pytest.raises(ValueError, match="decoding='fast' is not one of"):
+        CrossTVRProcessor(processor.image_processor, processor.tokenizer, processor.qformer_tokenizer, decoding="fast")
     inputs, loaded_inputs = processor(text="a red square", videos=frames), loaded(text="a red square", videos=frames)
     for key in inputs:
         torch.testing.assert_close(loaded_inputs[key], inputs[key])
