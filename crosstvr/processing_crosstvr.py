@@ -89,11 +89,12 @@ def read_video(
 
     - `"exact"` (default): decord decodes the sampled frames themselves. Between keyframes, which are often 250
       frames apart, that still means decoding nearly every frame.
-    - `"reference_frames"`: PyAV decodes the clip in one pass, skipping the frames that no other frame references
-      (libavcodec's `skip_frame=NONREF`: most B-frames), and each sampled index gets the nearest decoded frame, at
-      most a couple of frames away (with x264's default 3 B-frames, about 2.5 frames on average). Decoding about half
-      the frames takes about half the time; the frame count comes from the container's metadata. Clips with fewer
-      than `MIN_FRAMES_PER_SAMPLE_TO_SKIP` frames per sampled frame decode every frame, so samples stay distinct.
+    - `"reference_frames"`: PyAV decodes the clip skipping the frames that no other frame references (libavcodec's
+      `skip_frame=NONREF`: most B-frames) and jumping from each sampled frame to the keyframe before the next one
+      where there is one in between; each sampled index gets the nearest reference frame, at most 2 frames away with
+      x264's default 3 B-frames. The chosen frames are those a full pass would choose; about a third of the frames
+      are decoded, at 2x the speed of `"exact"`. The frame count comes from the container's metadata. Clips with
+      fewer than `MIN_FRAMES_PER_SAMPLE_TO_SKIP` frames per sampled frame decode every frame, so samples stay distinct.
 
     Returns:
         A `(frames, height, width, 3)` uint8 array with at most `num_frames` frames.
@@ -170,7 +171,7 @@ def _import_av(path: str):
 
 
 def _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_time, generator):
-    """`read_video(..., decoding="reference_frames")`: one decoding pass that skips non-reference frames."""
+    """`read_video(..., decoding="reference_frames")`: skips non-reference frames and jumps to keyframes."""
     av = _import_av(path)
     try:
         with av.open(path) as container:
@@ -199,9 +200,10 @@ def _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_t
             first_pts = stream.start_time or 0
             if start > 0:  # to the keyframe before the clip
                 container.seek(first_pts + int(start / fps / stream.time_base), stream=stream, backward=True)
-            frames = _nearest_frames(
-                container.decode(stream), indices, lambda pts: float((pts - first_pts) * stream.time_base) * fps
-            )
+            def position(pts: int) -> float:
+                return float((pts - first_pts) * stream.time_base) * fps
+
+            frames = _nearest_frames(_decode_towards(container, stream, indices, position), indices, position)
     except av.FFmpegError as error:
         raise VideoDecodeError(f"video {path!r} could not be decoded: {error}") from error
     if not frames:
@@ -211,6 +213,40 @@ def _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_t
         if id(frame) not in arrays:
             arrays[id(frame)] = torch.from_numpy(frame.to_ndarray(format="rgb24"))
     return torch.stack([arrays[id(frame)] for frame in frames]).numpy()
+
+
+def _decode_towards(container, stream, indices: list[int], position):
+    """
+    The decoded frames of `stream` in presentation order, as far as choosing the nearest frame to each of the
+    increasing `indices` needs them. Once a frame at or past index i has come out, decoding jumps ahead to the last
+    keyframe at or before index i + 1 if there is one ahead (the decoder is flushed and restarts there): no frame in
+    between can be nearer to index i + 1 than that keyframe. The packets, read first up to the keyframe past the last
+    index, tell where the keyframes are (reading them costs a few percent of decoding).
+    """
+    packets = []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's end-of-stream marker
+            continue
+        packets.append(packet)
+        if packet.is_keyframe and packet.pts is not None and position(packet.pts) > indices[-1]:
+            break
+    keyframes = [  # (position, packet index)
+        (position(packet.pts), k) for k, packet in enumerate(packets) if packet.is_keyframe and packet.pts is not None
+    ]
+    codec, reached, k = stream.codec_context, 0, 0
+    while k < len(packets):
+        for frame in codec.decode(packets[k]):
+            yield frame
+            while frame.pts is not None and reached < len(indices) and position(frame.pts) >= indices[reached]:
+                reached += 1
+        if reached == len(indices):
+            return
+        k += 1
+        ahead = [packet_index for keyframe, packet_index in keyframes if keyframe <= indices[reached]]
+        if ahead and ahead[-1] > k:
+            codec.flush_buffers()
+            k = ahead[-1]
+    yield from codec.decode(None)
 
 
 def _nearest_frames(frames, indices: list[int], frame_index) -> list:

@@ -60,17 +60,15 @@ def test_read_video_clip_times(media_dir):
         read_video(path, 4, start_time=5.0)
 
 
-@pytest.fixture(scope="module")
-def numbered_video(tmp_path_factory) -> str:
+def write_numbered_video(path: str, keyframe_interval: int) -> str:
     """120 flat grey frames at 24 fps whose brightness is twice their index, H.264 with x264's default B-frames
-    (non-reference frames to skip) and a keyframe every 40 frames."""
+    (non-reference frames to skip)."""
     import av
 
-    path = os.fspath(tmp_path_factory.mktemp("numbered") / "numbered.mp4")
     with av.open(path, mode="w") as container:
         stream = container.add_stream("libx264", rate=24)
         stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        stream.codec_context.gop_size = 40
+        stream.codec_context.gop_size = keyframe_interval
         for index in range(120):
             frame = np.full((64, 64, 3), 2 * index, dtype=np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
@@ -78,11 +76,27 @@ def numbered_video(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def numbered_video(tmp_path_factory) -> str:
+    return write_numbered_video(os.fspath(tmp_path_factory.mktemp("numbered") / "numbered.mp4"), 40)
+
+
 def frame_numbers(frames: np.ndarray, video: str) -> list[int]:
     """Which frames of `video` these are, told by their brightness (every frame decoded with PyAV as the reference)."""
     brightness = _read_frames_with_pyav(video, list(range(120))).mean(axis=(1, 2, 3))
     assert (np.diff(brightness) > 0).all()
     return [int(np.abs(brightness - frame.mean()).argmin()) for frame in frames]
+
+
+def reference_frame_numbers(video: str) -> np.ndarray:
+    """The frames of `video` that libavcodec decodes with skip_frame=NONREF."""
+    import av
+
+    with av.open(video) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = "NONREF"
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    return np.array(frame_numbers(np.stack(frames), video))
 
 
 def test_reference_frame_decoding_takes_the_nearest_reference_frames(numbered_video):
@@ -95,6 +109,18 @@ def test_reference_frame_decoding_takes_the_nearest_reference_frames(numbered_vi
     assert numbers == sorted(set(numbers))  # distinct, in order
     offsets = [abs(number - target) for number, target in zip(numbers, targets)]
     assert max(offsets) <= 2 and any(offsets)  # some sampled frames were skipped and replaced by a neighbour
+
+
+@pytest.mark.parametrize("keyframe_interval", [10, 40, 250])
+def test_reference_frame_decoding_jumps_to_keyframes_without_changing_the_frames(tmp_path, keyframe_interval):
+    # With 4 samples 30 frames apart and keyframes every 10, decoding skips from each sample to the next keyframe;
+    # the frames chosen must still be the nearest of all reference frames.
+    video = write_numbered_video(os.fspath(tmp_path / "video.mp4"), keyframe_interval)
+    references = reference_frame_numbers(video)
+    assert len(references) < 100  # non-reference frames exist
+    targets = sample_frame_indices(120, 4)
+    nearest = [int(references[np.abs(references - target).argmin()]) for target in targets]
+    assert frame_numbers(read_video(video, 4, decoding="reference_frames"), video) == nearest
 
 
 def test_reference_frame_decoding_of_a_clip(numbered_video):
