@@ -750,13 +750,14 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         positions of the last layer are read, see [`qformer_query_outputs`]). They stay in checkpoints, as in BLIP-2's;
         training freezes them, since distributed data parallel expects a gradient for every trainable parameter.
         """
-        names = []
-        for prefix in ("qformer", "temporal_qformer"):
-            if getattr(self, prefix) is not None:
-                last_layer = f"{prefix}.encoder.layer.{self.config.qformer_config.num_hidden_layers - 1}"
-                names += [name for name, _ in self.named_parameters() if name.startswith(f"{last_layer}.intermediate.")]
-                names += [name for name, _ in self.named_parameters() if name.startswith(f"{last_layer}.output.")]
-        return names
+        last_layer = self.config.qformer_config.num_hidden_layers - 1
+        text_feed_forward = tuple(
+            f"{qformer}.encoder.layer.{last_layer}.{module}."
+            for qformer in ("qformer", "temporal_qformer")
+            if getattr(self, qformer) is not None
+            for module in ("intermediate", "output")
+        )
+        return [name for name, _ in self.named_parameters() if name.startswith(text_feed_forward)]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Input checks

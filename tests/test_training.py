@@ -307,3 +307,19 @@ def test_two_process_training_matches_one_process(workspace, tmp_path):
             continue
         torch.testing.assert_close(actual[name], expected[name], atol=2e-5, rtol=1e-4, msg=name)
     shutil.rmtree(tmp_path / "two" / "final")
+
+
+def test_two_processes_train_stage_two(workspace, tmp_path):
+    # Distributed data parallel needs a gradient for every trainable parameter: the Q-Former parameters that no output
+    # depends on must be frozen, or the backward pass of the second step fails.
+    options = [
+        "--annotations_dir", workspace["fixture"].annotations_dir,
+        "--videos_dir", workspace["fixture"].videos_dir,
+        "--model_name_or_path", workspace["checkpoints"]["transformer"],
+        "--dataset_cache_dir", workspace["cache"],
+        "--stage", "2", "--batch_size", "4", "--per_device_batch_size", "2", "--max_steps", "2",
+        "--num_workers", "0", "--do_eval", "false", "--output_dir", str(tmp_path / "two"),
+    ]
+    result = torchrun("-m", "crosstvr.train", *options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "two" / "final" / "model.safetensors").exists()
