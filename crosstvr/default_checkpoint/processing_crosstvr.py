@@ -17,6 +17,7 @@ This file is Hub-portable: it imports only the standard library, torch and `tran
 files, is imported when a video file is read.
 """
 
+import bisect
 import os
 from collections.abc import Sequence
 
@@ -122,13 +123,9 @@ def read_video(
         raise VideoDecodeError(f"video {path!r} could not be decoded: {str(error).splitlines()[0]}") from error
     if num_video_frames == 0:
         raise VideoDecodeError(f"video {path!r} has no frames")
-    start = 0 if start_time is None else int(start_time * fps)
-    end = num_video_frames if end_time is None else max(int(end_time * fps), start + 1)
-    if start >= num_video_frames:
-        raise VideoDecodeError(
-            f"video {path!r}: the clip starts at {start_time} s but the video lasts {num_video_frames / fps:.2f} s"
-        )
-    indices = sample_frame_indices(num_video_frames, num_frames, sampling, start, end, generator)
+    _, _, indices = _clip_frame_indices(
+        path, num_video_frames, fps, num_frames, sampling, start_time, end_time, generator
+    )
     try:
         return reader.get_batch(indices).asnumpy()
     except (RuntimeError, decord.DECORDError) as error:
@@ -162,6 +159,20 @@ def _read_frames_with_pyav(path: str, indices: list[int]):
     return torch.stack([torch.from_numpy(frames[index]) for index in indices]).numpy()
 
 
+def _clip_frame_indices(
+    path: str, num_video_frames: int, fps: float, num_frames: int, sampling, start_time, end_time, generator
+) -> tuple[int, int, list[int]]:
+    """The clip `[start_time, end_time)` seconds as frames `[start, end)` of the video, and the frames sampled from
+    it (see [`sample_frame_indices`])."""
+    start = 0 if start_time is None else int(start_time * fps)
+    end = num_video_frames if end_time is None else min(max(int(end_time * fps), start + 1), num_video_frames)
+    if start >= num_video_frames:
+        raise VideoDecodeError(
+            f"video {path!r}: the clip starts at {start_time} s but the video lasts {num_video_frames / fps:.2f} s"
+        )
+    return start, end, sample_frame_indices(num_video_frames, num_frames, sampling, start, end, generator)
+
+
 def _import_av(path: str):
     try:
         import av
@@ -186,20 +197,16 @@ def _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_t
             num_video_frames = stream.frames or int(round(duration * fps))
             if num_video_frames <= 0 or fps <= 0:
                 raise VideoDecodeError(f"video {path!r} has no frames (or no frame rate) in its metadata")
-            start = 0 if start_time is None else int(start_time * fps)
-            end = num_video_frames if end_time is None else max(int(end_time * fps), start + 1)
-            if start >= num_video_frames:
-                raise VideoDecodeError(
-                    f"video {path!r}: the clip starts at {start_time} s but the video lasts "
-                    f"{num_video_frames / fps:.2f} s"
-                )
-            indices = sample_frame_indices(num_video_frames, num_frames, sampling, start, end, generator)
-            if min(end, num_video_frames) - start >= MIN_FRAMES_PER_SAMPLE_TO_SKIP * num_frames:
+            start, end, indices = _clip_frame_indices(
+                path, num_video_frames, fps, num_frames, sampling, start_time, end_time, generator
+            )
+            if end - start >= MIN_FRAMES_PER_SAMPLE_TO_SKIP * num_frames:
                 stream.codec_context.skip_frame = "NONREF"
             stream.thread_type = "SLICE"
             first_pts = stream.start_time or 0
             if start > 0:  # to the keyframe before the clip
                 container.seek(first_pts + int(start / fps / stream.time_base), stream=stream, backward=True)
+
             def position(pts: int) -> float:
                 return float((pts - first_pts) * stream.time_base) * fps
 
@@ -230,10 +237,9 @@ def _decode_towards(container, stream, indices: list[int], position):
         packets.append(packet)
         if packet.is_keyframe and packet.pts is not None and position(packet.pts) > indices[-1]:
             break
-    keyframes = [  # (position, packet index)
-        (position(packet.pts), k) for k, packet in enumerate(packets) if packet.is_keyframe and packet.pts is not None
-    ]
-    codec, reached, k = stream.codec_context, 0, 0
+    keyframe_packets = [k for k, packet in enumerate(packets) if packet.is_keyframe and packet.pts is not None]
+    keyframe_positions = [position(packets[k].pts) for k in keyframe_packets]  # increasing
+    codec, reached, looked_up, k = stream.codec_context, 0, None, 0
     while k < len(packets):
         for frame in codec.decode(packets[k]):
             yield frame
@@ -242,10 +248,12 @@ def _decode_towards(container, stream, indices: list[int], position):
         if reached == len(indices):
             return
         k += 1
-        ahead = [packet_index for keyframe, packet_index in keyframes if keyframe <= indices[reached]]
-        if ahead and ahead[-1] > k:
-            codec.flush_buffers()
-            k = ahead[-1]
+        if looked_up != reached:  # once per index: the last keyframe at or before it, if that lies ahead
+            looked_up = reached
+            last = bisect.bisect_right(keyframe_positions, indices[reached]) - 1
+            if last >= 0 and keyframe_packets[last] > k:
+                codec.flush_buffers()
+                k = keyframe_packets[last]
     yield from codec.decode(None)
 
 
