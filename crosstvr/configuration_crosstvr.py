@@ -95,6 +95,12 @@ class CrossTVRConfig(PreTrainedConfig):
             Add a learnable, zero-initialised frame position embedding to X_spatial(t) before the temporal pass. The
             paper's equations leave the temporal pass without any notion of frame order; at initialisation this is
             exactly the paper's module, and training can learn order ("A, then B").
+        temporal_text_input (`bool`, *optional*, defaults to `False`):
+            Whether the caption's tokens join X_spatial(t) as inputs of the temporal text attention of
+            `"spatial_temporal"`. The paper's Eq. 5 (`False`) makes the T spatial outputs alone the queries: the text
+            reaches the temporal pass only through them. `True` concatenates the caption again, as BLIP-2's matching
+            path does in the spatial pass. (The `"temporal"` ablation, which has no spatial pass, always reads the
+            caption beside the query tokens.)
         rerank_top_k (`int`, *optional*, defaults to 15):
             Re-ranking depth K: candidates per query that stage 2 scores.
         fine_score_weight (`float`, *optional*, defaults to 1.0):
@@ -149,6 +155,7 @@ class CrossTVRConfig(PreTrainedConfig):
     share_spatial_temporal: bool = True
     share_vision_tower: bool = False
     use_frame_position_embeddings: bool = True
+    temporal_text_input: bool = False
     rerank_top_k: int = 15
     fine_score_weight: float = 1.0
     initializer_range: float = 0.02

@@ -747,17 +747,21 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
     def unused_parameter_names(self) -> list[str]:
         """
         Parameters that no output depends on: the text feed-forward of each Q-Former's last layer (only the query
-        positions of the last layer are read, see [`qformer_query_outputs`]). They stay in checkpoints, as in BLIP-2's;
-        training freezes them, since distributed data parallel expects a gradient for every trainable parameter.
+        positions of the last layer are read, see [`qformer_query_outputs`]) and, when a separate temporal Q-Former
+        reads no text (Eq. 5), its text embeddings and all its text feed-forwards. They stay in checkpoints, as in
+        BLIP-2's; training freezes them, since distributed data parallel expects a gradient for every trainable
+        parameter.
         """
         last_layer = self.config.qformer_config.num_hidden_layers - 1
-        text_feed_forward = tuple(
-            f"{qformer}.encoder.layer.{last_layer}.{module}."
-            for qformer in ("qformer", "temporal_qformer")
-            if getattr(self, qformer) is not None
-            for module in ("intermediate", "output")
-        )
-        return [name for name, _ in self.named_parameters() if name.startswith(text_feed_forward)]
+        unused = [f"qformer.encoder.layer.{last_layer}.{module}." for module in ("intermediate", "output")]
+        if self.temporal_qformer is not None:
+            if self.config.temporal_text_input:
+                unused += [f"temporal_qformer.encoder.layer.{last_layer}.{m}." for m in ("intermediate", "output")]
+            else:
+                layers = range(self.config.qformer_config.num_hidden_layers)
+                unused += [f"temporal_qformer.encoder.layer.{i}.{m}." for i in layers for m in ("intermediate", "output")]
+                unused.append("temporal_qformer_embeddings.")
+        return [name for name, _ in self.named_parameters() if name.startswith(tuple(unused))]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Input checks
@@ -920,26 +924,28 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
 
     def temporal_text_attention(
         self,
-        qformer_input_ids: torch.Tensor,
-        qformer_attention_mask: torch.Tensor,
         queries: torch.Tensor,
         query_mask: torch.Tensor,
         selected_tokens: torch.Tensor,
         token_mask: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
-        Temporal text attention over the whole video: the queries (X_spatial(t) of every frame, or the learned query
-        tokens in the `"temporal"` ablation) attend to the M x T selected tokens of all frames,
+        Temporal text attention over the whole video (Eqs. 5-6): the queries attend to the M x T selected tokens of all
+        frames,
 
-            z_1 = Attn(Concat(queries, X), Concat_t V_select(t)),   z_l = Attn(z_{l-1}, ...)
+            z_1 = Attn(Concat_t X_spatial(t), Concat_t V_select(t)),   z_l = Attn(z_{l-1}, Concat_t V_select(t))
 
-        with the same Q-Former as the spatial pass unless `share_spatial_temporal=False`. Padding frames are masked
-        both as queries and as keys.
+        In the paper's module the queries are X_spatial(t) of every frame, and the text reaches this pass only through
+        them. With `qformer_input_ids` the caption's tokens follow the queries, as in Eq. 1: the `"temporal"` ablation
+        (the learned query tokens and the text) and `temporal_text_input=True`. The same Q-Former as the spatial pass
+        runs unless `share_spatial_temporal=False`. Padding frames are masked both as queries and as keys.
 
         Args:
-            qformer_input_ids, qformer_attention_mask: `(pairs, text_length)`.
             queries: `(pairs, queries, qformer_hidden_size)`; query_mask: `(pairs, queries)`.
             selected_tokens: `(pairs, frames * M, fine_vision_hidden_size)`, V_select; token_mask: `(pairs, frames * M)`.
+            qformer_input_ids, qformer_attention_mask: `(pairs, text_length)`, *optional*.
 
         Returns:
             The masked mean of the last layer's query outputs: `(pairs, qformer_hidden_size)`.
@@ -949,8 +955,10 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         else:
             qformer, embeddings = self.temporal_qformer, self.temporal_qformer_embeddings
         num_queries = queries.shape[1]
-        embeds = embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (pairs, queries + L, hidden)
-        attention_mask = torch.cat([query_mask.to(qformer_attention_mask.dtype), qformer_attention_mask], dim=1)
+        embeds = embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (pairs, queries (+ L), hidden)
+        attention_mask = query_mask.to(token_mask.dtype)
+        if qformer_input_ids is not None:
+            attention_mask = torch.cat([attention_mask, qformer_attention_mask.to(attention_mask.dtype)], dim=1)
         # Only the query positions cross-attend, so the padding mask over the selected tokens is built for those rows.
         encoder_attention_mask = create_bidirectional_mask(
             config=qformer.config,
@@ -1047,13 +1055,14 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
                         f"frames (config.num_frames) but got {num_frames} frames."
                     )
                 queries = queries + self.frame_position_embeddings[:num_frames]
+        with_text = fine_attention == "temporal" or self.config.temporal_text_input
         pooled = self.temporal_text_attention(
-            qformer_input_ids,
-            qformer_attention_mask,
             queries,
             query_mask,
             selected_tokens.flatten(1, 2),  # (pairs, T * M, D_v)
             token_mask,
+            qformer_input_ids if with_text else None,
+            qformer_attention_mask if with_text else None,
         )
         return self.matching_head(pooled)
 

@@ -467,3 +467,32 @@ def test_fine_attention_ablations_keep_one_pass(tester, fine_attention):
     torch.testing.assert_close(
         model.get_fine_scores(*fine_inputs(model, changed)), model.get_fine_scores(*fine_inputs(model, inputs))
     )
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("temporal_text_input", [False, True])
+def test_temporal_pass_reads_the_caption_only_through_the_spatial_outputs(tester, share, temporal_text_input):
+    # Eq. 5: z_1 = Attn(Concat X_spatial(t), Concat V_select(t)). With X_spatial held fixed, another caption changes
+    # nothing; the `temporal_text_input` switch puts the caption back beside the queries.
+    model = tester.get_model(share_spatial_temporal=share, temporal_text_input=temporal_text_input).eval()
+    inputs = tester.get_inputs()
+    ids, mask, tokens, video_mask = fine_inputs(model, inputs)
+    spatial = torch.randn(int(video_mask.sum()), model.config.qformer_config.hidden_size)
+    model.spatial_text_attention = lambda *args, **kwargs: spatial  # X_spatial(t) held fixed
+    other_ids = ids.roll(1, dims=0)  # every pair gets another caption
+    other_mask = mask.roll(1, dims=0)
+    changed = model.get_fine_logits(other_ids, other_mask, tokens, video_mask) - model.get_fine_logits(
+        ids, mask, tokens, video_mask
+    )
+    assert (changed.abs().max() > 1e-4) == temporal_text_input
+
+
+@pytest.mark.parametrize("temporal_text_input", [False, True])
+def test_every_fine_parameter_but_the_unused_ones_gets_a_gradient(tester, temporal_text_input):
+    model = tester.get_model(share_spatial_temporal=False, temporal_text_input=temporal_text_input).train()
+    model(**tester.get_inputs()).loss.backward()
+    unused = set(model.unused_parameter_names())
+    assert any(name.startswith("temporal_qformer_embeddings.") for name in unused) != temporal_text_input
+    for name, parameter in model.named_parameters():
+        if name.startswith(("qformer", "temporal_qformer")):
+            assert (parameter.grad is None) == (name in unused), name
