@@ -8,6 +8,7 @@ from crosstvr.cli import main
 from crosstvr.data import load_retrieval_dataset, write_fixture
 from crosstvr.default_model import build_tiny_model
 from crosstvr.evaluation import (
+    EncodedSplit,
     compute_retrieval_metrics,
     dual_softmax,
     evaluate_retrieval,
@@ -205,3 +206,43 @@ def test_depth_sweep_equals_separate_evaluations(msvd_test_split):
     for depth in (1, 2):
         separate = evaluate_retrieval(model, processor, test, top_k=depth, progress=False)
         assert sweep[depth] == pytest.approx(separate.metrics["two_stage"])
+
+
+def test_dual_softmax_for_video_to_text_takes_its_prior_over_videos():
+    # Transposed hub case: text 0 attracts every video, so video-to-text R@1 is 25 % on the plain matrix.
+    similarity = hubness_case().t().contiguous()  # (texts, videos)
+    assert compute_retrieval_metrics(similarity.numpy())["v2t_R1"] == 25.0
+    video_to_text = dual_softmax(similarity, temperature=0.05, dim=1)
+    # By hand: S'[0, 1] = 0.85 * exp(0.85 / 0.05) / sum_v exp(S[0, v] / 0.05).
+    expected = 0.85 * torch.exp(torch.tensor(0.85 / 0.05)) / torch.exp(similarity[0] / 0.05).sum()
+    torch.testing.assert_close(video_to_text[0, 1], expected)
+    assert compute_retrieval_metrics(similarity.numpy(), video_to_text_scores=video_to_text.t().numpy())["v2t_R1"] == 100.0
+    # The text-to-video prior (over texts) only rescales each video's column: the video-to-text ranking is unchanged.
+    text_prior = dual_softmax(similarity, temperature=0.05, dim=0)
+    assert compute_retrieval_metrics(similarity.numpy(), video_to_text_scores=text_prior.t().numpy())["v2t_R1"] == 25.0
+
+
+def encoded_from_similarity(similarity: torch.Tensor) -> EncodedSplit:
+    """A split whose stage-1 similarity is `similarity` (texts x videos, one caption per video)."""
+    num_texts, num_videos = similarity.shape
+    return EncodedSplit(
+        text_embeds=similarity,
+        qformer_input_ids=torch.ones(num_texts, 4, dtype=torch.long),
+        qformer_attention_mask=torch.ones(num_texts, 4, dtype=torch.long),
+        text_to_video_index=torch.arange(num_texts),
+        video_embeds=torch.eye(num_videos),
+        vision_tokens=torch.zeros(num_videos, 1, 1, 1, dtype=torch.float16),
+        video_mask=torch.ones(num_videos, 1, dtype=torch.long),
+    )
+
+
+def test_evaluation_with_dsl_improves_both_directions():
+    model, processor = build_tiny_model()
+    similarity = hubness_case()  # video 0 is a hub for text-to-video ...
+    similarity[0] = similarity[:, 0]  # ... and text 0 one for video-to-text
+    encoded = encoded_from_similarity(similarity)
+    plain = evaluate_retrieval(model, processor, None, rerank=False, encoded=encoded).metrics["stage1"]
+    dsl = evaluate_retrieval(
+        model, processor, None, rerank=False, post_processing="dsl", dsl_temperature=0.05, encoded=encoded
+    ).metrics["stage1"]
+    assert dsl["t2v_R1"] > plain["t2v_R1"] and dsl["v2t_R1"] > plain["v2t_R1"]

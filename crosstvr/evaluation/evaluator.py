@@ -240,10 +240,12 @@ def evaluate_retrieval(
     if encoded is None:
         encoded = encode_split(model, processor, dataset, batch_size, num_workers, progress)
     similarity = encoded.text_embeds @ encoded.video_embeds.t()  # (texts, videos)
-    if post_processing == "dsl":
-        similarity = dual_softmax(similarity, dsl_temperature)
-    # QB-Norm's bank holds text queries, so it re-weights text-to-video only; video-to-text keeps the plain matrix.
+    # Both directions are ranked in a (texts, videos) matrix: rows for text-to-video, columns for video-to-text.
     video_to_text_similarity = similarity
+    if post_processing == "dsl":
+        similarity = dual_softmax(similarity, dsl_temperature, dim=0)
+        video_to_text_similarity = dual_softmax(video_to_text_similarity, dsl_temperature, dim=1)
+    # QB-Norm's bank holds text queries, so it re-weights text-to-video only; video-to-text keeps the plain matrix.
     if post_processing == "qb_norm":
         bank_embeds, _, _ = encode_texts(model, processor, list(querybank_captions), progress=progress)
         similarity = querybank_normalize(similarity, bank_embeds @ encoded.video_embeds.t(), qb_norm_beta, qb_norm_k)

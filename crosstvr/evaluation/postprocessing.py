@@ -8,19 +8,27 @@ s_coarse term of the fused score; the candidates outside the top K keep the post
 import torch
 
 
-def dual_softmax(similarity: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
+def dual_softmax(similarity: torch.Tensor, temperature: float = 0.01, dim: int = 0) -> torch.Tensor:
     r"""
     Dual softmax (DSL) at inference, as CAMoE (Cheng et al., 2021, arXiv:2109.04290) proposed and TS2-Net applies it:
-    every score is weighted by how much its text stands out among all texts for that video,
+    every score is weighted by a prior, the softmax of the scores along the *other* axis than the one being ranked.
 
-        S'_{tv} = S_{tv} * softmax_{t'}(S_{t'v} / temperature)_t
+        text-to-video (`dim=0`):  S'_{tv} = S_{tv} * softmax_{t'}(S_{t'v} / temperature)_t
+        video-to-text (`dim=1`):  S'_{tv} = S_{tv} * softmax_{v'}(S_{tv'} / temperature)_v
 
-    `temperature` plays the part of CLIP's 1 / logit_scale (TS2-Net applies the softmax to logit-scaled scores).
+    For text-to-video the prior says how much a text stands out among all texts for that video; for video-to-text,
+    how much a video stands out among all videos for that text. (A prior over the ranked axis would rescale each
+    query's row by positive constants and could not change any ranking.) `temperature` plays the part of CLIP's
+    1 / logit_scale (TS2-Net applies the softmax to logit-scaled scores).
 
     Args:
         similarity: `(texts, videos)` stage-1 cosine similarities.
+        dim: the axis of the prior: 0 (over texts) for text-to-video, 1 (over videos) for video-to-text.
+
+    Returns:
+        `(texts, videos)`, to be ranked along the other axis than `dim`.
     """
-    return similarity * torch.softmax(similarity / temperature, dim=0)
+    return similarity * torch.softmax(similarity / temperature, dim=dim)
 
 
 def querybank_normalize(
