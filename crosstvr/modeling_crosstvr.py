@@ -238,13 +238,15 @@ def fuse_reranking(
 
         s = s_coarse + w * s_fine  for the top K, ordered by s;  the other candidates follow in stage-1 order.
 
-    The fine scores of a shorter prefix give the ranking at a smaller depth, so one scoring serves every K <= K_max.
+    Ties are broken by candidate index everywhere (as the metrics do), so `ranking` and `logits` always agree. The fine
+    scores of a shorter prefix give the ranking at a smaller depth, so one scoring serves every K <= K_max.
     """
     num_candidates, top_k = similarity.shape[1], fine_scores.shape[1]
     top_k_indices = coarse_ranking[:, :top_k]
     coarse_top_k = similarity.gather(1, top_k_indices)
     fused_scores = coarse_top_k + fine_score_weight * fine_scores.to(coarse_top_k.dtype)
-    order = fused_scores.sort(dim=1, descending=True, stable=True).indices
+    by_index = top_k_indices.argsort(dim=1)  # a stable sort by the fused score then breaks ties by index
+    order = by_index.gather(1, fused_scores.gather(1, by_index).sort(dim=1, descending=True, stable=True).indices)
     ranking = torch.cat([top_k_indices.gather(1, order), coarse_ranking[:, top_k:]], dim=1)
     if top_k < num_candidates:
         # Shift the fused scores of each row above its best remaining stage-1 score.

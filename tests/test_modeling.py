@@ -496,3 +496,15 @@ def test_every_fine_parameter_but_the_unused_ones_gets_a_gradient(tester, tempor
     for name, parameter in model.named_parameters():
         if name.startswith(("qformer", "temporal_qformer")):
             assert (parameter.grad is None) == (name in unused), name
+
+
+def test_fused_ties_are_broken_by_candidate_index_as_the_metrics_do():
+    from crosstvr.evaluation.metrics import ground_truth_ranks
+    from crosstvr.modeling_crosstvr import fuse_reranking
+
+    similarity = torch.tensor([[0.25, 0.75, 0.125, 0.0]])  # stage-1 order: 1, 0, 2, 3
+    coarse_ranking = similarity.sort(dim=1, descending=True, stable=True).indices
+    out = fuse_reranking(similarity, coarse_ranking, torch.tensor([[0.0, 0.5, 0.625]]), 1.0)  # fused: all 0.75
+    assert out.ranking.tolist() == [[0, 1, 2, 3]]
+    logits = out.logits.numpy().repeat(4, axis=0)
+    assert ground_truth_ranks(logits, out.ranking[0].numpy()).tolist() == [1, 2, 3, 4]
