@@ -128,8 +128,9 @@ def pretrain_image_encoder(work: str, data: str, settings: dict, seed: int = PRE
         projection_dim=model.config.projection_dim,
     )
     clip = CLIPModel(config)
-    clip_modules = (*PRETRAINED_STAGE_ONE_MODULES, "logit_scale")
-    clip.load_state_dict({k: v for k, v in model.state_dict().items() if k.split(".")[0] in clip_modules}, strict=True)
+    clip.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k.split(".")[0] in PRETRAINED_STAGE_ONE_MODULES}, strict=True
+    )
     clip_dir = os.path.join(work, "clip")
     clip.save_pretrained(clip_dir)
     processor.tokenizer.save_pretrained(clip_dir)

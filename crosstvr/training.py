@@ -52,12 +52,16 @@ FINE_MODULES = (
     "frame_position_embeddings",
     "matching_head",
 )
-# Stage-1 parameters that come from a pretrained CLIP and get the scaled-down learning rate.
-PRETRAINED_STAGE_ONE_MODULES = ("text_model", "vision_model", "text_projection", "visual_projection")
+# Stage-1 parameters that come from a pretrained CLIP and get the scaled-down learning rate (the temperature
+# included: CLIP4Clip and TS2-Net train it as a CLIP weight).
+PRETRAINED_STAGE_ONE_MODULES = ("text_model", "vision_model", "text_projection", "visual_projection", "logit_scale")
 LORA_TARGETS = {
     "text": r"text_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
     "qformer": r"(temporal_)?qformer\.encoder\.layer\.\d+\.(attention|crossattention)\.attention\.(query|key|value)",
 }
+# The optimizer is AdamW. Stage 1 follows the code of TS2-Net (the paper's stage 1), whose BertAdam decays weights by
+# 0.2, decoupled from the gradient; stage 2 is the paper's own training, "Adam" with lr 1e-4: AdamW without decay.
+STAGE_WEIGHT_DECAY = {1: 0.2, 2: 0.0}
 # What stays fully trainable beside the LoRA adapters, per stage.
 LORA_MODULES_TO_SAVE = {1: ["text_projection", "visual_projection", "temporal_aggregator"], 2: ["token_selector", "matching_head"]}
 
@@ -95,7 +99,13 @@ class TrainingArguments:
     pretrained_lr_scale: float = field(
         default=1e-3, metadata={"help": "stage 1: learning-rate factor of the pretrained CLIP towers (CLIP4Clip)"}
     )
-    weight_decay: float = field(default=0.2, metadata={"help": "decoupled weight decay, not on biases / norms"})
+    weight_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "decoupled weight decay, not on biases / norms (default: 0.2 in stage 1, TS2-Net's BertAdam; 0 in "
+            "stage 2, the paper's Adam)"
+        },
+    )
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the steps with linear warm-up"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "a transformers scheduler name"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
@@ -132,6 +142,8 @@ class TrainingArguments:
         self.train_split = self.train_split or FORMATS[self.dataset].splits[0]
         self.eval_split = self.eval_split or FORMATS[self.dataset].splits[-1]
         self.token_cache_dir = self.token_cache_dir or os.path.join(self.output_dir, "token_cache")
+        if self.weight_decay is None:
+            self.weight_decay = STAGE_WEIGHT_DECAY[self.stage]
 
 
 class JSONLinesTracker(GeneralTracker):
@@ -218,14 +230,19 @@ def apply_lora(model: CrossTVRModel, args: TrainingArguments):
 
 
 def parameter_groups(model: torch.nn.Module, args: TrainingArguments) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, embeddings-like parameters; stage-1 CLIP towers at a scaled lr."""
+    """
+    AdamW groups: no weight decay on biases, norms, embeddings-like parameters and LoRA adapters; in stage 1 the CLIP
+    weights (towers, projections, temperature) at `learning_rate * pretrained_lr_scale`. LoRA adapters are new
+    weights: they train at the full learning rate, without decay (peft's and the LoRA paper's setting).
+    """
     groups = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        decay = parameter.ndim >= 2 and "norm" not in name.lower() and "embedding" not in name
+        adapter = ".lora_" in name
+        decay = parameter.ndim >= 2 and "norm" not in name.lower() and "embedding" not in name and not adapter
         local_name = name.split("base_model.model.")[-1]
-        pretrained = args.stage == 1 and local_name.split(".")[0] in PRETRAINED_STAGE_ONE_MODULES
+        pretrained = args.stage == 1 and not adapter and local_name.split(".")[0] in PRETRAINED_STAGE_ONE_MODULES
         key = (decay, pretrained)
         groups.setdefault(key, []).append(parameter)
     return [

@@ -323,3 +323,25 @@ def test_two_processes_train_stage_two(workspace, tmp_path):
     result = torchrun("-m", "crosstvr.train", *options)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "two" / "final" / "model.safetensors").exists()
+
+
+def test_parameter_groups_follow_the_paper_and_its_stage_one(workspace, tmp_path):
+    from crosstvr.training import apply_lora, parameter_groups, set_trainable_parameters
+
+    def group_of(model, args):
+        ids = {id(p): (g["lr"], g["weight_decay"]) for g in parameter_groups(model, args) for p in g["params"]}
+        return {name: ids[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+
+    model = CrossTVRModel(build_tiny_config(build_tiny_processor()))
+    stage_one = arguments(workspace, tmp_path, stage=1, learning_rate=1e-4, pretrained_lr_scale=1e-3)
+    assert stage_one.weight_decay == 0.2 and arguments(workspace, tmp_path, stage=2).weight_decay == 0.0
+    set_trainable_parameters(model, 1)
+    groups = group_of(model, stage_one)
+    # The temperature is a CLIP weight (CLIP4Clip / TS2-Net): the scaled learning rate, no decay.
+    assert groups["logit_scale"] == pytest.approx((1e-7, 0.0))
+    assert groups["text_model.encoder.layers.0.self_attn.q_proj.weight"] == pytest.approx((1e-7, 0.2))
+    assert groups["temporal_aggregator.token_selector.fc1.weight"] == pytest.approx((1e-4, 0.2))
+    # LoRA adapters on the CLIP text tower are new weights: the full learning rate, no decay.
+    lora = apply_lora(model, arguments(workspace, tmp_path, stage=1, lora_targets=["text"]))
+    adapters = {name: group for name, group in group_of(lora, stage_one).items() if ".lora_" in name}
+    assert adapters and all(group == pytest.approx((1e-4, 0.0)) for group in adapters.values())
