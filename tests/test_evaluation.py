@@ -246,3 +246,43 @@ def test_evaluation_with_dsl_improves_both_directions():
         model, processor, None, rerank=False, post_processing="dsl", dsl_temperature=0.05, encoded=encoded
     ).metrics["stage1"]
     assert dsl["t2v_R1"] > plain["t2v_R1"] and dsl["v2t_R1"] > plain["v2t_R1"]
+
+
+def test_dsl_chooses_the_candidates_and_the_cosine_stays_in_the_fused_score():
+    from crosstvr.evaluation import rerank_text_to_video, rerank_video_to_text
+
+    model, processor = build_tiny_model()
+    config = model.config
+    cosine = torch.full((6, 6), 0.1) + 0.5 * torch.eye(6)
+    cosine[:, 0] = torch.tensor([0.9, 0.8, 0.8, 0.8, 0.8, 0.8])  # video 0 is a hub ...
+    cosine[0] = cosine[:, 0]  # ... and text 0 one
+    text = processor(text=[f"a {colour} dot flashes" for colour in ("red", "blue", "green", "black", "yellow", "purple")])
+    encoded = EncodedSplit(
+        text_embeds=cosine,
+        qformer_input_ids=text["qformer_input_ids"],
+        qformer_attention_mask=text["qformer_attention_mask"],
+        text_to_video_index=torch.arange(6),
+        video_embeds=torch.eye(6),
+        vision_tokens=torch.randn(6, config.num_frames, 17, config.fine_vision_hidden_size),
+        video_mask=torch.ones(6, config.num_frames, dtype=torch.long),
+    )
+    dsl = dual_softmax(cosine, 0.01, dim=0)
+    out = rerank_text_to_video(model, encoded, dsl, top_k=3, progress=False, coarse_scores=cosine)
+    torch.testing.assert_close(out.top_k_indices, dsl.sort(dim=1, descending=True, stable=True).indices[:, :3])
+    # DSL shrinks most scores by orders of magnitude; the fused score still adds the fine score to the cosine.
+    torch.testing.assert_close(
+        out.fused_scores, cosine.gather(1, out.top_k_indices) + config.fine_score_weight * out.fine_scores
+    )
+    # evaluate_retrieval wires it so, in both directions. With w = 0 the cosine alone orders the top K, so the hub
+    # comes first again among the candidates DSL chose.
+    kwargs = {"top_k": 3, "fine_score_weight": 0.0, "progress": False}
+    evaluation = evaluate_retrieval(model, processor, None, post_processing="dsl", encoded=encoded, **kwargs)
+
+    def metrics(coarse_scores):
+        text_to_video = rerank_text_to_video(model, encoded, dsl, coarse_scores=coarse_scores, **kwargs)
+        video_to_text = rerank_video_to_text(
+            model, encoded, dual_softmax(cosine, 0.01, dim=1), coarse_scores=coarse_scores, **kwargs
+        )
+        return compute_retrieval_metrics(text_to_video.logits.numpy(), np.arange(6), video_to_text.logits.numpy())
+
+    assert evaluation.metrics["two_stage"] == metrics(cosine) != metrics(None)

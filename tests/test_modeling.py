@@ -508,3 +508,15 @@ def test_fused_ties_are_broken_by_candidate_index_as_the_metrics_do():
     assert out.ranking.tolist() == [[0, 1, 2, 3]]
     logits = out.logits.numpy().repeat(4, axis=0)
     assert ground_truth_ranks(logits, out.ranking[0].numpy()).tolist() == [1, 2, 3, 4]
+
+
+def test_fine_score_modes_are_p_log_p_and_the_log_odds(tester):
+    model = tester.get_model().eval()
+    args = fine_inputs(model, tester.get_inputs())
+    probability = model.get_fine_logits(*args).softmax(dim=-1)[:, 1]
+    expected = {"probability": probability, "log_probability": probability.log(), "logit": (probability / (1 - probability)).log()}
+    for mode, value in expected.items():
+        model.config.fine_score = mode
+        torch.testing.assert_close(model.get_fine_scores(*args), value, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fine_score"):
+        tester.get_config(fine_score="margin")

@@ -26,6 +26,7 @@ from transformers.configuration_utils import SubConfigSpec
 TEMPORAL_AGGREGATORS = ("mean", "transformer", "token_shift_select")
 FINE_ATTENTIONS = ("spatial_temporal", "spatial", "temporal")
 FINE_VISION_MODEL_TYPES = ("clip_vision_model", "blip_2_vision_model")
+FINE_SCORES = ("probability", "log_probability", "logit")
 
 
 class CrossTVRConfig(PreTrainedConfig):
@@ -103,8 +104,13 @@ class CrossTVRConfig(PreTrainedConfig):
             caption beside the query tokens.)
         rerank_top_k (`int`, *optional*, defaults to 15):
             Re-ranking depth K: candidates per query that stage 2 scores.
+        fine_score (`str`, *optional*, defaults to `"log_probability"`):
+            What s_fine is, from the matching head's probability p of a match: `"probability"` (p, the paper's
+            "matching score"), `"log_probability"` (log p) or `"logit"` (the log-odds log(p / (1 - p)), the difference
+            of the two logits).
         fine_score_weight (`float`, *optional*, defaults to 1.0):
-            w in the fused score s = s_coarse + w * s_fine of the re-ranked candidates.
+            w in the fused score s = s_coarse + w * s_fine of the re-ranked candidates, where s_coarse is the stage-1
+            cosine similarity.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the initialisation of the layers CrossTVR adds.
 
@@ -157,6 +163,7 @@ class CrossTVRConfig(PreTrainedConfig):
     use_frame_position_embeddings: bool = True
     temporal_text_input: bool = False
     rerank_top_k: int = 15
+    fine_score: str = "log_probability"
     fine_score_weight: float = 1.0
     initializer_range: float = 0.02
 
@@ -183,6 +190,8 @@ class CrossTVRConfig(PreTrainedConfig):
             )
         if self.fine_attention not in FINE_ATTENTIONS:
             raise ValueError(f"fine_attention={self.fine_attention!r} is not one of {FINE_ATTENTIONS}.")
+        if self.fine_score not in FINE_SCORES:
+            raise ValueError(f"fine_score={self.fine_score!r} is not one of {FINE_SCORES}.")
         if self.share_vision_tower and self.fine_vision_config is not None:
             raise ValueError(
                 "fine_vision_config must be left unset when share_vision_tower=True: stage 2 then reads the stage-1 "

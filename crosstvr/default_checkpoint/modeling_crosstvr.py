@@ -120,7 +120,7 @@ class CrossTVRRerankOutput(ModelOutput):
         top_k_indices (`torch.LongTensor` of shape `(queries, K)`):
             The candidates stage 2 scored, in stage-1 order.
         fine_scores (`torch.FloatTensor` of shape `(queries, K)`):
-            s_fine of those candidates: log p(match) of the matching head.
+            s_fine of those candidates (`config.fine_score` of the matching head: p, log p or the log-odds).
         fused_scores (`torch.FloatTensor` of shape `(queries, K)`):
             s_coarse + w * s_fine of those candidates.
     """
@@ -229,7 +229,11 @@ def sample_hard_negatives(
 
 
 def fuse_reranking(
-    similarity: torch.Tensor, coarse_ranking: torch.Tensor, fine_scores: torch.Tensor, fine_score_weight: float
+    similarity: torch.Tensor,
+    coarse_ranking: torch.Tensor,
+    fine_scores: torch.Tensor,
+    fine_score_weight: float,
+    coarse_scores: torch.Tensor | None = None,
 ) -> CrossTVRRerankOutput:
     r"""
     The two-stage ranking of every row of `similarity` (queries x candidates), given its stage-1 order
@@ -238,12 +242,16 @@ def fuse_reranking(
 
         s = s_coarse + w * s_fine  for the top K, ordered by s;  the other candidates follow in stage-1 order.
 
+    s_coarse is read from `coarse_scores` (default: `similarity`). When `similarity` is post-processed (DSL, QB-Norm),
+    pass the stage-1 cosine as `coarse_scores`: post-processing then chooses the K candidates and orders the rest,
+    while the fused score keeps the cosine's scale, which post-processing shrinks by orders of magnitude.
+
     Ties are broken by candidate index everywhere (as the metrics do), so `ranking` and `logits` always agree. The fine
     scores of a shorter prefix give the ranking at a smaller depth, so one scoring serves every K <= K_max.
     """
     num_candidates, top_k = similarity.shape[1], fine_scores.shape[1]
     top_k_indices = coarse_ranking[:, :top_k]
-    coarse_top_k = similarity.gather(1, top_k_indices)
+    coarse_top_k = (similarity if coarse_scores is None else coarse_scores).gather(1, top_k_indices)
     fused_scores = coarse_top_k + fine_score_weight * fine_scores.to(coarse_top_k.dtype)
     by_index = top_k_indices.argsort(dim=1)  # a stable sort by the fused score then breaks ties by index
     order = by_index.gather(1, fused_scores.gather(1, by_index).sort(dim=1, descending=True, stable=True).indices)
@@ -1076,18 +1084,22 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         video_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
-        Stage-2 score of (text_i, video_i) pairs, the log-probability of a match:
+        Stage-2 score s_fine of (text_i, video_i) pairs, from the matching head's probability of a match
+        p = softmax(matching_head(...))[match], as `config.fine_score` says:
 
-            s_fine = log softmax(matching_head(...))[match]  (<= 0)
+            "probability": p        "log_probability": log p        "logit": log(p / (1 - p)) = l_match - l_no_match
 
-        We fuse the log-probability rather than the raw match logit: only logit differences are trained by the
-        matching loss, so the log-probability is the well-defined quantity. Arguments as in [`get_fine_logits`].
+        Only differences of the two logits are trained by the matching loss, so all three are well defined. Arguments
+        as in [`get_fine_logits`].
 
         Returns:
             `torch.FloatTensor` of shape `(pairs,)`.
         """
         logits = self.get_fine_logits(qformer_input_ids, qformer_attention_mask, vision_tokens, video_mask)
-        return logits.log_softmax(dim=-1)[:, 1]
+        if self.config.fine_score == "logit":
+            return logits[:, 1] - logits[:, 0]
+        log_probability = logits.log_softmax(dim=-1)[:, 1]
+        return log_probability.exp() if self.config.fine_score == "probability" else log_probability
 
     # ----------------------------------------------------------------------------------------------------------------
     # Two-stage retrieval
@@ -1123,6 +1135,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         top_k: int | None,
         fine_score_weight: float | None,
         batch_size: int,
+        coarse_scores: torch.Tensor | None = None,
     ) -> CrossTVRRerankOutput:
         """Re-rank the top K candidates of every row of `similarity` (queries x candidates) with `score_pairs`."""
         top_k = self.config.rerank_top_k if top_k is None else top_k
@@ -1140,7 +1153,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
                 for start in range(0, flat_queries.numel(), batch_size)
             ]
         ).view(num_queries, top_k)
-        return fuse_reranking(similarity, coarse_ranking, fine_scores, weight)
+        return fuse_reranking(similarity, coarse_ranking, fine_scores, weight, coarse_scores)
 
     @torch.no_grad()
     def rerank_text_to_video(
@@ -1153,13 +1166,15 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         top_k: int | None = None,
         fine_score_weight: float | None = None,
         batch_size: int = 32,
+        coarse_scores: torch.Tensor | None = None,
     ) -> CrossTVRRerankOutput:
         r"""
         Text-to-video re-ranking: for every text, its stage-1 top-K videos are scored by stage 2 and re-ordered by
         s = s_coarse + w * s_fine; the other videos keep their stage-1 order below them.
 
         Args:
-            similarity (`torch.FloatTensor` of shape `(texts, videos)`): stage-1 scores (cosine, or post-processed).
+            similarity (`torch.FloatTensor` of shape `(texts, videos)`): stage-1 scores (cosine, or post-processed),
+                which choose the K candidates and order the rest.
             qformer_input_ids, qformer_attention_mask (`(texts, text_length)`): Q-Former tokens of the texts.
             vision_tokens (`(videos, frames, tokens, width)`): stage-2 tokens of the videos; only the candidates'
                 rows are read, so a memory-mapped cache works.
@@ -1167,9 +1182,11 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             top_k (`int`, *optional*): K, defaults to `config.rerank_top_k`.
             fine_score_weight (`float`, *optional*): w, defaults to `config.fine_score_weight`.
             batch_size (`int`, *optional*, defaults to 32): (text, video) pairs per stage-2 call.
+            coarse_scores (`(texts, videos)`, *optional*): s_coarse of the fused score, defaults to `similarity`;
+                pass the cosine when `similarity` is post-processed (see [`fuse_reranking`]).
         """
         score_pairs = self._pair_scorer(qformer_input_ids, qformer_attention_mask, vision_tokens, video_mask)
-        return self._rerank(similarity, score_pairs, top_k, fine_score_weight, batch_size)
+        return self._rerank(similarity, score_pairs, top_k, fine_score_weight, batch_size, coarse_scores)
 
     @torch.no_grad()
     def rerank_video_to_text(
@@ -1182,14 +1199,21 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         top_k: int | None = None,
         fine_score_weight: float | None = None,
         batch_size: int = 32,
+        coarse_scores: torch.Tensor | None = None,
     ) -> CrossTVRRerankOutput:
         r"""
         Video-to-text re-ranking: for every video, its stage-1 top-K texts are scored by stage 2 and re-ordered.
-        `similarity` is texts x videos, as for [`rerank_text_to_video`]; the output has one row per video.
+        `similarity` (and `coarse_scores`) are texts x videos, as for [`rerank_text_to_video`]; the output has one row
+        per video.
         """
         score_text_video = self._pair_scorer(qformer_input_ids, qformer_attention_mask, vision_tokens, video_mask)
         return self._rerank(
-            similarity.t(), lambda videos, texts: score_text_video(texts, videos), top_k, fine_score_weight, batch_size
+            similarity.t(),
+            lambda videos, texts: score_text_video(texts, videos),
+            top_k,
+            fine_score_weight,
+            batch_size,
+            None if coarse_scores is None else coarse_scores.t(),
         )
 
     @torch.no_grad()

@@ -115,9 +115,11 @@ def rerank_text_to_video(
     queries_per_call: int = 64,
     pair_batch_size: int = 32,
     progress: bool = True,
+    coarse_scores: torch.Tensor | None = None,
 ) -> CrossTVRRerankOutput:
     """Every text's stage-1 top K re-ranked (see [`CrossTVRModel.rerank_text_to_video`]), in batches of texts;
-    `similarity` is the `(texts, videos)` stage-1 matrix."""
+    `similarity` is the `(texts, videos)` stage-1 matrix (and `coarse_scores`, when given, the cosine it was
+    post-processed from)."""
     return _concatenate(
         [
             model.rerank_text_to_video(
@@ -129,6 +131,7 @@ def rerank_text_to_video(
                 top_k=top_k,
                 fine_score_weight=fine_score_weight,
                 batch_size=pair_batch_size,
+                coarse_scores=None if coarse_scores is None else coarse_scores[start : start + queries_per_call],
             )
             for start in tqdm(
                 range(0, similarity.shape[0], queries_per_call), desc="re-ranking text-to-video", disable=not progress
@@ -147,6 +150,7 @@ def rerank_video_to_text(
     queries_per_call: int = 64,
     pair_batch_size: int = 32,
     progress: bool = True,
+    coarse_scores: torch.Tensor | None = None,
 ) -> CrossTVRRerankOutput:
     """Every video's stage-1 top K texts re-ranked likewise, in batches of videos; `similarity` is still the
     `(texts, videos)` stage-1 matrix, the output has one row per video."""
@@ -161,6 +165,7 @@ def rerank_video_to_text(
                 top_k=top_k,
                 fine_score_weight=fine_score_weight,
                 batch_size=pair_batch_size,
+                coarse_scores=None if coarse_scores is None else coarse_scores[:, start : start + queries_per_call],
             )
             for start in tqdm(
                 range(0, similarity.shape[1], queries_per_call), desc="re-ranking video-to-text", disable=not progress
@@ -239,7 +244,7 @@ def evaluate_retrieval(
     model.eval()
     if encoded is None:
         encoded = encode_split(model, processor, dataset, batch_size, num_workers, progress)
-    similarity = encoded.text_embeds @ encoded.video_embeds.t()  # (texts, videos)
+    similarity = cosine = encoded.text_embeds @ encoded.video_embeds.t()  # (texts, videos)
     # Both directions are ranked in a (texts, videos) matrix: rows for text-to-video, columns for video-to-text.
     video_to_text_similarity = similarity
     if post_processing == "dsl":
@@ -261,6 +266,8 @@ def evaluate_retrieval(
             "fine_score_weight": fine_score_weight,
             "pair_batch_size": pair_batch_size,
             "progress": progress,
+            # Post-processing chooses the candidates; the fused score adds the fine score to the cosine.
+            "coarse_scores": None if post_processing is None else cosine,
         }
         metrics["two_stage"] = compute_retrieval_metrics(
             rerank_text_to_video(model, encoded, similarity, **rerank_kwargs).logits.numpy(),
