@@ -73,9 +73,9 @@ class CrossTVROutput(ModelOutput):
             L2-normalised stage-1 video embeddings.
         matching_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`, *optional*):
             Matching-head logits of the positive pairs, then (text, hard negative video), then (hard negative text,
-            video).
+            video), then (text, the given negative video) when `negative_vision_tokens` were given (4 * batch_size).
         matching_labels (`torch.LongTensor` of shape `(3 * batch_size,)`, *optional*):
-            1 for the positive pairs, 0 for the hard negatives.
+            1 for the positive pairs, 0 for the negatives.
     """
 
     loss: torch.FloatTensor | None = None
@@ -1266,6 +1266,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         video_embeds: torch.Tensor | None = None,
         vision_tokens: torch.Tensor | None = None,
         video_ids: torch.Tensor | None = None,
+        negative_vision_tokens: torch.Tensor | None = None,
+        negative_video_mask: torch.Tensor | None = None,
         process_group=None,
         generator: torch.Generator | None = None,
     ) -> CrossTVROutput:
@@ -1296,6 +1298,10 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             vision_tokens (`(batch, frames, tokens, width)`, *optional*): precomputed stage-2 tokens (a token cache).
             video_ids (`(batch,)`, *optional*): video identities; captions of the same video are then not used as each
                 other's negatives.
+            negative_vision_tokens (`(batch, frames, tokens, width)`, *optional*): stage 2: one more negative video for
+                every text, chosen by the caller (e.g. among the text's stage-1 top K, as re-ranking will face), scored
+                as (text_i, negative_i) with label 0 beside the in-batch pairs; `negative_video_mask` is its frame
+                mask.
             process_group (`torch.distributed.ProcessGroup`, *optional*): compute the losses over the global batch of
                 this group's processes (e.g. `torch.distributed.group.WORLD`); every process must pass the same batch
                 size.
@@ -1340,12 +1346,19 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
                 video_mask = torch.ones(vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device)
             negative_video, negative_text = sample_hard_negatives(logits_per_text, positive_mask, generator)
             text_index, video_index, matching_labels = matching_pairs(batch_size, negative_video, negative_text, offset)
-            matching_logits = self.get_fine_logits(
-                gather_data(qformer_input_ids)[text_index],
-                gather_data(qformer_attention_mask)[text_index],
-                gather_data(vision_tokens)[video_index],
-                gather_data(video_mask)[video_index],
-            )
+            pair_input_ids = gather_data(qformer_input_ids)[text_index]
+            pair_attention_mask = gather_data(qformer_attention_mask)[text_index]
+            pair_tokens = gather_data(vision_tokens)[video_index]
+            pair_video_mask = gather_data(video_mask)[video_index]
+            if negative_vision_tokens is not None:
+                if negative_video_mask is None:
+                    negative_video_mask = torch.ones_like(video_mask)
+                pair_input_ids = torch.cat([pair_input_ids, qformer_input_ids])
+                pair_attention_mask = torch.cat([pair_attention_mask, qformer_attention_mask])
+                pair_tokens = torch.cat([pair_tokens, negative_vision_tokens.to(pair_tokens.dtype)])
+                pair_video_mask = torch.cat([pair_video_mask, negative_video_mask])
+                matching_labels = torch.cat([matching_labels, torch.zeros_like(matching_labels[:batch_size])])
+            matching_logits = self.get_fine_logits(pair_input_ids, pair_attention_mask, pair_tokens, pair_video_mask)
             loss_matching = F.cross_entropy(matching_logits, matching_labels)
             loss = loss + loss_matching
 

@@ -169,6 +169,10 @@ class TokenCache:
             )
         return self
 
+    def video_embeds(self) -> torch.Tensor:
+        """The stage-1 embeddings of every cached video, `(videos, projection_dim)`, in build order."""
+        return torch.cat([self._reader.tensor(file_name, "video_embeds") for _, _, file_name in self._shards])
+
     def __getitem__(self, video: int) -> dict[str, torch.Tensor]:
         for start, stop, file_name in self._shards:
             if start <= video < stop:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from .data import FORMATS, load_retrieval_dataset
-from .data.transforms import VideoTextCollator, rows_to_columns
+from .data.transforms import VideoTextCollator, content_generator, rows_to_columns
 from .modeling_crosstvr import CrossTVRModel
 from .processing_crosstvr import CrossTVRProcessor
 from .search import load_model
@@ -59,6 +59,7 @@ LORA_TARGETS = {
     "text": r"text_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
     "qformer": r"(temporal_)?qformer\.encoder\.layer\.\d+\.(attention|crossattention)\.attention\.(query|key|value)",
 }
+HARD_NEGATIVES = ("in_batch", "stage1_top_k")
 # The optimizer is AdamW. Stage 1 follows the code of TS2-Net (the paper's stage 1), whose BertAdam decays weights by
 # 0.2, decoupled from the gradient; stage 2 is the paper's own training, "Adam" with lr 1e-4: AdamW without decay.
 STAGE_WEIGHT_DECAY = {1: 0.2, 2: 0.0}
@@ -89,6 +90,15 @@ class TrainingArguments:
     token_cache_dir: str | None = field(
         default=None, metadata={"help": "stage 2: the token cache (default: <output_dir>/token_cache)"}
     )
+    hard_negatives: str = field(
+        default="in_batch",
+        metadata={
+            "help": "stage 2: 'in_batch' (ALBEF's negatives from the batch's stage-1 similarities, the paper) or "
+            "'stage1_top_k' (also, for every caption, one negative video drawn from its stage-1 top K over the "
+            "whole training split: the near duplicates re-ranking faces, which a random batch rarely holds)"
+        },
+    )
+    hard_negatives_top_k: int = field(default=15, metadata={"help": "K of --hard_negatives stage1_top_k"})
     num_train_epochs: float = field(default=5.0, metadata={"help": "epochs (TS2-Net: 5)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs when > 0"})
     batch_size: int = field(default=128, metadata={"help": "global batch per optimizer step (paper: 128)"})
@@ -137,6 +147,8 @@ class TrainingArguments:
         unknown = set(self.lora_targets) - set(LORA_TARGETS)
         if unknown:
             raise ValueError(f"lora_targets {sorted(unknown)} unknown; choose from {sorted(LORA_TARGETS)}")
+        if self.hard_negatives not in HARD_NEGATIVES:
+            raise ValueError(f"hard_negatives must be one of {HARD_NEGATIVES}, got {self.hard_negatives!r}")
         if self.train_frame_sampling not in ("random", "center"):
             raise ValueError("train_frame_sampling must be 'random' or 'center'")
         self.train_split = self.train_split or FORMATS[self.dataset].splits[0]
@@ -179,26 +191,65 @@ class JSONLinesTracker(GeneralTracker):
 
 
 class CachedVideoTextCollator:
-    """Stage-2 batches from the token cache: tokenized captions with the cached tokens and embeddings of their videos
-    (no video is decoded)."""
+    """
+    Stage-2 batches from the token cache: tokenized captions with the cached tokens and embeddings of their videos (no
+    video is decoded). Rows with `negative_candidates` (cache indices, see [`stage_one_neighbours`]) also get one of
+    them, drawn uniformly, as `negative_vision_tokens` / `negative_video_mask`; the draw is seeded by `seed`, the
+    epoch and the batch's content.
+    """
 
-    def __init__(self, processor: CrossTVRProcessor, cache: TokenCache):
-        self.processor, self.cache = processor, cache
+    def __init__(self, processor: CrossTVRProcessor, cache: TokenCache, seed: int = 0):
+        self.processor, self.cache, self.seed, self.epoch = processor, cache, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Nothing varies between epochs: the cache holds one fixed sampling per video."""
+        """Only the negatives' draw varies between epochs: the cache holds one fixed sampling per video."""
+        self.epoch = epoch
+
+    @staticmethod
+    def _stack(entries: list[dict], prefix: str = "") -> dict[str, torch.Tensor]:
+        return {f"{prefix}{key}": torch.stack([entry[key] for entry in entries]) for key in entries[0]}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         columns = rows_to_columns(rows)
-        text = self.processor(text=columns["caption"])
-        cached = [self.cache[self.cache.index[path]] for path in columns["video_path"]]
-        return {
-            **text,
-            "vision_tokens": torch.stack([entry["vision_tokens"] for entry in cached]),
-            "video_embeds": torch.stack([entry["video_embeds"] for entry in cached]),
-            "video_mask": torch.stack([entry["video_mask"] for entry in cached]),
+        batch = {
+            **self.processor(text=columns["caption"]),
+            **self._stack([self.cache[self.cache.index[path]] for path in columns["video_path"]]),
             "video_index": torch.tensor(columns["video_index"], dtype=torch.long),
         }
+        if "negative_candidates" in columns:
+            generator = content_generator(self.seed, self.epoch, [*columns["video_path"], *columns["caption"]])
+            negatives = [
+                candidates[int(torch.randint(len(candidates), (), generator=generator))]
+                for candidates in columns["negative_candidates"]
+            ]
+            entries = [self.cache[video] for video in negatives]
+            batch.update(self._stack([{k: e[k] for k in ("vision_tokens", "video_mask")} for e in entries], "negative_"))
+        return batch
+
+
+@torch.no_grad()
+def stage_one_neighbours(
+    model: CrossTVRModel, processor: CrossTVRProcessor, rows, cache: TokenCache, top_k: int, chunk_size: int = 4096
+) -> torch.Tensor:
+    """
+    For every training row (a caption), the cache indices of its stage-1 top-K videos other than its own: the
+    candidates that re-ranking will put in front of stage 2 for that caption. `(rows, K)`, computed in chunks of
+    captions so that the similarity matrix of a large split is never held whole.
+    """
+    from .evaluation import encode_texts
+
+    video_embeds = cache.video_embeds().float()  # (videos, D)
+    top_k = min(top_k, len(video_embeds) - 1)
+    if top_k < 1:
+        raise ValueError("hard negatives from the stage-1 top K need at least two training videos")
+    captions, own = list(rows["caption"]), torch.tensor([cache.index[path] for path in rows["video_path"]])
+    neighbours = []
+    for start in range(0, len(own), chunk_size):
+        text_embeds = encode_texts(model, processor, captions[start : start + chunk_size], progress=False)[0]
+        similarity = text_embeds.float() @ video_embeds.t()  # (chunk, videos)
+        similarity[torch.arange(len(similarity)), own[start : start + chunk_size]] = float("-inf")
+        neighbours.append(similarity.topk(top_k, dim=1).indices)
+    return torch.cat(neighbours)
 
 
 def set_trainable_parameters(model: CrossTVRModel, stage: int) -> list[str]:
@@ -375,7 +426,10 @@ def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], Non
             build_token_cache(model, processor, videos, args.token_cache_dir, num_workers=args.num_workers)
         accelerator.wait_for_everyone()
         cache = TokenCache(args.token_cache_dir).check(model, processor)
-        collator = CachedVideoTextCollator(processor, cache)
+        if args.hard_negatives == "stage1_top_k":
+            neighbours = stage_one_neighbours(model, processor, rows, cache, args.hard_negatives_top_k)
+            rows = rows.add_column("negative_candidates", neighbours.tolist())
+        collator = CachedVideoTextCollator(processor, cache, seed=args.seed)
     else:
         collator = VideoTextCollator(processor, sampling=args.train_frame_sampling, seed=args.seed)
 

@@ -345,3 +345,43 @@ def test_parameter_groups_follow_the_paper_and_its_stage_one(workspace, tmp_path
     lora = apply_lora(model, arguments(workspace, tmp_path, stage=1, lora_targets=["text"]))
     adapters = {name: group for name, group in group_of(lora, stage_one).items() if ".lora_" in name}
     assert adapters and all(group == pytest.approx((1e-4, 0.0)) for group in adapters.values())
+
+
+def test_stage_one_top_k_negatives_are_neighbours_and_never_the_own_video(workspace, tmp_path):
+    from crosstvr.training import stage_one_neighbours
+
+    model = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"]).eval()
+    processor = build_tiny_processor()
+    fixture = workspace["fixture"]
+    rows = load_retrieval_dataset(
+        "msrvtt", fixture.annotations_dir, fixture.videos_dir, splits=["train_9k"], cache_dir=workspace["cache"]
+    )["train_9k"].with_format(None)
+    cache = build_token_cache(model, processor, list(dict.fromkeys(rows["video_path"])), tmp_path / "cache")
+    neighbours = stage_one_neighbours(model, processor, rows, cache, top_k=3, chunk_size=7)  # chunks split the rows
+    # By hand: the 3 most similar other videos of every caption.
+    text = processor(text=list(rows["caption"]))
+    similarity = model.get_text_features(text["input_ids"], text["attention_mask"]) @ cache.video_embeds().t()
+    own = torch.tensor([cache.index[path] for path in rows["video_path"]])
+    similarity[torch.arange(len(own)), own] = float("-inf")
+    torch.testing.assert_close(neighbours, similarity.topk(3, dim=1).indices)
+
+    picked = [{**rows[i], "negative_candidates": neighbours[i].tolist()} for i in (0, 21, 42, 63)]
+    collator = CachedVideoTextCollator(processor, cache, seed=3)
+    batch = collator(picked)
+    assert batch["negative_vision_tokens"].shape == batch["vision_tokens"].shape
+    for row, tokens in zip(picked, batch["negative_vision_tokens"]):
+        drawn = [video for video in row["negative_candidates"] if torch.equal(cache[video]["vision_tokens"], tokens)]
+        assert drawn and cache.index[row["video_path"]] not in drawn
+    torch.testing.assert_close(collator(picked)["negative_vision_tokens"], batch["negative_vision_tokens"])  # seeded
+    # The model scores the extra pairs as negatives beside the in-batch ones.
+    inputs = {key: value for key, value in batch.items() if key != "video_index"}
+    outputs = model(**inputs, video_ids=batch["video_index"])
+    assert outputs.matching_labels.tolist() == [1] * 4 + [0] * 12
+
+
+def test_stage_two_trains_with_stage_one_top_k_negatives(workspace, tmp_path):
+    final = train(arguments(workspace, tmp_path / "run", stage=2, max_steps=2, hard_negatives="stage1_top_k",
+                            hard_negatives_top_k=3))
+    assert os.path.exists(os.path.join(final, "model.safetensors"))
+    with pytest.raises(ValueError, match="hard_negatives"):
+        arguments(workspace, tmp_path, hard_negatives="group")

@@ -7,6 +7,13 @@ import torch
 from ..processing_crosstvr import CrossTVRProcessor, VideoDecodeError
 
 
+def content_generator(seed: int, epoch: int, content: list[str]) -> torch.Generator:
+    """A generator seeded by `seed`, `epoch` and a batch's content: the same draws for the same batch whichever
+    DataLoader worker builds it, and again when a run is resumed."""
+    digest = hashlib.sha256("\n".join([str(seed), str(epoch), *content]).encode()).hexdigest()
+    return torch.Generator().manual_seed(int(digest[:15], 16))
+
+
 class VideoTextTransform:
     """
     A `Dataset.with_transform` / `set_transform` callable that turns rows (`caption`, `video_path`, `start_time`,
@@ -41,8 +48,7 @@ class VideoTextTransform:
     def _generator(self, batch: dict[str, list]) -> torch.Generator | None:
         if self.seed is None or self.sampling != "random":
             return None
-        content = "\n".join([str(self.seed), str(self.epoch), *batch["video_path"], *batch["caption"]])
-        return torch.Generator().manual_seed(int(hashlib.sha256(content.encode()).hexdigest()[:15], 16))
+        return content_generator(self.seed, self.epoch, [*batch["video_path"], *batch["caption"]])
 
     def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
         try:
