@@ -4,13 +4,15 @@ The default is what the command line uses when no model is named: a tiny CrossTV
 benchmark's recipe (`benchmarks/synthetic_benchmark.py --ship-default`) and shipped in `crosstvr/default_checkpoint/`
 as safetensors with its configuration, processor and model card. No download is involved.
 
-`build_tiny_model` gives the same geometry with random weights (fast, seeded): what the tests and the recipe start from.
+`build_tiny_model` gives the same geometry with random weights (fast, seeded); `build_tiny_clip`,
+`build_tiny_eva_dual_encoder` and `build_tiny_blip2` build the parts the recipe pre-trains before conversion (the
+miniatures of CLIP, EVA-CLIP and BLIP-2).
 """
 
 import os
 
 import torch
-from transformers import CLIPImageProcessorPil
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextConfig
 
 from .configuration_crosstvr import CrossTVRConfig
 from .modeling_crosstvr import CrossTVRModel
@@ -24,6 +26,7 @@ IMAGE_SIZE = 64
 NUM_FRAMES = 6
 MAX_TEXT_LENGTH = 24
 WIDTH = 64
+FINE_PATCH_SIZE = 8
 
 
 def build_tiny_processor(num_frames: int = NUM_FRAMES) -> CrossTVRProcessor:
@@ -40,21 +43,25 @@ def build_tiny_processor(num_frames: int = NUM_FRAMES) -> CrossTVRProcessor:
     )
 
 
+def _tiny_clip_text_config(tokenizer) -> dict:
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": WIDTH,
+        "intermediate_size": 2 * WIDTH,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": MAX_TEXT_LENGTH,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def build_tiny_config(processor: CrossTVRProcessor, **overrides) -> CrossTVRConfig:
     """A CrossTVR of the paper's shape at toy width (64), depth (2) and resolution (64 px, 16 px patches)."""
     tokenizer, qformer_tokenizer = processor.tokenizer, processor.qformer_tokenizer
     kwargs = {
-        "text_config": {
-            "vocab_size": len(tokenizer),
-            "hidden_size": WIDTH,
-            "intermediate_size": 2 * WIDTH,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": MAX_TEXT_LENGTH,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
+        "text_config": _tiny_clip_text_config(tokenizer),
         "vision_config": {
             "hidden_size": WIDTH,
             "intermediate_size": 2 * WIDTH,
@@ -95,6 +102,66 @@ def build_tiny_config(processor: CrossTVRProcessor, **overrides) -> CrossTVRConf
     }
     kwargs.update(overrides)
     return CrossTVRConfig(**kwargs)
+
+
+def build_tiny_clip(processor: CrossTVRProcessor) -> CLIPModel:
+    """The stage-1 towers' starting point: a `CLIPModel` of the tiny geometry with random weights."""
+    config = CLIPConfig(
+        text_config=_tiny_clip_text_config(processor.tokenizer),
+        vision_config=build_tiny_config(processor).vision_config.to_dict(),
+        projection_dim=WIDTH,
+    )
+    return CLIPModel(config)
+
+
+def build_tiny_eva_dual_encoder(processor: CrossTVRProcessor, patch_size: int = FINE_PATCH_SIZE):
+    """
+    The stage-2 tower's starting point, the miniature of EVA-CLIP: BLIP-2's vision tower (`Blip2VisionModel`, the
+    family `--stage2-tower blip2` converts) paired with a CLIP text tower in a `VisionTextDualEncoderModel`, random
+    weights. Its patches are finer than stage 1's (8 px: a frame is 8 x 8 patches), so that small details such as the
+    synthetic scenes' 4-pixel dot fill a good part of a patch.
+    """
+    from transformers import Blip2VisionConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+    from .pretraining import register_blip2_vision_tower
+
+    register_blip2_vision_tower()
+    vision_config = Blip2VisionConfig(
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=patch_size,
+    )
+    text_config = CLIPTextConfig(**_tiny_clip_text_config(processor.tokenizer))
+    return VisionTextDualEncoderModel(
+        VisionTextDualEncoderConfig.from_vision_text_configs(vision_config, text_config, projection_dim=WIDTH)
+    )
+
+
+def build_tiny_blip2(processor: CrossTVRProcessor, vision_config, num_query_tokens: int = 4):
+    """
+    The Q-Former's starting point: a `Blip2ForImageTextRetrieval` over the given vision tower configuration (its
+    weights are the caller's to load) with the tiny geometry's Q-Former, random weights. transformers initialises
+    `query_tokens` to zero (they are always loaded from a checkpoint); as LAVIS does for BLIP-2 trained from scratch,
+    they are drawn from N(0, initializer_range) here, since zero queries make the Q-Former's first LayerNorm divide
+    by its epsilon.
+    """
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    qformer_config = build_tiny_config(processor).qformer_config.to_dict()
+    qformer_config["encoder_hidden_size"] = vision_config.hidden_size
+    config = Blip2Config(
+        vision_config=vision_config.to_dict(),
+        qformer_config=qformer_config,
+        num_query_tokens=num_query_tokens,
+        image_text_hidden_size=WIDTH,
+    )
+    model = Blip2ForImageTextRetrieval(config)
+    with torch.no_grad():
+        model.query_tokens.normal_(std=config.qformer_config.initializer_range)
+    return model
 
 
 def build_tiny_model(seed: int = 0, **overrides) -> tuple[CrossTVRModel, CrossTVRProcessor]:

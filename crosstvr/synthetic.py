@@ -37,8 +37,8 @@ SIZES = {"big": 8.0, "small": 5.0}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 BACKGROUND = (235, 235, 235)
-VOCABULARY = ("a", "first", "moves", "goes", "and", "then", "while", "dot", "flashes", *SIZES, *DOT_COLOURS, *SHAPES,
-              *DIRECTIONS)
+VOCABULARY = ("a", "first", "moves", "goes", "and", "then", "while", "dot", "flashes", "at", *SIZES, *DOT_COLOURS, *SHAPES,
+              *DIRECTIONS, *(str(cell) for cell in range(16)))
 
 
 def _shape_mask(shape: str, size: int, centre_x: float, centre_y: float, radius: float) -> np.ndarray:
@@ -203,28 +203,54 @@ def random_scene(rng: np.random.Generator) -> Scene:
     )
 
 
-def render_scene(scene: Scene, num_frames: int = 12, size: int = 64) -> np.ndarray:
+GRID_CELL = 4  # pixels per cell of the grid that frame captions name positions on
+
+
+def frame_layout(scene: Scene, index: int, num_frames: int = 12, size: int = 64):
     """
-    Frames `(num_frames, size, size, 3)` uint8 of `scene`: the first object moves out by 10 px and back (a half sine)
-    during the first half of the clip, the second during the second half; the dot is visible in the middle third.
+    Where things are in frame `index` of `scene`: `([(object, centre_x, centre_y), ...], dot_visible)`. The first
+    object moves out by 10 px and back (a half sine) during the first half of the clip, the second during the second
+    half; the dot is visible in the middle third.
     """
-    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     half = num_frames // 2
     amplitude = 10.0
-    dot_frames = range(num_frames // 3, num_frames - num_frames // 3)
     first, _ = scene.order
+    placed = []
+    for obj, centre_y in ((scene.top, size * 0.25), (scene.bottom, size * 0.75)):
+        moving = (index < half) == (obj is first)
+        step = index if index < half else index - half
+        offset = amplitude * np.sin(np.pi * step / max(half - 1, 1)) if moving else 0.0
+        dx, dy = DIRECTIONS[obj.direction]
+        placed.append((obj, obj.x + dx * offset, centre_y + dy * offset))
+    dot_visible = num_frames // 3 <= index < num_frames - num_frames // 3
+    return placed, dot_visible
+
+
+def render_scene(scene: Scene, num_frames: int = 12, size: int = 64) -> np.ndarray:
+    """Frames `(num_frames, size, size, 3)` uint8 of `scene`, laid out by [`frame_layout`]."""
+    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     for index in range(num_frames):
         frames[index] = BACKGROUND
-        for obj, centre_y in ((scene.top, size * 0.25), (scene.bottom, size * 0.75)):
-            moving = (index < half) == (obj is first)
-            step = index if index < half else index - half
-            offset = amplitude * np.sin(np.pi * step / max(half - 1, 1)) if moving else 0.0
-            dx, dy = DIRECTIONS[obj.direction]
-            mask = _shape_mask(obj.shape, size, obj.x + dx * offset, centre_y + dy * offset, SIZES[obj.size])
-            frames[index][mask] = COLOURS[obj.colour]
-        if index in dot_frames:
+        placed, dot_visible = frame_layout(scene, index, num_frames, size)
+        for obj, centre_x, centre_y in placed:
+            frames[index][_shape_mask(obj.shape, size, centre_x, centre_y, SIZES[obj.size])] = COLOURS[obj.colour]
+        if dot_visible:
             frames[index][scene.dot_y - 2 : scene.dot_y + 2, scene.dot_x - 2 : scene.dot_x + 2] = DOT_COLOURS[scene.dot_colour]
     return frames
+
+
+def frame_caption(scene: Scene, index: int, num_frames: int = 12, size: int = 64) -> str:
+    """
+    What frame `index` of `scene` shows, the way an image caption would say it: each object and the cell of a
+    `GRID_CELL`-pixel grid its centre is in (column, then row), and the dot where it is visible, e.g.
+
+        "big red circle at 7 3, small blue square at 9 12, black dot at 3 8"
+    """
+    placed, dot_visible = frame_layout(scene, index, num_frames, size)
+    phrases = [f"{obj.phrase} at {int(x // GRID_CELL)} {int(y // GRID_CELL)}" for obj, x, y in placed]
+    if dot_visible:
+        phrases.append(f"{scene.dot_colour} dot at {scene.dot_x // GRID_CELL} {scene.dot_y // GRID_CELL}")
+    return ", ".join(phrases)
 
 
 def scene_groups(count: int, seed: int) -> list[dict[str, Scene]]:
@@ -241,44 +267,81 @@ def scene_groups(count: int, seed: int) -> list[dict[str, Scene]]:
     return groups
 
 
+def write_video_frames(video_path: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
+    """Decode every frame of a video with PyAV and write it as `directory/<index:02d>.png`; returns the paths."""
+    import av
+    from PIL import Image
+
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    with av.open(os.fspath(video_path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            paths.append(os.path.join(os.fspath(directory), f"{index:02d}.png"))
+            Image.fromarray(frame.to_ndarray(format="rgb24")).save(paths[-1])
+    return paths
+
+
 def write_benchmark(
     directory: str | os.PathLike, seed: int = 0, groups: tuple[int, int, int] = (150, 25, 50), num_frames: int = 12
 ) -> dict[str, list[str]]:
     """
     Write the fine-grained benchmark in MSVD's on-disk layout, so that `crosstvr.data.load_msvd`, training and
-    `crosstvr evaluate --dataset msvd` read it unchanged:
+    `crosstvr evaluate --dataset msvd` read it unchanged, and the frames of the training and validation videos with
+    captions of what each frame shows (for image-text pre-training, `crosstvr.pretraining`):
 
         directory/annotations/raw-captions.json   {video_id: [captions]}: three phrasings for training videos, the
                                                   canonical caption for validation and test videos
         directory/annotations/{train,val,test}_list.txt
         directory/annotations/scenes.json         {video_id: {"group", "variant", "scene"}}, for analysis
+        directory/annotations/frame_captions_{train,val}.json
+                                                  LAVIS's image-caption format, one record per frame:
+                                                  {"image": "frames/<video_id>/<index>.png", "caption": [`frame_caption`],
+                                                  "image_id": "<video_id>/<index>", "group": "g<group>"}
         directory/videos/<video_id>.mp4
+        directory/frames/<video_id>/<index:02d>.png   the decoded frames of the training and validation videos
 
     `groups` are the numbers of scene groups (a scene and its three hard negatives, 4 videos) of the train, val and
     test splits. Returns the video ids of every split.
     """
-    annotations = os.path.join(os.fspath(directory), "annotations")
-    videos = os.path.join(os.fspath(directory), "videos")
+    root = os.fspath(directory)
+    annotations, videos = os.path.join(root, "annotations"), os.path.join(root, "videos")
     os.makedirs(annotations, exist_ok=True)
     os.makedirs(videos, exist_ok=True)
     all_groups = scene_groups(sum(groups), seed)
-    splits, captions, scenes = {}, {}, {}
+    splits, captions, scenes, frame_records = {}, {}, {}, {}
     start = 0
     for split, count in zip(("train", "val", "test"), groups):
-        splits[split] = []
+        splits[split], records = [], []
         for group_index in range(start, start + count):
             for variant, scene in all_groups[group_index].items():
                 video_id = f"g{group_index:04d}_{variant}"
-                write_video(os.path.join(videos, f"{video_id}.mp4"), render_scene(scene, num_frames))
+                video_path = os.path.join(videos, f"{video_id}.mp4")
+                write_video(video_path, render_scene(scene, num_frames))
                 phrasings = scene.captions()
                 captions[video_id] = phrasings if split == "train" else phrasings[:1]
                 scenes[video_id] = {"group": group_index, "variant": variant, "scene": asdict(scene)}
                 splits[split].append(video_id)
+                if split == "test":
+                    continue
+                for index, path in enumerate(write_video_frames(video_path, os.path.join(root, "frames", video_id))):
+                    records.append(
+                        {
+                            "image": os.path.relpath(path, root),
+                            "caption": frame_caption(scene, index, num_frames),
+                            "image_id": f"{video_id}/{index:02d}",
+                            "group": f"g{group_index:04d}",
+                        }
+                    )
+        frame_records[split] = records
         start += count
-    with open(os.path.join(annotations, "raw-captions.json"), "w", encoding="utf-8") as file:
-        json.dump(captions, file)
-    with open(os.path.join(annotations, "scenes.json"), "w", encoding="utf-8") as file:
-        json.dump(scenes, file)
+    outputs = {
+        "raw-captions.json": captions,
+        "scenes.json": scenes,
+        **{f"frame_captions_{split}.json": records for split, records in frame_records.items() if records},
+    }
+    for name, content in outputs.items():
+        with open(os.path.join(annotations, name), "w", encoding="utf-8") as file:
+            json.dump(content, file)
     for split, video_ids in splits.items():
         with open(os.path.join(annotations, f"{split}_list.txt"), "w", encoding="utf-8") as file:
             file.writelines(f"{video_id}\n" for video_id in video_ids)
