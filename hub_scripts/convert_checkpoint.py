@@ -1,7 +1,8 @@
 """Build a CrossTVR checkpoint from a CLIP checkpoint and, optionally, a BLIP-2 image-text matching checkpoint.
 
     python hub_scripts/convert_checkpoint.py --clip openai/clip-vit-base-patch32 \\
-        --blip2 Salesforce/blip2-itm-vit-g --output crosstvr-base [--temporal-aggregator token_shift_select]
+        --blip2 Salesforce/blip2-itm-vit-g --output crosstvr-base [--temporal-aggregator token_shift_select] \\
+        [--preset didemo]
 
 What comes from where (every weight of the new model is listed in the printed table and in
 `<output>/conversion_report.json`: loaded from CLIP, loaded from BLIP-2, or newly initialised, with the reason):
@@ -27,6 +28,14 @@ import os
 import sys
 
 import torch
+
+
+# The paper's settings per benchmark: 12 frames and 32 words, but 64 and 64 for DiDeMo's paragraphs. The temporal
+# transformer of TS2-Net's stage 1 needs frames x (1 + 3 selected patches) positions.
+PRESETS = {
+    "default": {"num_frames": 12, "max_text_length": 32, "temporal_positions": 128},
+    "didemo": {"num_frames": 64, "max_text_length": 64, "temporal_positions": 256},
+}
 
 
 def _load_clip(name_or_path: str):
@@ -238,17 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temporal-aggregator", default="token_shift_select",
                         choices=("mean", "transformer", "token_shift_select"))
     parser.add_argument("--temporal-layers", type=int, default=4, help="layers of the temporal transformer")
-    parser.add_argument("--temporal-positions", type=int, default=128, help="its position embeddings")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="the paper's frames / words / temporal positions for a benchmark (explicit options win): "
+                        + "; ".join(f"{name}: {values}" for name, values in PRESETS.items()))
+    parser.add_argument("--temporal-positions", type=int, help="its position embeddings (default: the preset's)")
     parser.add_argument("--separate-temporal-qformer", action="store_true", help="do not share the Q-Former")
     parser.add_argument("--num-query-tokens", type=int, default=32, help="without --blip2")
-    parser.add_argument("--num-frames", type=int, default=12)
-    parser.add_argument("--max-text-length", type=int, default=32)
+    parser.add_argument("--num-frames", type=int, help="frames per video (default: the preset's)")
+    parser.add_argument("--max-text-length", type=int, help="tokens per caption (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the newly initialised weights")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the preset's values for the options not given."""
     args = build_parser().parse_args(argv)
+    for option, value in PRESETS[args.preset].items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
     if args.share_vision_tower and args.stage2_tower == "blip2":
         raise SystemExit("--share-vision-tower and --stage2-tower blip2 exclude each other")
     try:

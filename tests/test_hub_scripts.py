@@ -292,3 +292,17 @@ def test_push_refuses_a_folder_that_does_not_load(sources, tmp_path):
     with pytest.raises(push_to_hub.CheckpointLoadError, match="modeling_crosstvr.py missing"):
         push_to_hub.push(str(folder), "someone/crosstvr", api=api)
     assert api.calls == []
+
+
+def test_didemo_preset_sets_the_papers_frames_words_and_positions(sources, tmp_path, capsys):
+    base = ["--clip", str(sources["root"] / "clip"), "--output", str(tmp_path / "x")]
+    args = convert_checkpoint.parse_arguments([*base, "--preset", "didemo"])
+    assert (args.num_frames, args.max_text_length, args.temporal_positions) == (64, 64, 256)
+    args = convert_checkpoint.parse_arguments([*base, "--preset", "didemo", "--num-frames", "32"])  # explicit wins
+    assert (args.num_frames, args.max_text_length) == (32, 64)
+    args = convert_checkpoint.parse_arguments(base)
+    assert (args.num_frames, args.max_text_length, args.temporal_positions) == (12, 32, 128)
+    # DiDeMo's 64 words need a text tower with at least 64 positions (this tiny CLIP has 16).
+    bert = ["--qformer-tokenizer", str(sources["root"] / "bert")]
+    assert convert_checkpoint.main([*base, *bert, "--preset", "didemo"]) == 1
+    assert "--max-text-length 64 exceeds the 16 positions" in capsys.readouterr().err
