@@ -10,10 +10,12 @@ several (see `crosstvr/train.py` for the command line and `TrainingArguments` fo
   drawn from the stage-1 similarities of the batch. The frozen tower's tokens and the stage-1 video embeddings are read
   from a token cache built once (`crosstvr.token_cache`), so no video is decoded during stage-2 training.
 
-With several processes the losses are computed over the global batch: embeddings are gathered with gradient, negatives
-are drawn from the whole global batch with a generator seeded identically on every process, and each process scores
-the pairs of its own rows, so that the gradients equal those of one process holding the global batch. The negatives of
-a step are those of one micro-batch (per-device batch x processes); gradient accumulation averages micro-batches.
+The losses of a step are those of the whole global batch (`batch_size`, the paper's 128), however it is split over
+processes and accumulated micro-batches, so that the gradients equal those of one device holding it. With one
+micro-batch per step, the model's forward gathers the embeddings of all processes with gradient, draws the negatives
+from the whole global batch with a generator seeded identically on every process, and each process scores the pairs
+of its own rows. With accumulation, [`global_batch_backward`] does the same over all the step's micro-batches, by
+gradient caching in stage 1.
 """
 
 import json
@@ -25,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
@@ -33,7 +36,13 @@ from tqdm.auto import tqdm
 
 from .data import FORMATS, load_retrieval_dataset
 from .data.transforms import VideoTextCollator, content_generator, rows_to_columns
-from .modeling_crosstvr import CrossTVRModel
+from .modeling_crosstvr import (
+    CrossTVRModel,
+    all_gather_no_grad,
+    contrastive_loss,
+    matching_pairs,
+    sample_hard_negatives,
+)
 from .processing_crosstvr import CrossTVRProcessor
 from .search import load_model
 from .token_cache import TokenCache, build_token_cache
@@ -381,6 +390,141 @@ def _evaluate(accelerator, model, processor, args: TrainingArguments, dataset, s
     return metrics
 
 
+def _model_inputs(batch: dict[str, torch.Tensor], stage: int) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a collated batch (the video identities go to `video_ids`)."""
+    inputs = {key: value for key, value in batch.items() if key != "video_index"}
+    if stage == 1:
+        inputs = {key: value for key, value in inputs.items() if not key.startswith(("qformer", "negative_"))}
+    return {**inputs, "video_ids": batch["video_index"]}
+
+
+def _gather(tensor: torch.Tensor, num_processes: int) -> torch.Tensor:
+    """`tensor` of every process, concatenated along dim 0 (no gradient)."""
+    return all_gather_no_grad(tensor, torch.distributed.group.WORLD) if num_processes > 1 else tensor
+
+
+def _random_state(devices: list[torch.device]) -> tuple:
+    """The CPU generator's state and those of `devices` (CUDA), to replay a forward's random draws."""
+    return torch.random.get_rng_state(), [torch.cuda.get_rng_state(device) for device in devices]
+
+
+def _set_random_state(state: tuple, devices: list[torch.device]) -> None:
+    torch.random.set_rng_state(state[0])
+    for device, device_state in zip(devices, state[1]):
+        torch.cuda.set_rng_state(device_state, device)
+
+
+def _sum_gradients_over_processes(parameters: list[torch.Tensor]) -> None:
+    """All-reduce (sum) the gradients of `parameters` in one flat buffer; a missing gradient counts as zero."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = _flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    for parameter, synced in zip(parameters, _unflatten_dense_tensors(flat, grads)):
+        parameter.grad = synced
+
+
+def global_batch_backward(
+    accelerator, model, micro_batches: list[dict[str, torch.Tensor]], stage: int, generator: torch.Generator
+) -> torch.Tensor:
+    r"""
+    Back-propagate the losses of the whole global batch — every process's micro-batches of one optimizer step — so
+    that the gradients equal those of one device holding it (what the paper's batch of 128 on one GPU computes).
+
+    - Stage 1, by gradient caching (GradCache, Gao et al., 2021): every micro-batch is embedded without a graph; the
+      symmetric InfoNCE of the global batch is computed on the gathered embeddings E and differentiated with respect
+      to E (and the temperature); then each micro-batch is embedded again with its graph, replaying its random state
+      (token selection draws noise), and dL/dE of its rows is back-propagated through it.
+    - Stage 2: stage 1 is frozen, so only the negatives need the global batch: they are drawn from the stage-1
+      similarities of all rows, and each process scores the matching pairs of its own rows one micro-batch at a time,
+      each chunk's loss normalised by the number of pairs of the global batch.
+
+    The gradients of all processes are then summed by hand (the DDP wrapper's reducer expects one forward per
+    backward, which gradient caching does not do). Returns the step's loss.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    num_processes, rank = accelerator.num_processes, accelerator.process_index
+    parameters = [p for p in unwrapped.parameters() if p.requires_grad]
+    inputs = [_model_inputs(batch, stage) for batch in micro_batches]
+    rows = [len(batch["input_ids"]) for batch in inputs]
+    offset = rank * sum(rows)  # this process's rows in the global batch (every process holds as many)
+    video_ids = _gather(torch.cat([batch["video_ids"] for batch in inputs]), num_processes)
+    positive_mask = video_ids.unsqueeze(1) == video_ids.unsqueeze(0)
+    with accelerator.no_sync(model):
+        if stage == 1:
+            devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+            random_states, text_embeds, video_embeds = [], [], []
+            with torch.no_grad(), accelerator.autocast():
+                for batch in inputs:
+                    random_states.append(_random_state(devices))
+                    text_embeds.append(unwrapped.get_text_features(batch["input_ids"], batch.get("attention_mask")))
+                    video_embeds.append(unwrapped.get_video_features(batch["pixel_values"], batch.get("video_mask")))
+            local_text = torch.cat(text_embeds).float().requires_grad_()
+            local_video = torch.cat(video_embeds).float().requires_grad_()
+            # Other processes' embeddings are constants here; this process's own rows carry the gradient.
+            all_text, all_video = _gather(local_text, num_processes), _gather(local_video, num_processes)
+            own = slice(offset, offset + len(local_text))
+            all_text = torch.cat([all_text[: own.start], local_text, all_text[own.stop :]])
+            all_video = torch.cat([all_video[: own.start], local_video, all_video[own.stop :]])
+            logits_per_text = unwrapped.logit_scale.exp().clamp(max=100) * all_text @ all_video.t()
+            loss = contrastive_loss(logits_per_text, positive_mask)
+            accelerator.backward(loss)
+            # Every process computed the temperature's gradient of the same global loss: count it once in the sum.
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    parameter.grad /= num_processes
+            start = 0
+            for batch, state in zip(inputs, random_states):
+                stop = start + len(batch["input_ids"])
+                with torch.random.fork_rng(devices=devices), accelerator.autocast():
+                    _set_random_state(state, devices)
+                    text = unwrapped.get_text_features(batch["input_ids"], batch.get("attention_mask"))
+                    video = unwrapped.get_video_features(batch["pixel_values"], batch.get("video_mask"))
+                torch.autograd.backward(
+                    [text.float(), video.float()], [local_text.grad[start:stop], local_video.grad[start:stop]]
+                )
+                start = stop
+        else:
+            with torch.no_grad(), accelerator.autocast():
+                text_embeds = torch.cat(
+                    [unwrapped.get_text_features(b["input_ids"], b.get("attention_mask")) for b in inputs]
+                )
+            video_embeds = torch.cat([b["video_embeds"] for b in inputs]).to(text_embeds.dtype)
+            logits_per_text = unwrapped.logit_scale.exp().clamp(max=100) * (
+                _gather(text_embeds, num_processes) @ _gather(video_embeds, num_processes).t()
+            )
+            negative_video, negative_text = sample_hard_negatives(logits_per_text, positive_mask, generator)
+            keys = ("qformer_input_ids", "qformer_attention_mask", "vision_tokens", "video_mask")
+            columns = {key: _gather(torch.cat([b[key] for b in inputs]), num_processes) for key in keys}
+            extra = "negative_vision_tokens" in inputs[0]
+            total_pairs = len(video_ids) * (4 if extra else 3)
+            loss, start = 0.0, offset
+            for batch in inputs:
+                text_index, video_index, labels = matching_pairs(len(batch["input_ids"]), negative_video, negative_text, start)
+                pair_ids = columns["qformer_input_ids"][text_index]
+                pair_mask = columns["qformer_attention_mask"][text_index]
+                pair_tokens = columns["vision_tokens"][video_index]
+                pair_video_mask = columns["video_mask"][video_index]
+                if extra:
+                    pair_ids = torch.cat([pair_ids, batch["qformer_input_ids"]])
+                    pair_mask = torch.cat([pair_mask, batch["qformer_attention_mask"]])
+                    pair_tokens = torch.cat([pair_tokens, batch["negative_vision_tokens"].to(pair_tokens.dtype)])
+                    pair_video_mask = torch.cat([pair_video_mask, batch["negative_video_mask"]])
+                    labels = torch.cat([labels, torch.zeros_like(labels[: len(batch["input_ids"])])])
+                with accelerator.autocast():
+                    logits = unwrapped.get_fine_logits(pair_ids, pair_mask, pair_tokens, pair_video_mask)
+                chunk_loss = F.cross_entropy(logits.float(), labels, reduction="sum") / total_pairs
+                accelerator.backward(chunk_loss)
+                loss = loss + chunk_loss.detach()
+                start += len(batch["input_ids"])
+            if num_processes > 1:
+                torch.distributed.all_reduce(loss)
+    if num_processes > 1:
+        _sum_gradients_over_processes(parameters)
+    return loss.detach()
+
+
 def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], None]] = ()) -> str:
     """
     Train one stage and write `<output_dir>/final` (a `save_pretrained` folder that loads with
@@ -404,7 +548,12 @@ def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], Non
             f"batch_size={args.batch_size} is not a multiple of per_device_batch_size x processes = {micro_batch}"
         )
     accumulation = args.batch_size // micro_batch
-    accelerator.gradient_accumulation_steps = accumulation
+    if accelerator.gradient_accumulation_steps not in (1, accumulation):
+        raise ValueError(
+            f"accelerate was configured with gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, "
+            f"but batch_size={args.batch_size} / (per_device_batch_size={args.per_device_batch_size} x "
+            f"{num_processes} processes) gives {accumulation}; set --batch_size / --per_device_batch_size instead"
+        )
     set_seed(args.seed)
     model, processor = load_model(args.model_name_or_path)
 
@@ -479,39 +628,38 @@ def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], Non
     progress = tqdm(
         total=max_steps, initial=global_step, desc=f"stage {args.stage}", disable=not accelerator.is_local_main_process
     )
-    running = {}
     micro_step = global_step * accumulation
     while global_step < max_steps:
         sampler_generator.manual_seed(args.seed + epoch)  # the same data order for the same epoch, resumed or not
         collator.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, steps_in_epoch * accumulation) if steps_in_epoch else loader
+        pending = []
         for batch in epoch_loader:
             micro_step += 1
-            inputs = {key: value for key, value in batch.items() if key != "video_index"}
-            if args.stage == 1:
-                inputs = {key: value for key, value in inputs.items() if not key.startswith("qformer")}
-            with accelerator.accumulate(model):
+            pending.append(batch)
+            if len(pending) < accumulation:
+                continue
+            generator = _negatives_generator(args.seed, micro_step)
+            if accumulation > 1:
+                loss = global_batch_backward(accelerator, model, pending, args.stage, generator)
+            else:
                 outputs = model(
-                    **inputs,
-                    video_ids=batch["video_index"],
+                    **_model_inputs(batch, args.stage),
                     process_group=torch.distributed.group.WORLD if num_processes > 1 else None,
-                    generator=_negatives_generator(args.seed, micro_step),
+                    generator=generator,
                 )
                 loss = outputs.loss_matching if args.stage == 2 else outputs.loss_contrastive
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            running["loss"] = running.get("loss", 0.0) + loss.detach().float().item() / accumulation
-            if not accelerator.sync_gradients:
-                continue
+            pending = []
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
             global_step += 1
             steps_in_epoch += 1
             progress.update(1)
-            logs = {"train/loss": running.pop("loss"), "train/lr": max(scheduler.get_last_lr()), "train/epoch": epoch}
+            logs = {"train/loss": loss.item(), "train/lr": max(scheduler.get_last_lr()), "train/epoch": epoch}
             if global_step % args.logging_steps == 0 or global_step == max_steps:
                 accelerator.log(logs, step=global_step)
             if global_step % args.save_steps == 0:

@@ -265,19 +265,32 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_two_processes_compute_the_gradients_of_one(tmp_path):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_every_split_of_the_global_batch_computes_the_gradients_of_one(tmp_path, stage):
+    # One process holding the batch of 8 is the reference; the same step split over 2 accumulated micro-batches, over
+    # 2 processes, and over 2 processes x 2 micro-batches (gradient caching in stage 1) must give its gradients.
     script = os.path.join(ROOT, "tests", "scripts", "distributed_losses.py")
-    single = subprocess.run([sys.executable, script, str(tmp_path / "one.safetensors")], capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr[-3000:]
-    double = torchrun(script, str(tmp_path / "two.safetensors"))
-    assert double.returncode == 0, double.stderr[-3000:]
-    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
-    torch.testing.assert_close(two["loss_contrastive"], one["loss_contrastive"])
-    torch.testing.assert_close(two["loss_matching"], one["loss_matching"])
-    grads = [name for name in one if name.startswith("grad/")]
-    assert any("text_model" in name for name in grads) and any("qformer" in name for name in grads)
-    for name in grads:
-        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    def single(name: str, micro_batches: int) -> dict:
+        result = subprocess.run([sys.executable, script, str(tmp_path / name), str(stage), str(micro_batches)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return load_file(tmp_path / name)
+
+    def double(name: str, micro_batches: int) -> dict:
+        result = torchrun(script, str(tmp_path / name), str(stage), str(micro_batches))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return load_file(tmp_path / name)
+
+    reference = single("one.safetensors", 1)
+    grads = [name for name in reference if name.startswith("grad/")]
+    trained = ("text_model", "logit_scale") if stage == 1 else ("qformer", "matching_head")
+    assert all(any(module in name for name in grads) for module in trained), grads
+    for split in (single("accumulated.safetensors", 2), double("two.safetensors", 1), double("two-x2.safetensors", 2)):
+        assert set(split) == set(reference)
+        torch.testing.assert_close(split["loss"], reference["loss"])
+        for name in grads:
+            torch.testing.assert_close(split[name], reference[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_two_process_training_matches_one_process(workspace, tmp_path):
@@ -296,16 +309,19 @@ def test_two_process_training_matches_one_process(workspace, tmp_path):
     }
     flat = [item for pair in options.items() for item in pair]
     one = train(parse_arguments([*flat, "--per_device_batch_size", "8", "--output_dir", str(tmp_path / "one")]))
+    # The same global batch of 8 as 4 accumulated micro-batches of 2 in one process.
+    accumulated = train(parse_arguments([*flat, "--per_device_batch_size", "2", "--output_dir", str(tmp_path / "acc")]))
     result = torchrun("-m", "crosstvr.train", *flat, "--per_device_batch_size", "4", "--output_dir", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     expected = load_file(os.path.join(one, "model.safetensors"))
-    actual = load_file(tmp_path / "two" / "final" / "model.safetensors")
-    for name in expected:
-        # A key bias shifts every attention logit of a query equally: its true gradient is 0 and what remains is
-        # rounding noise, which Adam scales up to full-size steps of random sign.
-        if name.endswith("k_proj.bias"):
-            continue
-        torch.testing.assert_close(actual[name], expected[name], atol=2e-5, rtol=1e-4, msg=name)
+    for actual in (load_file(os.path.join(accumulated, "model.safetensors")),
+                   load_file(tmp_path / "two" / "final" / "model.safetensors")):
+        for name in expected:
+            # A key bias shifts every attention logit of a query equally: its true gradient is 0 and what remains is
+            # rounding noise, which Adam scales up to full-size steps of random sign.
+            if name.endswith("k_proj.bias"):
+                continue
+            torch.testing.assert_close(actual[name], expected[name], atol=2e-5, rtol=1e-4, msg=name)
     shutil.rmtree(tmp_path / "two" / "final")
 
 
