@@ -89,6 +89,11 @@ class CrossTVRConfig(PreTrainedConfig):
         share_spatial_temporal (`bool`, *optional*, defaults to `True`):
             Whether spatial and temporal text attention share the Q-Former and its text embeddings (the paper's
             choice, Table 9); `False` builds a second Q-Former for the temporal pass.
+        fine_vision_projection (`bool`, *optional*, defaults to `False`):
+            Project the stage-2 tokens with a learned linear layer to the width the Q-Former's cross-attention was
+            pre-trained on (`qformer_config.encoder_hidden_size`, e.g. BLIP-2's 1408), instead of sizing the
+            cross-attention to the tower. Lets a CLIP ViT-B/32 tower (768) keep all of BLIP-2's cross-attention weights
+            (`convert_checkpoint.py --cross-attention project`).
         share_vision_tower (`bool`, *optional*, defaults to `False`):
             Whether stage 2 reads the stage-1 vision tower instead of a separate frozen one (the paper's appendix:
             same accuracy, smaller model).
@@ -159,6 +164,7 @@ class CrossTVRConfig(PreTrainedConfig):
     token_selection_sigma: float = 0.05
     fine_attention: str = "spatial_temporal"
     share_spatial_temporal: bool = True
+    fine_vision_projection: bool = False
     share_vision_tower: bool = False
     use_frame_position_embeddings: bool = True
     temporal_text_input: bool = False
@@ -171,8 +177,10 @@ class CrossTVRConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.fine_vision_config is None and not self.share_vision_tower:
             self.fine_vision_config = copy.deepcopy(self.vision_config)
-        # The Q-Former cross-attends to the stage-2 vision tokens, and its text positions need their own FFN.
-        self.qformer_config.encoder_hidden_size = self.fine_vision_hidden_size
+        # The Q-Former cross-attends to the stage-2 vision tokens (projected or not), and its text positions need
+        # their own FFN.
+        if not self.fine_vision_projection:
+            self.qformer_config.encoder_hidden_size = self.fine_vision_hidden_size
         self.qformer_config.use_qformer_text_input = True
         self.validate_architecture()
 
@@ -181,6 +189,11 @@ class CrossTVRConfig(PreTrainedConfig):
         """Width of the stage-2 vision tokens (the stage-1 tower's when the tower is shared)."""
         tower = self.vision_config if self.share_vision_tower else self.fine_vision_config
         return tower.hidden_size
+
+    @property
+    def fine_token_hidden_size(self) -> int:
+        """Width of the tokens the fine module reads (after `fine_vision_projection`, if any)."""
+        return self.qformer_config.encoder_hidden_size
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: rejects settings that cannot build a network."""

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 # Parameters of the fine (stage-2) module, by top-level attribute of CrossTVRModel.
 FINE_MODULES = (
+    "fine_vision_projection",
     "query_tokens",
     "qformer_embeddings",
     "qformer",

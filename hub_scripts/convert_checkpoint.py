@@ -13,8 +13,12 @@ What comes from where (every weight of the new model is listed in the printed ta
 - BLIP-2 ITM: the query tokens, the Q-Former and its text embeddings (to both Q-Formers when they are not shared), the
   image-text matching head as the matching head, and BLIP-2's EVA ViT-g tower as the stage-2 tower with
   `--stage2-tower blip2` (the paper's Large). The cross-attention keys and values of the Q-Former expect the BLIP-2
-  tower's width (1408): with a CLIP stage-2 tower of another width they are re-initialised. BLIP-2's contrastive
-  projections are not used.
+  tower's width (1408). With a CLIP stage-2 tower of another width (the paper's Base: ViT-B/32, 768),
+  `--cross-attention reinitialise` (default) re-initialises them; `--cross-attention project` keeps them and adds a
+  learned projection of the tower's tokens to 1408 (`fine_vision_projection`, orthonormal columns scaled to keep
+  each coordinate's variance). The paper says only that the cross-attention is initialised from BLIP-2; the default
+  keeps the previous behaviour because nothing here measured which start trains better on real videos. BLIP-2's
+  contrastive projections are not used.
 - New: the token selectors and the frame position embeddings (zero).
 
 Without `--blip2`, the fine module is newly initialised (BLIP-2's geometry, or `--qformer-config`) and
@@ -115,7 +119,10 @@ def build_config(clip, blip2, args, qformer_tokenizer):
             )
     else:
         fine_vision_config = None  # a copy of the CLIP vision tower
+    fine_width = (fine_vision_config or clip.config.vision_config.to_dict())["hidden_size"]
+    project = blip2 is not None and args.cross_attention == "project" and fine_width != qformer_config["encoder_hidden_size"]
     return CrossTVRConfig(
+        fine_vision_projection=project,
         text_config=text_config.to_dict(),
         vision_config=clip.config.vision_config.to_dict(),
         qformer_config=qformer_config,
@@ -183,6 +190,12 @@ def source_map(model, clip, blip2, args) -> dict[str, tuple[str, torch.Tensor | 
                 )
             else:
                 take(name, "blip2", blip2_state, key)
+        elif top == "fine_vision_projection":
+            sources[name] = (
+                f"new: projection of the {target[name].shape[-1]}-wide tower's tokens to the cross-attention's "
+                f"{target[name].shape[0]} (orthonormal columns, scaled)" if name.endswith("weight") else "new: zeros",
+                None,
+            )
         else:
             sources[name] = ("new: initialised (" + ("zeros" if "frame_position" in name else "random") + ")", None)
     return sources
@@ -244,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage2-tower", choices=("clip", "blip2"), default="clip",
                         help="the frozen stage-2 tower: CLIP's vision tower (Base) or BLIP-2's EVA tower (Large)")
     parser.add_argument("--share-vision-tower", action="store_true", help="stage 2 reads the stage-1 tower")
+    parser.add_argument("--cross-attention", choices=("reinitialise", "project"), default="reinitialise",
+                        help="when the stage-2 tower is narrower than BLIP-2's: re-initialise the cross-attention keys "
+                        "and values, or keep them and learn a projection of the tower's tokens")
     parser.add_argument("--temporal-aggregator", default="token_shift_select",
                         choices=("mean", "transformer", "token_shift_select"))
     parser.add_argument("--temporal-layers", type=int, default=4, help="layers of the temporal transformer")

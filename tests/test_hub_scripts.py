@@ -306,3 +306,22 @@ def test_didemo_preset_sets_the_papers_frames_words_and_positions(sources, tmp_p
     bert = ["--qformer-tokenizer", str(sources["root"] / "bert")]
     assert convert_checkpoint.main([*base, *bert, "--preset", "didemo"]) == 1
     assert "--max-text-length 64 exceeds the 16 positions" in capsys.readouterr().err
+
+
+def test_cross_attention_can_keep_blip2_weights_behind_a_projection(sources, tmp_path, tester):
+    report = run_conversion(sources, tmp_path / "base", "--blip2", str(sources["root"] / "blip2"),
+                            "--cross-attention", "project")
+    assert not any("re-initialised" in origin for origin in report["weights"].values())
+    assert report["weights"]["fine_vision_projection.weight"].startswith("new: projection of the 32-wide tower")
+    model = CrossTVRModel.from_pretrained(tmp_path / "base").eval()
+    assert model.config.fine_vision_projection and model.config.fine_token_hidden_size == 24
+    blip2_layer = sources["blip2"].qformer.encoder.layer[0].crossattention.attention
+    torch.testing.assert_close(model.qformer.encoder.layer[0].crossattention.attention.key.weight, blip2_layer.key.weight)
+    # The projection keeps a coordinate's variance: unit-variance tokens stay at unit variance.
+    tokens = torch.randn(4096, 32)
+    projected = tokens @ model.fine_vision_projection.weight.t()
+    assert abs(projected.var().item() - 1) < 0.1
+    inputs = tester.get_inputs()
+    scores = model.get_fine_scores(inputs["qformer_input_ids"], inputs["qformer_attention_mask"],
+                                   model.get_vision_tokens(inputs["pixel_values"]), inputs["video_mask"])
+    assert scores.isfinite().all()

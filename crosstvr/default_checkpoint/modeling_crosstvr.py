@@ -677,6 +677,14 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
             init.normal_(module.query_tokens, std=config.initializer_range)
             if module.frame_position_embeddings is not None:
                 init.zeros_(module.frame_position_embeddings)
+            if module.fine_vision_projection is not None:
+                # Orthogonal, scaled to keep each coordinate's variance (orthonormal columns when widening spread a
+                # token's norm over more coordinates): layer-normalised tower tokens arrive at the scale of the
+                # layer-normalised tokens the cross-attention was pre-trained on.
+                projection = module.fine_vision_projection
+                widening = max(projection.out_features / projection.in_features, 1.0)
+                init.orthogonal_(projection.weight, gain=widening**0.5)
+                init.zeros_(projection.bias)
         elif isinstance(module, Blip2TextEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 
@@ -714,6 +722,10 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             fine_vision_class = FINE_VISION_MODEL_CLASSES[config.fine_vision_config.model_type]
             self.fine_vision_model = fine_vision_class._from_config(config.fine_vision_config)
         qformer_config = config.qformer_config
+        if config.fine_vision_projection:
+            self.fine_vision_projection = nn.Linear(config.fine_vision_hidden_size, config.fine_token_hidden_size)
+        else:
+            self.fine_vision_projection = None
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.qformer_embeddings = Blip2TextEmbeddings(qformer_config)
         self.qformer = Blip2QFormerModel._from_config(qformer_config)
@@ -728,7 +740,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             self.token_selector = None
         else:
             self.token_selector = CrossTVRTokenSelector(
-                config.fine_vision_hidden_size,
+                config.fine_token_hidden_size,
                 config.num_selected_tokens,
                 keep_cls_token=False,
                 num_samples=config.token_selection_num_samples,
@@ -912,7 +924,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         Args:
             qformer_input_ids, qformer_attention_mask: `(texts, text_length)`; one text per frame when
                 `text_of_frame` is None.
-            frame_tokens: `(frames, tokens, fine_vision_hidden_size)`, V_t.
+            frame_tokens: `(frames, tokens, fine_token_hidden_size)`, V_t.
             text_of_frame: `(frames,)`, *optional*: the text each frame is paired with.
 
         Returns:
@@ -954,7 +966,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
 
         Args:
             queries: `(pairs, queries, qformer_hidden_size)`; query_mask: `(pairs, queries)`.
-            selected_tokens: `(pairs, frames * M, fine_vision_hidden_size)`, V_select; token_mask: `(pairs, frames * M)`.
+            selected_tokens: `(pairs, frames * M, fine_token_hidden_size)`, V_select; token_mask: `(pairs, frames * M)`.
             qformer_input_ids, qformer_attention_mask: `(pairs, text_length)`, *optional*.
 
         Returns:
@@ -1025,6 +1037,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             qformer_attention_mask = torch.ones_like(qformer_input_ids)
         video_mask = self._video_mask(video_mask, num_pairs, num_frames, vision_tokens.device)
         vision_tokens = vision_tokens.to(self.query_tokens.dtype)
+        if self.fine_vision_projection is not None:
+            vision_tokens = self.fine_vision_projection(vision_tokens)  # (pairs, T, N, fine_token_hidden_size)
         fine_attention = self.config.fine_attention
 
         qformer_input_ids, qformer_attention_mask = trim_text_padding(qformer_input_ids, qformer_attention_mask)
