@@ -520,3 +520,27 @@ def test_fine_score_modes_are_p_log_p_and_the_log_odds(tester):
         torch.testing.assert_close(model.get_fine_scores(*args), value, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="fine_score"):
         tester.get_config(fine_score="margin")
+
+
+def test_fine_module_gradients_are_reproducible_with_several_threads(tester):
+    # The spatial pass gathers each text's embeddings to its frames (repeated indices). Through plain indexing the
+    # backward accumulates with index_put_, whose sums depend on thread scheduling on CPU.
+    model = tester.get_model().train()
+    inputs = tester.get_inputs(batch_size=3)
+    repeat = 48  # many pairs share a text, as in re-ranking and in training batches
+    ids, mask = inputs["qformer_input_ids"].repeat(repeat, 1), inputs["qformer_attention_mask"].repeat(repeat, 1)
+    tokens = torch.randn(len(ids), tester.num_frames, 17, 32, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(4):
+            model.zero_grad()
+            torch.manual_seed(1)  # the token selector's noise
+            model.get_fine_logits(ids, mask, tokens).sum().backward()
+            grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        for name, grad in grads[0].items():
+            assert torch.equal(other[name], grad), name

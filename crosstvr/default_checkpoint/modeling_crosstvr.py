@@ -402,7 +402,10 @@ def qformer_query_outputs(
         `(rows, N_Q, hidden)`.
     """
     if input_of_row is not None and qformer.training:
-        embeds, attention_mask, input_of_row = embeds[input_of_row], attention_mask[input_of_row], None
+        # index_select, not embeds[input_of_row]: the backward of indexing with repeated indices accumulates with
+        # index_put_, whose sums depend on thread scheduling on CPU; index_select's (index_add_) are reproducible.
+        embeds, attention_mask = embeds.index_select(0, input_of_row), attention_mask[input_of_row]
+        input_of_row = None
     hidden_states = qformer.dropout(qformer.layernorm(embeds.to(qformer.layernorm.weight.dtype)))
     encoder_hidden_states = encoder_hidden_states.to(hidden_states.dtype)
     self_attention_mask = create_bidirectional_mask(
