@@ -227,7 +227,7 @@ class CachedVideoTextCollator:
             "video_index": torch.tensor(columns["video_index"], dtype=torch.long),
         }
         if "negative_candidates" in columns:
-            generator = content_generator(self.seed, self.epoch, [*columns["video_path"], *columns["caption"]])
+            generator = content_generator(self.seed, self.epoch, columns)
             negatives = [
                 candidates[int(torch.randint(len(candidates), (), generator=generator))]
                 for candidates in columns["negative_candidates"]

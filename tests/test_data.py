@@ -219,3 +219,17 @@ def test_bad_arguments_and_files(fixtures, tmp_path):
         file.write("clip_without_enough_fields\tand a sentence\n")
     with pytest.raises(AnnotationFormatError, match=r"LSMDC16_annos_val.csv:3: expected 6 tab-separated fields"):
         load_retrieval_dataset("lsmdc", broken, fixture.videos_dir, cache_dir=tmp_path / "cache")
+
+
+def test_random_frame_sampling_does_not_depend_on_where_the_dataset_lies(tmp_path):
+    from crosstvr.default_model import build_tiny_processor
+
+    write_fixture("msvd", tmp_path / "here")
+    shutil.copytree(tmp_path / "here", tmp_path / "elsewhere")
+    transform = VideoTextTransform(build_tiny_processor(), sampling="random", seed=3)
+    pixels = []
+    for root in ("here", "elsewhere"):
+        rows = load_retrieval_dataset("msvd", str(tmp_path / root / "annotations"), str(tmp_path / root / "videos"),
+                                      splits=["train"])["train"]
+        pixels.append(transform(rows[:6])["pixel_values"])
+    assert torch.equal(pixels[0], pixels[1])

@@ -7,9 +7,13 @@ import torch
 from ..processing_crosstvr import CrossTVRProcessor, VideoDecodeError
 
 
-def content_generator(seed: int, epoch: int, content: list[str]) -> torch.Generator:
-    """A generator seeded by `seed`, `epoch` and a batch's content: the same draws for the same batch whichever
-    DataLoader worker builds it, and again when a run is resumed."""
+def content_generator(seed: int, epoch: int, batch: dict[str, list]) -> torch.Generator:
+    """
+    A generator seeded by `seed`, `epoch` and a batch's content (its rows' video ids, captions and segments): the same
+    draws for the same batch whichever DataLoader worker builds it, when a run is resumed, and wherever the dataset
+    lies on disk (paths are not part of the content, so a run in another folder or clone samples the same frames).
+    """
+    content = [*batch["video_id"], *batch["caption"], *map(str, batch["start_time"]), *map(str, batch["end_time"])]
     digest = hashlib.sha256("\n".join([str(seed), str(epoch), *content]).encode()).hexdigest()
     return torch.Generator().manual_seed(int(digest[:15], 16))
 
@@ -22,8 +26,9 @@ class VideoTextTransform:
     evaluation), frame masks for short videos, and both tokenizations of the caption.
 
     Random sampling draws from torch's global generator, which every DataLoader worker seeds differently; with a
-    `seed`, it draws instead from a generator seeded by the seed, the epoch (`set_epoch`) and the batch's content, so
-    that the frames of a batch do not depend on which worker decodes it (and a resumed run reads the same frames). A
+    `seed`, it draws instead from a generator seeded by the seed, the epoch (`set_epoch`) and the batch's content
+    ([`content_generator`]), so that the frames of a batch do not depend on which worker decodes it, and a resumed run,
+    or a run on a copy of the dataset elsewhere, reads the same frames. A
     video that cannot be decoded raises [`VideoDecodeError`] naming the file and the row's video id; load the dataset
     with `check_videos=True, on_bad_video="skip"` to drop such videos up front.
 
@@ -48,7 +53,7 @@ class VideoTextTransform:
     def _generator(self, batch: dict[str, list]) -> torch.Generator | None:
         if self.seed is None or self.sampling != "random":
             return None
-        return content_generator(self.seed, self.epoch, [*batch["video_path"], *batch["caption"]])
+        return content_generator(self.seed, self.epoch, batch)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
         try:
