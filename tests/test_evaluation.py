@@ -286,3 +286,11 @@ def test_dsl_chooses_the_candidates_and_the_cosine_stays_in_the_fused_score():
         return compute_retrieval_metrics(text_to_video.logits.numpy(), np.arange(6), video_to_text.logits.numpy())
 
     assert evaluation.metrics["two_stage"] == metrics(cosine) != metrics(None)
+
+
+def test_evaluate_module_and_function_agree_on_near_ties():
+    # Differences below float32's resolution: the function (float64) separates them, and so must the module.
+    scores = np.array([[1.0, 1.0 + 1e-9, 0.0], [0.0, 1.0, 1.0 - 1e-9], [1e-9, 0.0, 0.0]])
+    expected = compute_retrieval_metrics(scores, [0, 1, 2])
+    assert expected["t2v_R1"] == pytest.approx(100 / 3)  # float32 would make rows 0 and 1 ties: 66.7
+    assert load_retrieval_metric().compute(predictions=scores, references=[0, 1, 2]) == expected

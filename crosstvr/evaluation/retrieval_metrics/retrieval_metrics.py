@@ -117,7 +117,8 @@ class RetrievalMetrics(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+                # float64, as the function computes: float32 features would merge near ties the function separates.
+                {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Value("int64")}
             ),
             reference_urls=["https://github.com/ArrowLuo/CLIP4Clip/blob/master/metrics.py"],
         )
