@@ -13,12 +13,14 @@
 # limitations under the License.
 """CrossTVR model configuration.
 
-This file is Hub-portable: it imports only the standard library and `transformers`, and `save_pretrained` copies it
-next to every checkpoint.
+This file is Hub-portable: it imports only the standard library, `transformers` and `huggingface_hub`'s `strict`
+(which transformers always installs and its own configurations use), and `save_pretrained` copies it next to every
+checkpoint.
 """
 
 import copy
 
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, Blip2QFormerConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -29,6 +31,7 @@ FINE_VISION_MODEL_TYPES = ("clip_vision_model", "blip_2_vision_model")
 FINE_SCORES = ("probability", "log_probability", "logit")
 
 
+@strict
 class CrossTVRConfig(PreTrainedConfig):
     r"""
     Configuration of a [`CrossTVRModel`]: a two-stage text-video retrieval model ("Fine-grained Text-Video Retrieval

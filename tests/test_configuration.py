@@ -71,3 +71,11 @@ def test_shared_tower_has_no_separate_config():
 def test_invalid_settings_are_rejected_with_the_fix(overrides, message):
     with pytest.raises(ValueError, match=message):
         CrossTVRConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("rerank_top_k", 2.5), ("num_frames", "12"), ("fine_score_weight", "high"), ("share_vision_tower", "no")]
+)
+def test_bad_types_fail_at_construction_naming_the_field(tester, field, value):
+    with pytest.raises(Exception, match=f"Field '{field}' expected"):
+        tester.get_config(**{field: value})
