@@ -43,7 +43,7 @@ def test_output_shapes(tester, aggregator):
 
     assert model.get_fine_logits(*fine_inputs(model, inputs)).shape == (batch, 2)
     scores = model.get_fine_scores(*fine_inputs(model, inputs))
-    assert scores.shape == (batch,) and (scores <= 0).all()
+    assert scores.shape == (batch,) and ((0 <= scores) & (scores <= 1)).all()  # p, the default s_fine
 
     outputs = model(**inputs)
     assert outputs.loss.shape == () and outputs.loss_matching.shape == ()
