@@ -2,26 +2,36 @@
 
     python benchmarks/synthetic_benchmark.py [--output runs/synthetic] [--seeds 0 1 2] [--ship-default] [--smoke]
 
-One command, on a 2-core CPU in under 20 minutes, through the normal code paths (the recipe only orchestrates):
+One command on a 2-core CPU, through the package's normal code paths (the recipe only orchestrates), following the real
+regime step by step in miniature:
 
 0. Data: `crosstvr.synthetic.write_benchmark` writes scenes whose captions have hard negatives in the set that differ in
    one fine detail (a flashing dot's colour, the direction of a movement, the order of two movements), in MSVD's
-   layout (train 600 videos x 3 captions, val 100, test 200; 6 frames of 64 px per video).
-1. Image encoder: a tiny CLIP pre-trained on single frames and captions (`crosstvr.train`, stage 1 with one frame
-   per video), exported as a CLIPModel checkpoint. Like the public CLIP checkpoint of the paper, it is shared by all
-   seeds (trained once, with its own fixed seed).
-2. Conversion (`hub_scripts/convert_checkpoint.py`): CrossTVR with that CLIP as both the stage-1 towers and the frozen
-   stage-2 tower, TS2-Net token shift and selection as stage 1, a tiny Q-Former.
-3. Stage 1 on videos (`crosstvr.train --stage 1`).
+   layout (train 600 videos x 3 captions, val 100, test 200; 6 frames of 64 px per video), and the decoded frames of
+   the training videos with captions of what each frame shows.
+1. Image-text pre-training (`crosstvr.pretraining`), shared by all seeds like the public checkpoints of the paper
+   (each with its own fixed seed), in batches of near-duplicate frames (whole scene groups):
+   a. a tiny CLIP (16 px patches): the stage-1 towers' start, as OpenAI's CLIP is the paper's;
+   b. a tiny EVA-style tower (BLIP-2's `Blip2VisionModel`, 8 px patches) with a text tower: the miniature of EVA-CLIP;
+   c. BLIP-2's first stage over that frozen tower (ITC + ITM with hard negatives, uniform negatives first), saved as a
+      `Blip2ForImageTextRetrieval` checkpoint.
+   The tower learns from the frame captions (what a frame shows, where); the CLIP and the Q-Former, whose text sides
+   read the video captions later, also from each frame paired with its video's caption, as web captions describe
+   more than their image shows (validation: stage 1's R@5 rises from 79 to 84 with them).
+2. Conversion (`hub_scripts/convert_checkpoint.py --clip ... --blip2 ... --stage2-tower blip2`), the path of the
+   paper's Large model: CLIP's towers for stage 1, BLIP-2's tower (frozen) and Q-Former for stage 2.
+3. Stage 1 on videos (`crosstvr.train --stage 1`, TS2-Net token shift and selection).
 4. Stage 2 from the token cache (`crosstvr.train --stage 2`) for the paper's ablation: spatial only, temporal only,
-   both with shared and with separate parameters.
-5. Evaluation on the held-out test split (`crosstvr.evaluation`): stage 1 alone, each variant at K = 5, and R@1/5/10
-   against the re-ranking depth K = 2..19 for the full model.
+   both with shared and with separate parameters, each converted from the same BLIP-2 checkpoint.
+5. Evaluation on the validation split (what settings were chosen on) and the held-out test split
+   (`crosstvr.evaluation`): stage 1 alone, each variant at K = 5, R@1/5/10 against the re-ranking depth K = 2..19 for
+   the full model, and on validation the fused score's choices (s_fine as p, log p or the log-odds, and w).
 
-Every seed reruns steps 2-5 (the data and the image encoder are fixed); the tables report mean +- standard deviation
-over seeds (and the validation split's numbers, which are what the settings were chosen on) and go to
-`<output>/results.md`, `results.json` and `depth_sweep.png`. `--ship-default` copies the first seed's full model, with
-a model card, to `crosstvr/default_checkpoint/` (the embedded default). `--smoke` runs the whole recipe at toy sizes.
+Every seed reruns steps 2-5 (the data and the pre-trained parts are fixed); the tables report mean +- standard
+deviation over seeds and go to `<output>/results.md`, `results.json` and `depth_sweep.png`. `--ship-default` copies the
+first seed's full model, with a model card, to `crosstvr/default_checkpoint/` (the embedded default). `--smoke` runs
+the whole recipe at toy sizes. Runs are reproducible: every step is seeded, runs single-threaded work in a fixed number
+of threads, and reads no state from the environment (see the README).
 """
 
 import argparse
@@ -53,19 +63,50 @@ ROW_NAMES = {
     "shared": "+ spatial & temporal, shared (CrossTVR)",
     "separate": "+ spatial & temporal, separate",
 }
+# --ablations: the full model (shared) with one switch away from the recipe's setting: (config, training options).
+ABLATIONS = {
+    "text_in_temporal_pass": ({"temporal_text_input": True}, {}),
+    "no_frame_positions": ({"use_frame_position_embeddings": False}, {}),
+    "in_batch_negatives_only": ({}, {"hard_negatives": "in_batch"}),
+}
 DEPTHS = list(range(2, 20))
 EVAL_TOP_K = 5
+FUSION_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 # Sizes and schedules: the full recipe and the smoke test's.
 SETTINGS = {
-    "full": {"groups": (150, 25, 50), "pretrain_steps": 400, "stage1_epochs": 4, "stage2_epochs": 2, "batch": 32},
-    "smoke": {"groups": (4, 1, 2), "pretrain_steps": 4, "stage1_epochs": 1, "stage2_epochs": 1, "batch": 8},
+    "full": {
+        "groups": (150, 25, 50),
+        "clip_steps": 500,
+        "tower_steps": 900,
+        "qformer_steps": 900,
+        "qformer_uniform_steps": 225,
+        "pretrain_batch": 64,
+        "images_per_group": 16,
+        "stage1_epochs": 4,
+        "stage2_steps": 250,
+        "stage2_learning_rate": 5e-4,
+        "batch": 32,
+    },
+    "smoke": {
+        "groups": (4, 1, 2),
+        "clip_steps": 2,
+        "tower_steps": 2,
+        "qformer_steps": 3,
+        "qformer_uniform_steps": 1,
+        "pretrain_batch": 16,
+        "images_per_group": 8,
+        "stage1_epochs": 1,
+        "stage2_steps": 2,
+        "stage2_learning_rate": 5e-4,
+        "batch": 8,
+    },
 }
 PRETRAIN_SEED = 1234
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "hub_scripts", f"{name}.py"))
+def _load_script(folder: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -94,96 +135,133 @@ def _train(output_dir: str, data: str, batch: int, **options) -> str:
     return train(arguments)
 
 
-def pretrain_image_encoder(work: str, data: str, settings: dict, seed: int = PRETRAIN_SEED) -> str:
-    """A tiny CLIP trained on (single frame, caption) pairs, saved as a CLIPModel checkpoint with its preprocessors."""
-    from transformers import CLIPConfig, CLIPModel
+def captions_with_video_captions(data: str, output: str) -> str:
+    """The frame captions, plus every training frame paired with its video's captions (in turn); returns the file."""
+    with open(os.path.join(data, "annotations", "frame_captions_train.json"), encoding="utf-8") as file:
+        records = json.load(file)
+    with open(os.path.join(data, "annotations", "raw-captions.json"), encoding="utf-8") as file:
+        video_captions = json.load(file)
+    with_videos = []
+    for index, record in enumerate(records):
+        phrasings = video_captions[record["image_id"].split("/")[0]]
+        with_videos.append({**record, "caption": phrasings[index % len(phrasings)]})
+    with open(output, "w", encoding="utf-8") as file:
+        json.dump(records + with_videos, file)
+    return output
 
-    from crosstvr import CrossTVRModel
-    from crosstvr.default_model import build_tiny_config, build_tiny_processor
-    from crosstvr.training import PRETRAINED_STAGE_ONE_MODULES
 
-    processor = build_tiny_processor(num_frames=1)
-    start = os.path.join(work, "pretrain-start")
-    torch.manual_seed(seed)
-    CrossTVRModel(build_tiny_config(processor, temporal_aggregator="mean")).save_pretrained(start)
-    processor.save_pretrained(start)
-    trained = _train(
-        os.path.join(work, "pretrain"),
-        data,
+def _pretrain(work: str, name: str, start_model, tokenizer, data: str, train_file: str, settings: dict, **options) -> str:
+    """Save `start_model` with its preprocessors and pre-train it with `crosstvr.pretraining` on `train_file`."""
+    from transformers import TrainingArguments
+
+    from crosstvr.default_model import MAX_TEXT_LENGTH, build_tiny_processor
+    from crosstvr.pretraining import PretrainingArguments, pretrain
+
+    start = os.path.join(work, f"{name}-start")
+    start_model.save_pretrained(start)
+    tokenizer.save_pretrained(start)
+    build_tiny_processor().image_processor.save_pretrained(start)
+    steps, learning_rate = options.pop("steps"), options.pop("learning_rate")
+    pretraining_args = PretrainingArguments(
         model_name_or_path=start,
-        stage=1,
-        seed=seed,
-        max_steps=settings["pretrain_steps"],
-        batch=settings["batch"],
-        learning_rate=3e-4,
-        pretrained_lr_scale=1.0,
-        warmup_ratio=0.05,
-        num_workers=2,
+        train_file=train_file,
+        image_root=data,
+        images_per_group=settings["images_per_group"],
+        max_text_length=MAX_TEXT_LENGTH,
+        **options,
     )
-    # Stage 1 with one frame and mean pooling is CLIP: same modules, same names.
-    model = CrossTVRModel.from_pretrained(trained)
-    config = CLIPConfig(
-        text_config=model.config.text_config.to_dict(),
-        vision_config=model.config.vision_config.to_dict(),
-        projection_dim=model.config.projection_dim,
+    training_args = TrainingArguments(
+        output_dir=os.path.join(work, name),
+        max_steps=steps,
+        per_device_train_batch_size=settings["pretrain_batch"],
+        learning_rate=learning_rate,
+        warmup_steps=max(steps // 20, 1),
+        lr_scheduler_type="cosine",
+        weight_decay=0.05,
+        max_grad_norm=1.0,
+        seed=PRETRAIN_SEED,
+        save_strategy="no",
+        logging_steps=100,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
     )
-    clip = CLIPModel(config)
-    clip.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if k.split(".")[0] in PRETRAINED_STAGE_ONE_MODULES}, strict=True
-    )
-    clip_dir = os.path.join(work, "clip")
-    clip.save_pretrained(clip_dir)
-    processor.tokenizer.save_pretrained(clip_dir)
-    processor.image_processor.save_pretrained(clip_dir)
-    processor.qformer_tokenizer.save_pretrained(os.path.join(work, "bert"))
-    return clip_dir
+    return pretrain(pretraining_args, training_args)
 
 
-def convert(work: str, clip_dir: str, seed: int) -> str:
-    """CrossTVR from the pre-trained CLIP (both towers) and a new tiny Q-Former, via the Hub conversion script."""
+def pretrain_parts(work: str, data: str, settings: dict) -> tuple[str, str]:
+    """Step 1: the tiny CLIP (stage 1's start) and the BLIP-2 ITM checkpoint (stage 2's tower and Q-Former)."""
+    from transformers import VisionTextDualEncoderModel
+
+    from crosstvr.default_model import build_tiny_blip2, build_tiny_clip, build_tiny_eva_dual_encoder, build_tiny_processor
+
+    processor = build_tiny_processor()
+    os.makedirs(work, exist_ok=True)
+    frame_captions = os.path.join(data, "annotations", "frame_captions_train.json")
+    mixed_captions = captions_with_video_captions(data, os.path.join(work, "frame_and_video_captions_train.json"))
+    timings = {}
+    started = time.perf_counter()
+    torch.manual_seed(PRETRAIN_SEED)
+    clip_dir = _pretrain(work, "clip", build_tiny_clip(processor), processor.tokenizer, data, mixed_captions, settings,
+                         task="contrastive", steps=settings["clip_steps"], learning_rate=1e-3)
+    timings["clip"] = time.perf_counter() - started
+    started = time.perf_counter()
+    torch.manual_seed(PRETRAIN_SEED)
+    tower_dir = _pretrain(work, "tower", build_tiny_eva_dual_encoder(processor), processor.tokenizer, data,
+                          frame_captions, settings, task="contrastive", steps=settings["tower_steps"],
+                          learning_rate=3e-4)
+    timings["tower"] = time.perf_counter() - started
+    started = time.perf_counter()
+    tower = VisionTextDualEncoderModel.from_pretrained(tower_dir).vision_model
+    torch.manual_seed(PRETRAIN_SEED)
+    blip2 = build_tiny_blip2(processor, tower.config)
+    blip2.vision_model.load_state_dict(tower.state_dict())
+    blip2_dir = _pretrain(work, "blip2", blip2, processor.qformer_tokenizer, data, mixed_captions, settings,
+                          task="qformer",
+                          steps=settings["qformer_steps"], learning_rate=1e-3,
+                          uniform_negative_steps=settings["qformer_uniform_steps"])
+    timings["qformer"] = time.perf_counter() - started
+    logger.info("pre-training: %s", {k: round(v) for k, v in timings.items()})
+    return clip_dir, blip2_dir
+
+
+def convert(output: str, clip_dir: str, blip2_dir: str, seed: int, overrides: dict) -> str:
+    """Step 2: CrossTVR from the pre-trained parts via the Hub conversion script, with the variant's fine module."""
     from crosstvr.default_model import MAX_TEXT_LENGTH, NUM_FRAMES, build_tiny_config, build_tiny_processor
 
     tiny = build_tiny_config(build_tiny_processor())
-    os.makedirs(work, exist_ok=True)
-    qformer_config = os.path.join(work, "qformer.json")
-    with open(qformer_config, "w") as file:
-        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "cross_attention_frequency",
-                "max_position_embeddings", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
-        json.dump({key: getattr(tiny.qformer_config, key) for key in keys}, file)
-    output = os.path.join(work, "converted")
-    status = _load_script("convert_checkpoint").main(
+    separate = ["--separate-temporal-qformer"] if overrides.get("share_spatial_temporal") is False else []
+    status = _load_script("hub_scripts", "convert_checkpoint").main(
         [
-            "--clip", clip_dir, "--qformer-tokenizer", os.path.join(os.path.dirname(clip_dir), "bert"),
-            "--qformer-config", qformer_config, "--output", output, "--temporal-aggregator", "token_shift_select",
-            "--temporal-layers", "2", "--temporal-positions", "64", "--num-frames", str(NUM_FRAMES),
-            "--max-text-length", str(MAX_TEXT_LENGTH), "--num-query-tokens", str(tiny.num_query_tokens),
-            "--seed", str(seed),
+            "--clip", clip_dir, "--blip2", blip2_dir, "--stage2-tower", "blip2", "--output", output,
+            "--temporal-aggregator", "token_shift_select", "--temporal-layers", "2", "--temporal-positions", "64",
+            "--num-frames", str(NUM_FRAMES), "--max-text-length", str(MAX_TEXT_LENGTH), "--seed", str(seed),
+            *separate,
         ]
     )
     if status != 0:
         raise RuntimeError("the conversion failed")
-    # The tiny geometry's remaining settings (its selection, re-ranking depth and initialisation scale).
+    # The tiny geometry's remaining settings (its selection, re-ranking depth, initialisation scale) and the variant.
     config_path = os.path.join(output, "config.json")
     with open(config_path) as file:
         config = json.load(file)
     for key in ("num_selected_tokens", "token_selection_num_samples", "initializer_range"):
         config[key] = getattr(tiny, key)
-    config["rerank_top_k"] = EVAL_TOP_K
+    config.update(rerank_top_k=EVAL_TOP_K, **{k: v for k, v in overrides.items() if k != "share_spatial_temporal"})
     with open(config_path, "w") as file:
         json.dump(config, file, indent=2)
     return output
 
 
-def variant_checkpoint(stage1_dir: str, output: str, overrides: dict, seed: int) -> str:
-    """The stage-1 model with a newly initialised fine module of the given configuration."""
-    from crosstvr import CrossTVRConfig, CrossTVRModel, CrossTVRProcessor
+def variant_checkpoint(stage1_dir: str, converted_dir: str, output: str) -> str:
+    """A variant's converted checkpoint (its fine module from BLIP-2) with the stage-1 weights trained in step 3."""
+    from crosstvr import CrossTVRModel, CrossTVRProcessor
     from crosstvr.training import FINE_MODULES
 
-    trained = CrossTVRModel.from_pretrained(stage1_dir)
-    config = CrossTVRConfig(**{**trained.config.to_dict(), **overrides})
-    torch.manual_seed(seed)
-    model = CrossTVRModel(config)
-    stage_one = {k: v for k, v in trained.state_dict().items() if k.split(".")[0] not in FINE_MODULES}
+    model = CrossTVRModel.from_pretrained(converted_dir)
+    stage_one = {
+        k: v for k, v in CrossTVRModel.from_pretrained(stage1_dir).state_dict().items() if k.split(".")[0] not in FINE_MODULES
+    }
     missing = model.load_state_dict(stage_one, strict=False).missing_keys
     assert all(key.split(".")[0] in FINE_MODULES for key in missing), missing
     model.save_pretrained(output)
@@ -191,8 +269,12 @@ def variant_checkpoint(stage1_dir: str, output: str, overrides: dict, seed: int)
     return output
 
 
-def evaluate(model_dir: str, data: str, split: str, depths: list[int] | None = None) -> dict:
-    """Stage 1 and the two stages (K = 5) on `split`; with `depths`, the re-ranking depth sweep too."""
+def evaluate(
+    model_dir: str, data: str, split: str, depths: list[int] | None = None, fusion: bool = False, encoded: dict = None
+) -> dict:
+    """Stage 1 and the two stages (K = 5) on `split`; with `depths`, the re-ranking depth sweep; with `fusion`, the
+    metrics of every choice of s_fine (p, log p, log-odds) and w. `encoded` keeps each split's encoding for the next
+    call: the variants of a seed share stage 1 and the frozen tower, so they share it."""
     from crosstvr import CrossTVRModel, CrossTVRProcessor
     from crosstvr.data import load_msvd
     from crosstvr.evaluation import encode_split, evaluate_retrieval, rerank_depth_sweep
@@ -201,62 +283,117 @@ def evaluate(model_dir: str, data: str, split: str, depths: list[int] | None = N
     processor = CrossTVRProcessor.from_pretrained(model_dir)
     rows = load_msvd(os.path.join(data, "annotations"), os.path.join(data, "videos"), splits=[split],
                      cache_dir=os.path.join(data, "rows"))[split]
-    encoded = encode_split(model, processor, rows, progress=False)
+    encoded = {} if encoded is None else encoded
+    if split not in encoded:
+        encoded[split] = encode_split(model, processor, rows, progress=False)
+    encoded = encoded[split]
     evaluation = evaluate_retrieval(model, processor, rows, top_k=EVAL_TOP_K, progress=False, encoded=encoded)
     result = {"evaluation": evaluation}
+    similarity = encoded.text_embeds @ encoded.video_embeds.t()
     if depths:
-        similarity = encoded.text_embeds @ encoded.video_embeds.t()
         result["depths"] = rerank_depth_sweep(model, encoded, similarity, depths, progress=False)
+    if fusion:
+        result["fusion"] = fusion_grid(model, encoded, similarity)
     return result
 
 
-def run_seed(output: str, data: str, clip_dir: str, seed: int, settings: dict) -> dict:
-    """Steps 2-5 for one seed, from the shared pre-trained image encoder."""
+def fusion_grid(model, encoded, similarity: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
+    """Two-stage metrics (K = 5) for s_fine in {p, log p, log-odds} and w in FUSION_WEIGHTS, from one scoring."""
+    import torch.nn.functional as F
+
+    from crosstvr.evaluation import compute_retrieval_metrics, rerank_text_to_video, rerank_video_to_text
+    from crosstvr.modeling_crosstvr import fuse_reranking
+
+    model.config.fine_score = "logit"
+    scored = [rerank(model, encoded, similarity, top_k=EVAL_TOP_K, progress=False)
+              for rerank in (rerank_text_to_video, rerank_video_to_text)]
+    orders = [matrix.sort(dim=1, descending=True, stable=True).indices for matrix in (similarity, similarity.t())]
+    index = encoded.text_to_video_index.numpy()
+    transforms = {"probability": torch.sigmoid, "log_probability": F.logsigmoid, "logit": lambda logit: logit}
+    grid = {}
+    for name, transform in transforms.items():
+        for weight in FUSION_WEIGHTS:
+            t2v, v2t = (fuse_reranking(matrix, order, transform(out.fine_scores), weight)
+                        for matrix, order, out in zip((similarity, similarity.t()), orders, scored))
+            grid.setdefault(name, {})[str(weight)] = compute_retrieval_metrics(t2v.logits.numpy(), index,
+                                                                               v2t.logits.numpy())
+    return grid
+
+
+def train_stage2(work: str, data: str, name: str, start: str, seed: int, settings: dict, **options) -> str:
+    """Step 4 for one fine module, from the token cache shared by the seed's runs."""
+    return _train(
+        os.path.join(work, name),
+        data,
+        model_name_or_path=start,
+        stage=2,
+        seed=seed,
+        token_cache_dir=os.path.join(work, "token_cache"),
+        max_steps=settings["stage2_steps"],
+        batch=settings["batch"],
+        learning_rate=settings["stage2_learning_rate"],
+        warmup_ratio=0.05,
+        **{"hard_negatives": "stage1_top_k", "hard_negatives_top_k": EVAL_TOP_K, **options},
+    )
+
+
+def run_ablations(
+    work: str, data: str, parts: tuple[str, str], stage1: str, seed: int, settings: dict, encoded: dict
+) -> dict:
+    """The full model with one switch changed (`ABLATIONS`), on the seed's stage 1: validation metrics."""
+    results = {}
+    for name, (config_overrides, training_options) in ABLATIONS.items():
+        overrides = {**VARIANTS["shared"], **config_overrides}
+        converted = convert(os.path.join(work, f"{name}-converted"), *parts, seed, overrides)
+        start = variant_checkpoint(stage1, converted, os.path.join(work, f"{name}-start"))
+        final = train_stage2(work, data, name, start, seed, settings, **training_options)
+        results[name] = evaluate(final, data, "val", encoded=encoded)["evaluation"].metrics["two_stage"]
+    return results
+
+
+def run_seed(output: str, data: str, parts: tuple[str, str], seed: int, settings: dict, ablations: bool = False) -> dict:
+    """Steps 2-5 for one seed, from the shared pre-trained parts (and, with `ablations`, the switches' runs)."""
     work = os.path.join(output, f"seed-{seed}")
     timings = {}
-    converted = convert(work, clip_dir, seed)
     started = time.perf_counter()
+    converted = {name: convert(os.path.join(work, f"{name}-converted"), *parts, seed, overrides)
+                 for name, overrides in VARIANTS.items()}
     stage1 = _train(
         os.path.join(work, "stage1"),
         data,
-        model_name_or_path=converted,
+        model_name_or_path=converted["shared"],
         stage=1,
         seed=seed,
         num_train_epochs=settings["stage1_epochs"],
         batch=settings["batch"],
         learning_rate=3e-4,
         pretrained_lr_scale=0.3,
-        num_workers=2,
     )
     timings["stage1"] = time.perf_counter() - started
     results = {"timings": timings, "variants": {}, "val": {}}
-    token_cache = os.path.join(work, "token_cache")
-    for name, overrides in VARIANTS.items():
+    encoded = {}  # each split encoded once: stage 1 and the frozen tower are the same for every fine module
+    for name in VARIANTS:
         started = time.perf_counter()
-        start = variant_checkpoint(stage1, os.path.join(work, f"{name}-start"), overrides, seed)
-        final = _train(
-            os.path.join(work, name),
-            data,
-            model_name_or_path=start,
-            stage=2,
-            seed=seed,
-            token_cache_dir=token_cache,
-            num_train_epochs=settings["stage2_epochs"],
-            batch=settings["batch"],
-            learning_rate=5e-4,
-        )
+        start = variant_checkpoint(stage1, converted[name], os.path.join(work, f"{name}-start"))
+        final = train_stage2(work, data, name, start, seed, settings)
         timings[f"stage2-{name}"] = time.perf_counter() - started
         started = time.perf_counter()
-        tested = evaluate(final, data, "test", DEPTHS if name == "shared" else None)
-        validated = evaluate(final, data, "val")["evaluation"].metrics
+        tested = evaluate(final, data, "test", DEPTHS if name == "shared" else None, encoded=encoded)
+        validated = evaluate(final, data, "val", fusion=name == "shared", encoded=encoded)
         timings[f"eval-{name}"] = time.perf_counter() - started
         metrics = tested["evaluation"].metrics
-        results["stage1"], results["val"]["stage1"] = metrics["stage1"], validated["stage1"]
-        results["variants"][name], results["val"][name] = metrics["two_stage"], validated["two_stage"]
+        results["stage1"], results["val"]["stage1"] = metrics["stage1"], validated["evaluation"].metrics["stage1"]
+        results["variants"][name] = metrics["two_stage"]
+        results["val"][name] = validated["evaluation"].metrics["two_stage"]
         if name == "shared":
             results["depths"] = {str(depth): values for depth, values in tested["depths"].items()}
+            results["val_fusion"] = validated["fusion"]
             results["final_model"] = final
             results["evaluation"] = tested["evaluation"]
+    if ablations:
+        started = time.perf_counter()
+        results["val_ablations"] = run_ablations(work, data, parts, stage1, seed, settings, encoded)
+        timings["ablations"] = time.perf_counter() - started
     return results
 
 
@@ -264,42 +401,84 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _table(per_seed: dict[int, dict], split: str) -> dict:
+    """Mean and standard deviation over seeds of every metric of every row, for "test" or "val"."""
+    runs = [r if split == "test" else {"stage1": r["val"]["stage1"], "variants": r["val"]} for r in per_seed.values()]
+    rows = {"stage1": [r["stage1"] for r in runs], **{name: [r["variants"][name] for r in runs] for name in VARIANTS}}
+    return {name: {metric: _mean_std([run[metric] for run in values]) for metric in values[0]}
+            for name, values in rows.items()}
+
+
 def summarise(per_seed: dict[int, dict]) -> dict:
-    rows = {"stage1": [r["stage1"] for r in per_seed.values()]}
-    rows.update({name: [r["variants"][name] for r in per_seed.values()] for name in VARIANTS})
-    table = {
-        name: {metric: _mean_std([run[metric] for run in runs]) for metric in runs[0]} for name, runs in rows.items()
-    }
+    table = _table(per_seed, "test")
     depths = {
         depth: {metric: _mean_std([r["depths"][str(depth)][metric] for r in per_seed.values()])
                 for metric in ("t2v_R1", "t2v_R5", "t2v_R10")}
         for depth in DEPTHS
     }
+    fusion = {
+        name: {weight: {metric: _mean_std([r["val_fusion"][name][weight][metric] for r in per_seed.values()])
+                        for metric in ("t2v_R1", "v2t_R1")}
+               for weight in next(iter(per_seed.values()))["val_fusion"][name]}
+        for name in next(iter(per_seed.values()))["val_fusion"]
+    }
     gains = [r["variants"]["shared"]["t2v_R1"] - r["stage1"]["t2v_R1"] for r in per_seed.values()]
     spread = max(table["stage1"]["t2v_R1"][1], table["shared"]["t2v_R1"][1])
-    return {"table": table, "depths": depths, "t2v_R1_gain": _mean_std(gains), "seed_spread": spread}
+    summary = {"table": table, "val_table": _table(per_seed, "val"), "depths": depths, "val_fusion": fusion,
+               "t2v_R1_gain": _mean_std(gains), "seed_spread": spread}
+    if all("val_ablations" in r for r in per_seed.values()):
+        summary["val_ablations"] = {
+            name: {metric: _mean_std([r["val_ablations"][name][metric] for r in per_seed.values()])
+                   for metric in ("t2v_R1", "t2v_R5", "v2t_R1")}
+            for name in ABLATIONS
+        }
+    return summary
 
 
 def format_markdown(summary: dict, per_seed: dict, settings: dict, minutes: float) -> str:
     columns = ("t2v_R1", "t2v_R5", "t2v_R10", "t2v_MdR", "v2t_R1", "v2t_R5", "v2t_R10")
     headers = ("T2V R@1", "R@5", "R@10", "MdR", "V2T R@1", "R@5", "R@10")
-    lines = [
-        f"Synthetic fine-grained benchmark, test split ({settings['groups'][2] * 4} videos), "
-        f"mean ± std over seeds {sorted(per_seed)}; stage 2 re-ranks the top K = {EVAL_TOP_K}.",
-        "",
-        "| | " + " | ".join(headers) + " |",
-        "| --- |" + " --- |" * len(headers),
-    ]
-    for name, label in ROW_NAMES.items():
-        values = summary["table"][name]
-        lines.append(f"| {label} | " + " | ".join(f"{values[c][0]:.1f} ± {values[c][1]:.1f}" for c in columns) + " |")
+    lines = []
+    for key, split, videos in (("table", "test", settings["groups"][2] * 4), ("val_table", "validation",
+                                                                              settings["groups"][1] * 4)):
+        lines += [
+            f"Synthetic fine-grained benchmark, {split} split ({videos} videos), mean ± std over seeds "
+            f"{sorted(per_seed)}; stage 2 re-ranks the top K = {EVAL_TOP_K}.",
+            "",
+            "| | " + " | ".join(headers) + " |",
+            "| --- |" + " --- |" * len(headers),
+        ]
+        for name, label in ROW_NAMES.items():
+            values = summary[key][name]
+            lines.append(f"| {label} | " + " | ".join(f"{values[c][0]:.1f} ± {values[c][1]:.1f}" for c in columns)
+                         + " |")
+        lines.append("")
     gain, gain_std = summary["t2v_R1_gain"]
     lines += [
-        "",
-        f"Text-to-video R@1 gain of the re-ranker over stage 1: {gain:+.1f} ± {gain_std:.1f} points "
+        f"Text-to-video R@1 gain of the re-ranker over stage 1 (test): {gain:+.1f} ± {gain_std:.1f} points "
         f"(largest seed spread of the two rows: {summary['seed_spread']:.1f}).",
         "",
-        "R@k against the re-ranking depth K (CrossTVR, shared):",
+        "The fused score on the validation split (CrossTVR, shared): T2V R@1 for s = s_coarse + w s_fine, by what "
+        "s_fine is and w:",
+        "",
+        "| s_fine | " + " | ".join(f"w = {w}" for w in FUSION_WEIGHTS) + " |",
+        "| --- |" + " --- |" * len(FUSION_WEIGHTS),
+    ]
+    for name, weights in summary["val_fusion"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{weights[str(w)]['t2v_R1'][0]:.1f} ± {weights[str(w)]['t2v_R1'][1]:.1f}"
+                                               for w in FUSION_WEIGHTS) + " |")
+    if "val_ablations" in summary:
+        shared = summary["val_table"]["shared"]
+        lines += ["", "Switches on the full model (validation split; the recipe's setting first):", "",
+                  "| | T2V R@1 | R@5 | V2T R@1 |", "| --- | --- | --- | --- |",
+                  "| recipe (Eq. 5, frame positions, stage-1 top-K negatives) | "
+                  + " | ".join(f"{shared[m][0]:.1f} ± {shared[m][1]:.1f}" for m in ("t2v_R1", "t2v_R5", "v2t_R1")) + " |"]
+        for name, values in summary["val_ablations"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{values[m][0]:.1f} ± {values[m][1]:.1f}"
+                                                  for m in ("t2v_R1", "t2v_R5", "v2t_R1")) + " |")
+    lines += [
+        "",
+        "R@k against the re-ranking depth K (CrossTVR, shared, test):",
         "",
         "| K | T2V R@1 | R@5 | R@10 |",
         "| --- | --- | --- | --- |",
@@ -307,7 +486,8 @@ def format_markdown(summary: dict, per_seed: dict, settings: dict, minutes: floa
     for depth, values in summary["depths"].items():
         lines.append(f"| {depth} | " + " | ".join(f"{values[m][0]:.1f} ± {values[m][1]:.1f}"
                                              for m in ("t2v_R1", "t2v_R5", "t2v_R10")) + " |")
-    lines += ["", f"Wall time: {minutes:.1f} min."]
+    ablations = sum(r["timings"].get("ablations", 0.0) for r in per_seed.values()) / 60
+    lines += ["", f"Wall time: {minutes:.1f} min" + (f", of which the ablations {ablations:.1f} min." if ablations else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -346,16 +526,18 @@ def ship_default(result: dict, output: str) -> str:
     results_path = os.path.join(output, "evaluation_synthetic_test.json")
     write_results(results_path, result["evaluation"], model="crosstvr embedded default", dataset="synthetic",
                   split="test")
-    card = _load_script("make_model_card").build_card(
+    card = _load_script("hub_scripts", "make_model_card").build_card(
         staging,
         "crosstvr/embedded-default",
         [results_path],
-        variant="base",
         base_models=[],
+        license="apache-2.0",  # trained here from scratch, weights and code under the package's license
         training=(
             "Trained by `python benchmarks/synthetic_benchmark.py --ship-default` (seed 0) on the synthetic "
-            "fine-grained benchmark of `crosstvr.synthetic` (600 training videos): a tiny CLIP pre-trained on single "
-            "frames and captions, converted to CrossTVR, stage 1 on videos, stage 2 from the token cache."
+            "fine-grained benchmark of `crosstvr.synthetic` (600 training videos), following the paper's regime in "
+            "miniature: a tiny CLIP and a tiny EVA-style tower pre-trained on frames and their captions, a BLIP-2 "
+            "Q-Former pre-trained over the frozen tower (ITC + ITM), conversion with --blip2 --stage2-tower blip2, "
+            "stage 1 on videos, stage 2 from the token cache with stage-1 top-K negatives."
         ),
         limitations="It knows only the synthetic scenes' vocabulary and world (coloured shapes on grey, 64 px); it "
         "is a demonstration model, not a general video retriever.",
@@ -377,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="toy sizes and one epoch per step")
     parser.add_argument("--ship-default", action="store_true", help="install the first seed's model as the default")
+    parser.add_argument("--ablations", action="store_true",
+                        help=f"also train the full model with each switch of {sorted(ABLATIONS)} (validation split)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
@@ -388,15 +572,11 @@ def main(argv: list[str] | None = None) -> int:
         from crosstvr.synthetic import write_benchmark
 
         write_benchmark(data, seed=0, groups=settings["groups"])
-    clip_dir = os.path.join(args.output, "image-encoder", "clip")
-    if not os.path.exists(os.path.join(clip_dir, "model.safetensors")):
-        started_pretraining = time.perf_counter()
-        pretrain_image_encoder(os.path.join(args.output, "image-encoder"), data, settings)
-        logger.info("image encoder pre-trained in %.0f s", time.perf_counter() - started_pretraining)
+    parts = pretrain_parts(os.path.join(args.output, "pretrained"), data, settings)
     per_seed = {}
     for seed in args.seeds:
         logger.info("seed %d", seed)
-        per_seed[seed] = run_seed(args.output, data, clip_dir, seed, settings)
+        per_seed[seed] = run_seed(args.output, data, parts, seed, settings, args.ablations)
         logger.info("seed %d: stage 1 R@1 %.1f, CrossTVR R@1 %.1f; %s", seed, per_seed[seed]["stage1"]["t2v_R1"],
                     per_seed[seed]["variants"]["shared"]["t2v_R1"],
                     {k: round(v) for k, v in per_seed[seed]["timings"].items()})
