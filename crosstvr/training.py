@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from .data import FORMATS, load_retrieval_dataset
 from .data.transforms import VideoTextCollator, content_generator, rows_to_columns
 from .modeling_crosstvr import (
+    STAGE_TWO_TRAINABLE_MODULES,
     CrossTVRModel,
     all_gather_no_grad,
     contrastive_loss,
@@ -50,18 +51,6 @@ from .token_cache import TokenCache, build_token_cache
 
 logger = logging.getLogger(__name__)
 
-# Parameters of the fine (stage-2) module, by top-level attribute of CrossTVRModel.
-FINE_MODULES = (
-    "fine_vision_projection",
-    "query_tokens",
-    "qformer_embeddings",
-    "qformer",
-    "temporal_qformer_embeddings",
-    "temporal_qformer",
-    "token_selector",
-    "frame_position_embeddings",
-    "matching_head",
-)
 # Stage-1 parameters that come from a pretrained CLIP and get the scaled-down learning rate (the temperature
 # included: CLIP4Clip and TS2-Net train it as a CLIP weight).
 PRETRAINED_STAGE_ONE_MODULES = ("text_model", "vision_model", "text_projection", "visual_projection", "logit_scale")
@@ -268,7 +257,8 @@ def set_trainable_parameters(model: CrossTVRModel, stage: int) -> list[str]:
     trainable, unused = [], set(model.unused_parameter_names())
     for name, parameter in model.named_parameters():
         top = name.split(".")[0]
-        wanted = top in FINE_MODULES if stage == 2 else top not in FINE_MODULES and top != "fine_vision_model"
+        stage_two = top in STAGE_TWO_TRAINABLE_MODULES
+        wanted = stage_two if stage == 2 else not stage_two and top != "fine_vision_model"
         wanted = wanted and name not in unused
         parameter.requires_grad_(wanted)
         if wanted:
