@@ -18,6 +18,7 @@ files, is imported when a video file is read.
 """
 
 import bisect
+import importlib
 import os
 from collections.abc import Sequence
 
@@ -32,6 +33,23 @@ SAMPLING_MODES = ("center", "random")
 DECODING_MODES = ("exact", "reference_frames")
 # Below this many frames per sampled frame, "reference_frames" decodes every frame, so that samples stay distinct.
 MIN_FRAMES_PER_SAMPLE_TO_SKIP = 4
+
+
+# What the processor needs beyond torch and transformers, as one install line (the Hub's remote code cannot declare
+# dependencies, so they are checked up front and named together).
+REQUIREMENTS = (
+    "CrossTVRProcessor needs Pillow to process frames and decord (or PyAV, with decoding='reference_frames') to read "
+    "video files: `pip install pillow decord av`."
+)
+
+
+def check_requirements() -> None:
+    """Raise an ImportError naming the requirements when Pillow, which every frame goes through, is missing (video
+    files are decoded, and decord or PyAV imported, only when one is read)."""
+    try:
+        importlib.import_module("PIL.Image")
+    except ImportError as error:
+        raise ImportError(f"{REQUIREMENTS} Pillow is missing here.") from error
 
 
 class VideoDecodeError(ValueError):
@@ -114,7 +132,7 @@ def read_video(
     try:
         import decord
     except ImportError as error:
-        raise ImportError("Reading video files needs decord: `pip install decord`.") from error
+        raise ImportError(f"{REQUIREMENTS} decord is missing here.") from error
     try:
         reader = decord.VideoReader(path, num_threads=num_threads)
         num_video_frames = len(reader)
@@ -347,6 +365,12 @@ class CrossTVRProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, qformer_tokenizer)
 
     valid_processor_kwargs = CrossTVRProcessorKwargs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """As in transformers, after checking what the processor needs (a clear error instead of a deep one)."""
+        check_requirements()
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __call__(
         self,

@@ -1,7 +1,10 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from transformers import (
 )
 
 from crosstvr import CrossTVRModel, CrossTVRProcessor
+from crosstvr.synthetic import MovingShape, render, write_video
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,3 +329,41 @@ def test_cross_attention_can_keep_blip2_weights_behind_a_projection(sources, tmp
     scores = model.get_fine_scores(inputs["qformer_input_ids"], inputs["qformer_attention_mask"],
                                    model.get_vision_tokens(inputs["pixel_values"]), inputs["video_mask"])
     assert scores.isfinite().all()
+
+
+CARD_SCRIPT_PRELUDE = 'import sys\nsys.modules["crosstvr"] = None  # as on a machine with only the card\'s requirements\n'
+
+
+def test_model_card_usage_runs_as_written_without_the_package(tester, tmp_path):
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "model"
+    tester.get_model().save_pretrained(folder)
+    tester.get_processor().save_pretrained(folder)
+    assert make_model_card.main([str(folder), "--repo-id", str(folder)]) == 0
+    usage = re.search(r"## Usage\n.*?```python\n(.*?)```", ModelCard.load(folder / "README.md").text, re.S).group(1)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, scene in zip(("a.mp4", "b.mp4", "c.mp4"), ("red", "blue", "green")):
+        write_video(work / name, render(MovingShape("circle", scene, "left"), num_frames=8))
+    result = subprocess.run(
+        [sys.executable, "-c", CARD_SCRIPT_PRELUDE + usage], cwd=work, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"tensor\(\[\[[012], [012], [012]\]\]\)", result.stdout), result.stdout
+
+
+def test_remote_processor_names_its_requirements_where_pillow_is_missing(tester, tmp_path):
+    folder = tmp_path / "model"
+    tester.get_processor().save_pretrained(folder)
+    hidden = tmp_path / "hidden" / "PIL"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named PIL (hidden by the test)')\n")
+    script = CARD_SCRIPT_PRELUDE + (
+        "from transformers import AutoProcessor\n"
+        f"AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(hidden.parent)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ImportError: CrossTVRProcessor needs Pillow" in result.stderr and "pip install pillow decord av" in result.stderr
