@@ -23,7 +23,7 @@ import os
 from collections.abc import Sequence
 
 import torch
-from transformers import BatchFeature
+from transformers import BatchFeature, Pipeline
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack, VideosKwargs
 
 
@@ -539,6 +539,104 @@ class CrossTVRProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask", "pixel_values", "video_mask"]
 
 
+class TextVideoRetrievalPipeline(Pipeline):
+    r"""
+    The `"text-video-retrieval"` pipeline: texts and videos in, for every text the videos ranked by two-stage
+    retrieval (stage-1 cosine for all, the stage-1 top `rerank_depth` re-ranked by the fused score).
+
+    ```python
+    >>> from transformers import pipeline
+
+    >>> retriever = pipeline("text-video-retrieval", model="path/or/repo", trust_remote_code=True)
+    >>> retriever("a person is cooking", videos=["a.mp4", "b.mp4", "c.mp4"], top_k=2)
+    [{'video': 'b.mp4', 'score': 0.61, 'stage1_score': 0.33, 'fine_score': 0.93, 'reranked': True}, ...]
+    ```
+
+    A CrossTVR checkpoint declares it in `config.custom_pipelines`, so `pipeline(model=...)` finds it; the code is this
+    file, which every checkpoint carries.
+
+    Call arguments:
+        text (`str` or `list[str]`): the queries; a list gives one result list per query.
+        videos: the candidates, as the processor takes them (paths or decoded frames).
+        top_k (`int`, *optional*): results per query (default: all videos).
+        rerank_depth (`int`, *optional*): K, the stage-1 candidates stage 2 re-ranks (default:
+            `config.rerank_top_k`); 0 returns the stage-1 ranking.
+
+    Each result: `video` (the path, or the index of a video given as frames), `score` (the fused score
+    s_coarse + w * s_fine for re-ranked videos, s_coarse below them), `stage1_score`, `fine_score` (None below the
+    top K) and `reranked`.
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __call__(self, text: str | list[str], videos=None, **kwargs):
+        if videos is None:
+            raise ValueError("The text-video-retrieval pipeline needs `videos=[...]`, the candidates to rank.")
+        queries = [text] if isinstance(text, str) else list(text)
+        videos = self.processor._as_video_list(videos)
+        results = super().__call__({"text": queries, "videos": videos}, **kwargs)
+        return results[0] if isinstance(text, str) else results
+
+    def _sanitize_parameters(self, top_k: int | None = None, rerank_depth: int | None = None):
+        for name, value in (("top_k", top_k), ("rerank_depth", rerank_depth)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        return {}, {"rerank_depth": rerank_depth}, {"top_k": top_k}
+
+    def preprocess(self, inputs: dict) -> dict:
+        model_inputs = self.processor(text=inputs["text"], videos=inputs["videos"])
+        return {**model_inputs, "videos": inputs["videos"]}
+
+    def _forward(self, model_inputs: dict, rerank_depth: int | None = None) -> dict:
+        model = self.model
+        videos = model_inputs.pop("videos")
+        text_embeds = model.get_text_features(model_inputs["input_ids"], model_inputs["attention_mask"])
+        encoded = model.encode_video(model_inputs["pixel_values"], model_inputs["video_mask"])
+        similarity = text_embeds @ encoded.video_embeds.t()  # (texts, videos)
+        depth = model.config.rerank_top_k if rerank_depth is None else rerank_depth
+        outputs = {"videos": videos, "similarity": similarity}
+        if depth > 0:
+            outputs["rerank"] = model.rerank_text_to_video(
+                similarity,
+                model_inputs["qformer_input_ids"],
+                model_inputs["qformer_attention_mask"],
+                encoded.vision_tokens,
+                model_inputs["video_mask"],
+                top_k=depth,
+            )
+        return outputs
+
+    def postprocess(self, model_outputs: dict, top_k: int | None = None) -> list[list[dict]]:
+        videos, similarity = model_outputs["videos"], model_outputs["similarity"].float()
+        rerank = model_outputs.get("rerank")
+        ranking = similarity.argsort(dim=1, descending=True, stable=True) if rerank is None else rerank.ranking
+        results = []
+        for row in range(similarity.shape[0]):
+            fine = {}
+            if rerank is not None:
+                for column, video in enumerate(rerank.top_k_indices[row].tolist()):
+                    fine[video] = (rerank.fine_scores[row, column].item(), rerank.fused_scores[row, column].item())
+            entries = []
+            for video in ranking[row, :top_k].tolist():
+                fine_score, fused_score = fine.get(video, (None, None))
+                stage1_score = similarity[row, video].item()
+                entries.append(
+                    {
+                        "video": videos[video] if isinstance(videos[video], (str, os.PathLike)) else video,
+                        "score": stage1_score if fused_score is None else fused_score,
+                        "stage1_score": stage1_score,
+                        "fine_score": fine_score,
+                        "reranked": fused_score is not None,
+                    }
+                )
+            results.append(entries)
+        return results
+
+
 # `save_pretrained` copies this file next to the weights and records it in `auto_map`.
 CrossTVRProcessor.register_for_auto_class()
 
@@ -548,6 +646,7 @@ __all__ = [
     "CrossTVRProcessor",
     "CrossTVRProcessorKwargs",
     "CrossTVRVideosKwargs",
+    "TextVideoRetrievalPipeline",
     "VideoDecodeError",
     "read_video",
     "sample_frame_indices",

@@ -140,8 +140,17 @@ def build_card(
     card_data = ModelCardData(
         license=license,
         library_name="transformers",
-        pipeline_tag="feature-extraction",
-        tags=["crosstvr", "video-text-retrieval", "text-to-video-retrieval", "clip", "blip-2", "custom_code"],
+        # No `pipeline_tag`: the Hub has no text-video retrieval task, and feature-extraction's pipeline cannot run a
+        # two-tower model. The checkpoint's own pipeline is `text-video-retrieval` (config.custom_pipelines).
+        tags=[
+            "crosstvr",
+            "text-video-retrieval",
+            "video-text-retrieval",
+            "text-to-video-retrieval",
+            "clip",
+            "blip-2",
+            "custom_code",
+        ],
         datasets=[DATASET_NAMES.get(name, name) for name in datasets] or None,
         base_model=base_models or None,
         model_name=repo_id,

@@ -229,7 +229,7 @@ def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
     card = ModelCard.load(folder / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "transformers" and data["license"] == "mit"
-    assert data["pipeline_tag"] == "feature-extraction" and "crosstvr" in data["tags"]
+    assert "pipeline_tag" not in data and {"crosstvr", "text-video-retrieval"} <= set(data["tags"])
     assert data["datasets"] == ["MSR-VTT"] and data["base_model"] == [str(sources["root"] / "clip"), str(sources["root"] / "blip2")]
     values = {(r.task_type, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert len(card.data.eval_results) == 10
@@ -351,6 +351,7 @@ def test_model_card_usage_runs_as_written_without_the_package(tester, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"tensor\(\[\[[012], [012], [012]\]\]\)", result.stdout), result.stdout
+    assert re.search(r"\[\{'video': '[abc].mp4', 'score': .*'reranked': True\}, \{", result.stdout), result.stdout
 
 
 def test_remote_processor_names_its_requirements_where_pillow_is_missing(tester, tmp_path):
