@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi, ModelCard
 from transformers import (
     AutoModel,
     Blip2Config,
@@ -220,7 +221,6 @@ def evaluation_results(tmp_path) -> str:
 
 
 def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
-    from huggingface_hub import ModelCard
 
     folder = tmp_path / "model"
     run_conversion(sources, folder, "--blip2", str(sources["root"] / "blip2"), "--stage2-tower", "blip2")
@@ -241,10 +241,12 @@ def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
     assert "arXiv:2307.09972" in text
 
 
-class FakeHubApi:
-    """A local stand-in for `HfApi`: records the calls and keeps the committed files in a folder."""
+class FakeHubApi(HfApi):
+    """`HfApi` with its network calls replaced: records them and keeps the committed files in a folder, so that
+    `upload_folder`'s own file selection runs as it does against the Hub."""
 
     def __init__(self, remote):
+        super().__init__(token="hf_fake")
         self.remote, self.calls = remote, []
 
     def create_repo(self, repo_id, **kwargs):
@@ -253,7 +255,10 @@ class FakeHubApi:
     def create_branch(self, repo_id, branch, **kwargs):
         self.calls.append(("create_branch", repo_id, branch))
 
-    def create_commit(self, repo_id, operations, commit_message, revision=None):
+    def _validate_yaml(self, content, **kwargs):
+        ModelCard(content)  # the Hub validates the card's metadata; here it must at least parse
+
+    def create_commit(self, repo_id, operations, commit_message, revision=None, **kwargs):
         self.calls.append(("create_commit", repo_id, commit_message, revision))
         for operation in operations:
             target = self.remote / operation.path_in_repo
@@ -262,10 +267,20 @@ class FakeHubApi:
         return type("Commit", (), {"commit_url": f"https://hub.invalid/{repo_id}/commit/1"})()
 
 
+@pytest.fixture(autouse=True)
+def single_commit_uploads(monkeypatch):
+    """Without hf_xet, `upload_folder` makes one `create_commit`, which `FakeHubApi` records."""
+    monkeypatch.setattr("huggingface_hub.hf_api.is_xet_available", lambda: False)
+
+
 def test_push_uploads_exactly_the_files_that_load(sources, tmp_path):
     folder = tmp_path / "model"
     run_conversion(sources, folder, "--blip2", str(sources["root"] / "blip2"))
-    expected = sorted(push_to_hub.loadable_files(str(folder)))
+    make_model_card.main([str(folder), "--repo-id", "someone/crosstvr"])
+    expected = sorted(
+        os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
+    )
+    expected.remove("conversion_report.json")
     # Training leftovers beside the checkpoint must stay home.
     (folder / "logs.jsonl").write_text("{}\n")
     (folder / "optimizer.bin").write_bytes(b"pickle")
@@ -335,7 +350,6 @@ CARD_SCRIPT_PRELUDE = 'import sys\nsys.modules["crosstvr"] = None  # as on a mac
 
 
 def test_model_card_usage_runs_as_written_without_the_package(tester, tmp_path):
-    from huggingface_hub import ModelCard
 
     folder = tmp_path / "model"
     tester.get_model().save_pretrained(folder)
