@@ -382,3 +382,28 @@ def test_remote_processor_names_its_requirements_where_pillow_is_missing(tester,
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "ImportError: CrossTVRProcessor needs Pillow" in result.stderr and "pip install pillow decord av" in result.stderr
+
+
+def test_conversion_builds_on_the_meta_device_and_shares_the_sources_storage(sources, tmp_path):
+    # No third full copy: the converted model's weights are the loaded checkpoints' tensors, except where one source
+    # feeds two weights (CLIP's vision tower as the stage-2 tower too), which must not share storage and train together.
+    argv = ["--clip", str(sources["root"] / "clip"), "--blip2", str(sources["root"] / "blip2"), "--output",
+            str(tmp_path), "--num-frames", "4", "--temporal-layers", "2", "--temporal-positions", "32",
+            "--max-text-length", "8"]
+    args = convert_checkpoint.parse_arguments(argv)
+    clip, _, _ = convert_checkpoint._load_clip(args.clip)
+    blip2, qformer_tokenizer = convert_checkpoint._load_blip2(args.blip2)
+    config = convert_checkpoint.build_config(clip, blip2, args, qformer_tokenizer)
+    model, _ = convert_checkpoint.build_model(config, clip, blip2, args)
+    pairs = {
+        "text_model.embeddings.token_embedding.weight": clip.text_model.embeddings.token_embedding.weight,
+        "vision_model.encoder.layers.0.mlp.fc1.weight": clip.vision_model.encoder.layers[0].mlp.fc1.weight,
+        "qformer.encoder.layer.0.attention.attention.query.weight":
+            blip2.qformer.encoder.layer[0].attention.attention.query.weight,
+    }
+    for name, source in pairs.items():
+        assert model.get_parameter(name).data_ptr() == source.data_ptr(), name
+    twin = model.get_parameter("fine_vision_model.encoder.layers.0.mlp.fc1.weight")
+    assert twin.data_ptr() != clip.vision_model.encoder.layers[0].mlp.fc1.weight.data_ptr()
+    torch.testing.assert_close(twin, clip.vision_model.encoder.layers[0].mlp.fc1.weight)
+    assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
