@@ -230,7 +230,7 @@ def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
     data = card.data.to_dict()
     assert data["library_name"] == "transformers" and data["license"] == "mit"
     assert "pipeline_tag" not in data and {"crosstvr", "text-video-retrieval"} <= set(data["tags"])
-    assert data["datasets"] == ["MSR-VTT"] and data["base_model"] == [str(sources["root"] / "clip"), str(sources["root"] / "blip2")]
+    assert data["datasets"] == ["friedrichor/MSR-VTT"] and data["base_model"] == [str(sources["root"] / "clip"), str(sources["root"] / "blip2")]
     values = {(r.task_type, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert len(card.data.eval_results) == 10
     assert values[("text-to-video-retrieval", "recall_at_1")] == 49.6  # the two-stage row
@@ -239,6 +239,11 @@ def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
     assert "CrossTVR Large" in text and "BLIP-2 EVA ViT-g" in text and "| CrossTVR (K = 15) | 49.6 |" in text
     assert 'AutoModel.from_pretrained("someone/crosstvr-large-test", trust_remote_code=True)' in text
     assert "arXiv:2307.09972" in text
+    own = ["--dataset-id", "msrvtt=someone/msr-vtt-frames", "--output", str(tmp_path / "card.md")]
+    assert make_model_card.main([str(folder), "--repo-id", "someone/x", "--results", results, *own]) == 0
+    assert ModelCard.load(tmp_path / "card.md").data.to_dict()["datasets"] == ["someone/msr-vtt-frames"]
+    with pytest.raises(SystemExit):
+        make_model_card.main([str(folder), "--repo-id", "someone/x", "--dataset-id", "msrvtt"])
 
 
 class FakeHubApi(HfApi):
