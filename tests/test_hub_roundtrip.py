@@ -1,5 +1,6 @@
 """A saved checkpoint must load with `trust_remote_code=True` where the crosstvr package cannot be imported."""
 
+import json
 import os
 import subprocess
 import sys
@@ -51,12 +52,19 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_checkpoint_loads_with_remote_code_and_gives_identical_outputs(tester, media_dir, tmp_path):
+@pytest.fixture
+def saved(tester, tmp_path):
+    """A tiny model and processor, and the folder they were saved to."""
     model = tester.get_model().eval()
     processor = tester.get_processor()
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
+    return model, processor, checkpoint
+
+
+def test_checkpoint_loads_with_remote_code_and_gives_identical_outputs(saved, media_dir, tmp_path):
+    model, processor, checkpoint = saved
     files = {path.name for path in checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json"} <= files
     assert {"configuration_crosstvr.py", "modeling_crosstvr.py", "processing_crosstvr.py"} <= files
@@ -111,14 +119,8 @@ PIPELINE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_text_video_retrieval_pipeline_through_remote_code(tester, media_dir, tmp_path):
-    import json
-
-    model = tester.get_model().eval()
-    processor = tester.get_processor()
-    checkpoint = tmp_path / "checkpoint"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
+def test_text_video_retrieval_pipeline_through_remote_code(saved, media_dir):
+    model, processor, checkpoint = saved
     result = subprocess.run(
         [sys.executable, "-c", PIPELINE_SCRIPT, str(checkpoint), media_dir, "|".join(VIDEOS), TEXTS[0]],
         capture_output=True,
