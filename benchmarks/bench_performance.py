@@ -334,9 +334,9 @@ def bench_train(model, processor, device: str, repeats: int) -> dict:
     batch = 2
     text = random_text(processor, model, batch, device)
     pixel_values = pixels(model, batch, device)
-    from crosstvr.training import FINE_MODULES
+    from crosstvr.modeling_crosstvr import STAGE_TWO_TRAINABLE_MODULES
 
-    trainable = [p for n, p in model.named_parameters() if n.split(".")[0] in FINE_MODULES]
+    trainable = [p for n, p in model.named_parameters() if n.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     model.train()
     with torch.no_grad():

@@ -256,14 +256,16 @@ def convert(output: str, clip_dir: str, blip2_dir: str, seed: int, overrides: di
 def variant_checkpoint(stage1_dir: str, converted_dir: str, output: str) -> str:
     """A variant's converted checkpoint (its fine module from BLIP-2) with the stage-1 weights trained in step 3."""
     from crosstvr import CrossTVRModel, CrossTVRProcessor
-    from crosstvr.training import FINE_MODULES
+    from crosstvr.modeling_crosstvr import STAGE_TWO_TRAINABLE_MODULES
 
     model = CrossTVRModel.from_pretrained(converted_dir)
     stage_one = {
-        k: v for k, v in CrossTVRModel.from_pretrained(stage1_dir).state_dict().items() if k.split(".")[0] not in FINE_MODULES
+        key: value
+        for key, value in CrossTVRModel.from_pretrained(stage1_dir).state_dict().items()
+        if key.split(".")[0] not in STAGE_TWO_TRAINABLE_MODULES
     }
     missing = model.load_state_dict(stage_one, strict=False).missing_keys
-    assert all(key.split(".")[0] in FINE_MODULES for key in missing), missing
+    assert all(key.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES for key in missing), missing
     model.save_pretrained(output)
     CrossTVRProcessor.from_pretrained(stage1_dir).save_pretrained(output)
     return output

@@ -15,7 +15,13 @@ from .modeling_crosstvr import (
     CrossTVRRetrievalOutput,
     CrossTVRVideoOutput,
 )
-from .processing_crosstvr import CrossTVRProcessor, VideoDecodeError, read_video, sample_frame_indices
+from .processing_crosstvr import (
+    CrossTVRProcessor,
+    TextVideoRetrievalPipeline,
+    VideoDecodeError,
+    read_video,
+    sample_frame_indices,
+)
 
 
 __version__ = "0.1.0"
@@ -33,6 +39,7 @@ __all__ = [
     "CrossTVRRerankOutput",
     "CrossTVRRetrievalOutput",
     "CrossTVRVideoOutput",
+    "TextVideoRetrievalPipeline",
     "VideoDecodeError",
     "read_video",
     "sample_frame_indices",

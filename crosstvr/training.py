@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from .data import FORMATS, load_retrieval_dataset
 from .data.transforms import VideoTextCollator, content_generator, rows_to_columns
 from .modeling_crosstvr import (
+    STAGE_TWO_TRAINABLE_MODULES,
     CrossTVRModel,
     all_gather_no_grad,
     contrastive_loss,
@@ -50,18 +51,6 @@ from .token_cache import TokenCache, build_token_cache
 
 logger = logging.getLogger(__name__)
 
-# Parameters of the fine (stage-2) module, by top-level attribute of CrossTVRModel.
-FINE_MODULES = (
-    "fine_vision_projection",
-    "query_tokens",
-    "qformer_embeddings",
-    "qformer",
-    "temporal_qformer_embeddings",
-    "temporal_qformer",
-    "token_selector",
-    "frame_position_embeddings",
-    "matching_head",
-)
 # Stage-1 parameters that come from a pretrained CLIP and get the scaled-down learning rate (the temperature
 # included: CLIP4Clip and TS2-Net train it as a CLIP weight).
 PRETRAINED_STAGE_ONE_MODULES = ("text_model", "vision_model", "text_projection", "visual_projection", "logit_scale")
@@ -268,7 +257,8 @@ def set_trainable_parameters(model: CrossTVRModel, stage: int) -> list[str]:
     trainable, unused = [], set(model.unused_parameter_names())
     for name, parameter in model.named_parameters():
         top = name.split(".")[0]
-        wanted = top in FINE_MODULES if stage == 2 else top not in FINE_MODULES and top != "fine_vision_model"
+        stage_two = top in STAGE_TWO_TRAINABLE_MODULES
+        wanted = stage_two if stage == 2 else not stage_two and top != "fine_vision_model"
         wanted = wanted and name not in unused
         parameter.requires_grad_(wanted)
         if wanted:
@@ -340,6 +330,18 @@ def _resolve_checkpoint(args: TrainingArguments) -> str | None:
     return args.resume_from_checkpoint
 
 
+def check_distributed_type(distributed_type: DistributedType) -> None:
+    """Refuse the parallelisms whose parameters are sharded (FSDP, DeepSpeed): the global-batch losses all-reduce
+    gradients by hand (see [`global_batch_backward`]) and the final save reads whole weights."""
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"crosstvr.train runs data-parallel (DDP) or on one device, not under {distributed_type.value}: its "
+            "global-batch losses all-reduce whole gradients and its final save writes whole weights. Launch with "
+            "`accelerate launch --multi_gpu` (or torchrun); a CrossTVR Base model fits one GPU, the frozen stage-2 "
+            "tower is read from the token cache in stage 2."
+        )
+
+
 def _save_checkpoint(accelerator, args: TrainingArguments, state: dict) -> None:
     """accelerate's save_state into a temporary folder, renamed once complete; old checkpoints are pruned."""
     final = os.path.join(args.output_dir, "checkpoints", f"step-{state['global_step']:07d}")
@@ -367,27 +369,29 @@ def _negatives_generator(seed: int, micro_step: int) -> torch.Generator:
 def _evaluate(accelerator, model, processor, args: TrainingArguments, dataset, step: int) -> dict | None:
     from .evaluation import evaluate_retrieval
 
-    metrics = None
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        evaluation = evaluate_retrieval(
-            unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped,
-            processor,
-            dataset[args.eval_split],
-            rerank=args.stage == 2,
-            top_k=args.eval_top_k,
-            num_workers=args.num_workers,
-            progress=accelerator.is_local_main_process,
-        )
-        metrics = {
-            f"eval/{name}/{metric}": value
-            for name, values in evaluation.metrics.items()
-            if values is not None
-            for metric, value in values.items()
-        }
-        accelerator.log(metrics, step=step)
-        unwrapped.train()
-    accelerator.wait_for_everyone()
+    # Every process encodes and re-ranks its part of the split; the parts are gathered (no process idles at a barrier
+    # while another evaluates alone).
+    unwrapped = accelerator.unwrap_model(model)
+    evaluation = evaluate_retrieval(
+        unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped,
+        processor,
+        dataset[args.eval_split],
+        rerank=args.stage == 2,
+        top_k=args.eval_top_k,
+        num_workers=args.num_workers,
+        progress=accelerator.is_local_main_process,
+        num_shards=accelerator.num_processes,
+        shard_index=accelerator.process_index,
+        gather=lambda value: gather_object([value]),
+    )
+    unwrapped.train()
+    metrics = {
+        f"eval/{name}/{metric}": value
+        for name, values in evaluation.metrics.items()
+        if values is not None
+        for metric, value in values.items()
+    }
+    accelerator.log(metrics, step=step)  # trackers log on the main process only
     return metrics
 
 
@@ -542,6 +546,7 @@ def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], Non
         project_dir=args.output_dir,
         step_scheduler_with_optimizer=False,
     )
+    check_distributed_type(accelerator.distributed_type)
     num_processes = accelerator.num_processes
     micro_batch = args.per_device_batch_size * num_processes
     if args.batch_size % micro_batch:

@@ -24,6 +24,8 @@ What comes from where (every weight of the new model is listed in the printed ta
 Without `--blip2`, the fine module is newly initialised (BLIP-2's geometry, or `--qformer-config`) and
 `--qformer-tokenizer` names the BERT tokenizer to use.
 Shapes that cannot be reconciled (other than those documented re-initialisations) stop the conversion with an error.
+Memory: the model is built on the meta device and takes the loaded checkpoints' tensors without copying them (see
+`build_model`), so the Large conversion holds CLIP, BLIP-2 and the new weights, not a third full copy.
 """
 
 import argparse
@@ -166,11 +168,11 @@ def source_map(model, clip, blip2, args) -> dict[str, tuple[str, torch.Tensor | 
             # CLIP4Clip: the temporal transformer starts as the first layers of the CLIP text tower.
             take(name, "clip", clip_state, "text_model.encoder." + name.split(".temporal_transformer.encoder.")[1])
         elif name.endswith("temporal_transformer.position_embeddings.weight"):
+            # The first rows (a prefix tensor, shorter than the target: see `build_model`), the rest initialised.
             clip_positions = clip_state["text_model.embeddings.position_embedding.weight"]
             rows = min(len(clip_positions), target[name].shape[0])
-            tensor = target[name].clone()
-            tensor[:rows] = clip_positions[:rows]
-            sources[name] = (f"clip:text_model.embeddings.position_embedding.weight[:{rows}] (rest new)", tensor)
+            origin = f"clip:text_model.embeddings.position_embedding.weight[:{rows}] (rest new)"
+            sources[name] = (origin, clip_positions[:rows])
         elif blip2 is not None and top in ("query_tokens", "matching_head", "qformer", "qformer_embeddings",
                                            "temporal_qformer", "temporal_qformer_embeddings"):
             key = {
@@ -201,10 +203,39 @@ def source_map(model, clip, blip2, args) -> dict[str, tuple[str, torch.Tensor | 
     return sources
 
 
+def build_model(config, clip, blip2, args):
+    """
+    The CrossTVR model with its weights taken from `clip` and `blip2` (sharing their storage: no copy) and the rest
+    initialised with `args.seed`, and the source map. The model is built on the meta device and loaded with
+    `from_pretrained(state_dict=...)`, so that converting the Large model holds CLIP, BLIP-2 and only the new weights in
+    memory, not a third full copy.
+    """
+    from crosstvr import CrossTVRModel
+
+    with torch.device("meta"):
+        shapes = CrossTVRModel(config)
+    sources = source_map(shapes, clip, blip2, args)
+    target = shapes.state_dict()
+    state, used = {}, set()
+    for name, (_, tensor) in sources.items():
+        if tensor is not None:
+            # A source feeding two weights (CLIP's vision tower as both towers, its text layers as the temporal
+            # transformer) is copied for the second: they train apart.
+            state[name] = tensor.clone() if tensor.untyped_storage().data_ptr() in used else tensor
+            used.add(tensor.untyped_storage().data_ptr())
+    prefixes = {name: state.pop(name) for name in list(state) if state[name].shape != target[name].shape}
+    torch.manual_seed(args.seed)
+    model = CrossTVRModel.from_pretrained(None, config=config, state_dict=state)
+    with torch.no_grad():
+        for name, rows in prefixes.items():
+            model.get_parameter(name)[: len(rows)] = rows
+    return model, sources
+
+
 def convert(args) -> dict:
     from transformers import AutoTokenizer
 
-    from crosstvr import CrossTVRModel, CrossTVRProcessor
+    from crosstvr import CrossTVRProcessor
 
     if not args.blip2 and not args.qformer_tokenizer:
         raise ValueError("without --blip2, give --qformer-tokenizer (a BERT tokenizer, e.g. bert-base-uncased)")
@@ -214,12 +245,7 @@ def convert(args) -> dict:
     else:
         blip2, qformer_tokenizer = None, AutoTokenizer.from_pretrained(args.qformer_tokenizer)
     config = build_config(clip, blip2, args, qformer_tokenizer)
-    torch.manual_seed(args.seed)
-    model = CrossTVRModel(config).eval()
-    sources = source_map(model, clip, blip2, args)
-    state = model.state_dict()
-    state.update({name: tensor for name, (_, tensor) in sources.items() if tensor is not None})
-    model.load_state_dict(state)
+    model, sources = build_model(config, clip, blip2, args)
 
     processor = CrossTVRProcessor(
         image_processor, clip_tokenizer, qformer_tokenizer, num_frames=args.num_frames, max_text_length=args.max_text_length

@@ -20,6 +20,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", "crosstvr_template.md")
 DATASET_NAMES = {"msrvtt": "MSR-VTT", "msvd": "MSVD", "vatex": "VATEX", "lsmdc": "LSMDC", "didemo": "DiDeMo"}
+# The card's `datasets` metadata: Hub ids where a Hub copy of the benchmark's annotations exists (the community mirrors
+# with the retrieval splits; the videos' own licences apply), the benchmark's name otherwise (LSMDC may not be
+# redistributed). `--dataset-id name=owner/repo` overrides.
+DATASET_HUB_IDS = {"msrvtt": "friedrichor/MSR-VTT", "msvd": "friedrichor/MSVD", "didemo": "friedrichor/DiDeMo"}
 METRICS = (("R1", "recall_at_1", "R@1"), ("R5", "recall_at_5", "R@5"), ("R10", "recall_at_10", "R@10"),
            ("MdR", "median_rank", "MdR"), ("MnR", "mean_rank", "MnR"))
 DIRECTIONS = (("t2v", "text-to-video-retrieval", "Text-to-Video Retrieval"),
@@ -109,6 +113,7 @@ def build_card(
     license: str = "mit",
     training: str = DEFAULT_TRAINING,
     limitations: str = "It inherits the biases of CLIP and BLIP-2 and of the captions it was fine-tuned on.",
+    dataset_ids: dict[str, str] | None = None,
 ) -> ModelCard:
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as file:
         config = json.load(file)
@@ -140,9 +145,21 @@ def build_card(
     card_data = ModelCardData(
         license=license,
         library_name="transformers",
-        pipeline_tag="feature-extraction",
-        tags=["crosstvr", "video-text-retrieval", "text-to-video-retrieval", "clip", "blip-2", "custom_code"],
-        datasets=[DATASET_NAMES.get(name, name) for name in datasets] or None,
+        # No `pipeline_tag`: the Hub has no text-video retrieval task, and feature-extraction's pipeline cannot run a
+        # two-tower model. The checkpoint's own pipeline is `text-video-retrieval` (config.custom_pipelines).
+        tags=[
+            "crosstvr",
+            "text-video-retrieval",
+            "video-text-retrieval",
+            "text-to-video-retrieval",
+            "clip",
+            "blip-2",
+            "custom_code",
+        ],
+        datasets=[
+            {**DATASET_HUB_IDS, **(dataset_ids or {})}.get(name, DATASET_NAMES.get(name, name)) for name in datasets
+        ]
+        or None,
         base_model=base_models or None,
         model_name=repo_id,
         eval_results=eval_results(results) or None,
@@ -191,9 +208,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", action="append", help="base checkpoints (default: the conversion report's)")
     parser.add_argument("--license", default="mit", help="SPDX id (CLIP and BLIP-2 weights are MIT)")
     parser.add_argument("--training", default=DEFAULT_TRAINING, help="the training paragraph")
+    parser.add_argument("--dataset-id", action="append", default=[], metavar="NAME=HUB_ID",
+                        help=f"the Hub id to list for a dataset of the results (default: {DATASET_HUB_IDS})")
     parser.add_argument("--output", help="where to write the card (default: <folder>/README.md)")
     args = parser.parse_args(argv)
-    card = build_card(args.folder, args.repo_id, args.results, args.variant, args.base_model, args.license, args.training)
+    malformed = [item for item in args.dataset_id if "=" not in item]
+    if malformed:
+        parser.error(f"--dataset-id takes NAME=HUB_ID (e.g. msrvtt=friedrichor/MSR-VTT), got {malformed}")
+    card = build_card(
+        args.folder,
+        args.repo_id,
+        args.results,
+        args.variant,
+        args.base_model,
+        args.license,
+        args.training,
+        dataset_ids=dict(item.split("=", 1) for item in args.dataset_id),
+    )
     output = args.output or os.path.join(args.folder, "README.md")
     card.save(output)
     print(f"model card written to {output}")

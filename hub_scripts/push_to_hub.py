@@ -5,13 +5,13 @@
 
 Before anything is sent, the folder is loaded in a fresh Python process where the crosstvr package is not importable,
 with `AutoConfig`, `AutoModel` and `AutoProcessor` and `trust_remote_code=True`, exactly as a user will load it. Then
-only the files that loading reads (configuration, safetensors weights, the three model code files, processor and
-tokenizer files) and the model card are uploaded in one commit; training leftovers (checkpoints, optimizer state,
-token caches, logs, pickles) never are. The token comes from `--token`, `HF_TOKEN` or `huggingface-cli login`.
+`HfApi.upload_folder` uploads only the files that loading reads (configuration, safetensors weights, the three model
+code files, processor and tokenizer files) and the model card, through its `allow_patterns`; training leftovers
+(checkpoints, optimizer state, token caches, logs, pickles) never are. The token comes from `--token`, `HF_TOKEN` or
+`hf auth login`.
 """
 
 import argparse
-import fnmatch
 import os
 import subprocess
 import sys
@@ -61,14 +61,16 @@ class CheckpointLoadError(RuntimeError):
 
 
 def loadable_files(folder: str) -> list[str]:
-    """The files of `folder` that loading the checkpoint reads, as POSIX paths relative to it, sorted."""
-    files = []
-    for root, _, names in os.walk(folder):
-        for name in names:
-            relative = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-            if any(fnmatch.fnmatchcase(relative, pattern) for pattern in LOADABLE_PATTERNS):
-                files.append(relative)
-    return sorted(files)
+    """The files of `folder` that `push` uploads, as POSIX paths relative to it, sorted (the selection
+    `upload_folder` makes with `allow_patterns=LOADABLE_PATTERNS`)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    relative = [
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
+    ]
+    return sorted(filter_repo_objects(relative, allow_patterns=list(LOADABLE_PATTERNS)))
 
 
 def check_loads(folder: str) -> None:
@@ -100,8 +102,8 @@ def push(
     token: str | None = None,
     api=None,
 ):
-    """Check that `folder` loads, then upload its loadable files in one commit; returns the commit info."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """Check that `folder` loads, then upload its loadable files; returns the commit info."""
+    from huggingface_hub import HfApi
 
     check_loads(folder)
     files = loadable_files(folder)
@@ -111,10 +113,10 @@ def push(
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=os.path.join(folder, path)) for path in files]
-    return api.create_commit(
-        repo_id,
-        operations=operations,
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        allow_patterns=list(LOADABLE_PATTERNS),
         commit_message=commit_message or f"Upload CrossTVR checkpoint ({len(files)} files)",
         revision=revision,
     )

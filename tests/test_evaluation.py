@@ -1,4 +1,5 @@
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -294,3 +295,43 @@ def test_evaluate_module_and_function_agree_on_near_ties():
     expected = compute_retrieval_metrics(scores, [0, 1, 2])
     assert expected["t2v_R1"] == pytest.approx(100 / 3)  # float32 would make rows 0 and 1 ties: 66.7
     assert load_retrieval_metric().compute(predictions=scores, references=[0, 1, 2]) == expected
+
+
+def test_sharded_evaluation_equals_one_process(msvd_test_split):
+    # Two "processes" (threads) each encode and re-rank their half; `gather` exchanges the parts, as
+    # accelerate's gather_object does between processes.
+    model, processor = build_tiny_model()
+    test = msvd_test_split["test"]
+    expected = evaluate_retrieval(model, processor, test, top_k=2, progress=False)
+    barrier, exchanged, encoded_videos = threading.Barrier(2), {}, {0: 0, 1: 0}
+    results = [None, None]
+    encode_video = model.encode_video
+
+    def counting_encode_video(pixel_values, video_mask=None):
+        encoded_videos[threading.current_thread().shard] += len(pixel_values)
+        return encode_video(pixel_values, video_mask)
+
+    def run(shard: int):
+        threading.current_thread().shard = shard
+
+        def gather(value):
+            exchanged[shard] = value
+            barrier.wait()
+            parts = [exchanged[0], exchanged[1]]
+            barrier.wait()  # both have read before the next exchange overwrites
+            return parts
+
+        results[shard] = evaluate_retrieval(
+            model, processor, test, top_k=2, progress=False, num_shards=2, shard_index=shard, gather=gather
+        )
+
+    model.encode_video = counting_encode_video
+    threads = [threading.Thread(target=run, args=(shard,)) for shard in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert encoded_videos == {0: 1, 1: 1}  # each process decoded and encoded its own video
+    for result in results:
+        assert result.metrics == expected.metrics
+        assert (result.num_texts, result.num_videos) == (expected.num_texts, expected.num_videos)

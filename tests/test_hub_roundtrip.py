@@ -1,10 +1,12 @@
 """A saved checkpoint must load with `trust_remote_code=True` where the crosstvr package cannot be imported."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,12 +52,19 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_checkpoint_loads_with_remote_code_and_gives_identical_outputs(tester, media_dir, tmp_path):
+@pytest.fixture
+def saved(tester, tmp_path):
+    """A tiny model and processor, and the folder they were saved to."""
     model = tester.get_model().eval()
     processor = tester.get_processor()
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
+    return model, processor, checkpoint
+
+
+def test_checkpoint_loads_with_remote_code_and_gives_identical_outputs(saved, media_dir, tmp_path):
+    model, processor, checkpoint = saved
     files = {path.name for path in checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json"} <= files
     assert {"configuration_crosstvr.py", "modeling_crosstvr.py", "processing_crosstvr.py"} <= files
@@ -90,3 +99,46 @@ def test_checkpoint_loads_with_remote_code_and_gives_identical_outputs(tester, m
     torch.testing.assert_close(remote["t2v_logits"], expected.text_to_video.logits)
     torch.testing.assert_close(remote["v2t_logits"], expected.video_to_text.logits)
 
+
+
+PIPELINE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.modules["crosstvr"] = None
+    from transformers import pipeline
+
+    checkpoint, media = sys.argv[1:3]
+    videos = [os.path.join(media, name) for name in sys.argv[3].split("|")]
+    retriever = pipeline(model=checkpoint, trust_remote_code=True)  # the task comes from config.custom_pipelines
+    print(json.dumps({
+        "class": type(retriever).__name__,
+        "one": retriever(sys.argv[4], videos=videos),
+        "stage1": retriever([sys.argv[4]], videos=videos, rerank_depth=0, top_k=2),
+    }))
+    """
+)
+
+
+def test_text_video_retrieval_pipeline_through_remote_code(saved, media_dir):
+    model, processor, checkpoint = saved
+    result = subprocess.run(
+        [sys.executable, "-c", PIPELINE_SCRIPT, str(checkpoint), media_dir, "|".join(VIDEOS), TEXTS[0]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert output["class"] == "TextVideoRetrievalPipeline"
+    inputs = processor(text=TEXTS[:1], videos=[os.path.join(media_dir, name) for name in VIDEOS])
+    with torch.no_grad():
+        expected = model.retrieve(**inputs)
+    ranked = [os.path.basename(entry["video"]) for entry in output["one"]]
+    assert ranked == [VIDEOS[i] for i in expected.text_to_video.ranking[0].tolist()]
+    top_k = model.config.rerank_top_k
+    assert [entry["reranked"] for entry in output["one"]] == [True] * top_k + [False] * (len(VIDEOS) - top_k)
+    fused = sorted(expected.text_to_video.fused_scores[0].tolist(), reverse=True)
+    assert [entry["score"] for entry in output["one"][:top_k]] == pytest.approx(fused, abs=1e-5)
+    stage1 = expected.logits_per_text[0].argsort(descending=True)[:2].tolist()
+    assert [os.path.basename(entry["video"]) for entry in output["stage1"][0]] == [VIDEOS[i] for i in stage1]
+    assert all(entry["fine_score"] is None for entry in output["stage1"][0])

@@ -1,11 +1,15 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi, ModelCard
 from transformers import (
     AutoModel,
     Blip2Config,
@@ -16,6 +20,7 @@ from transformers import (
 )
 
 from crosstvr import CrossTVRModel, CrossTVRProcessor
+from crosstvr.synthetic import MovingShape, render, write_video
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,7 +221,6 @@ def evaluation_results(tmp_path) -> str:
 
 
 def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
-    from huggingface_hub import ModelCard
 
     folder = tmp_path / "model"
     run_conversion(sources, folder, "--blip2", str(sources["root"] / "blip2"), "--stage2-tower", "blip2")
@@ -225,8 +229,8 @@ def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
     card = ModelCard.load(folder / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "transformers" and data["license"] == "mit"
-    assert data["pipeline_tag"] == "feature-extraction" and "crosstvr" in data["tags"]
-    assert data["datasets"] == ["MSR-VTT"] and data["base_model"] == [str(sources["root"] / "clip"), str(sources["root"] / "blip2")]
+    assert "pipeline_tag" not in data and {"crosstvr", "text-video-retrieval"} <= set(data["tags"])
+    assert data["datasets"] == ["friedrichor/MSR-VTT"] and data["base_model"] == [str(sources["root"] / "clip"), str(sources["root"] / "blip2")]
     values = {(r.task_type, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert len(card.data.eval_results) == 10
     assert values[("text-to-video-retrieval", "recall_at_1")] == 49.6  # the two-stage row
@@ -235,12 +239,19 @@ def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
     assert "CrossTVR Large" in text and "BLIP-2 EVA ViT-g" in text and "| CrossTVR (K = 15) | 49.6 |" in text
     assert 'AutoModel.from_pretrained("someone/crosstvr-large-test", trust_remote_code=True)' in text
     assert "arXiv:2307.09972" in text
+    own = ["--dataset-id", "msrvtt=someone/msr-vtt-frames", "--output", str(tmp_path / "card.md")]
+    assert make_model_card.main([str(folder), "--repo-id", "someone/x", "--results", results, *own]) == 0
+    assert ModelCard.load(tmp_path / "card.md").data.to_dict()["datasets"] == ["someone/msr-vtt-frames"]
+    with pytest.raises(SystemExit):
+        make_model_card.main([str(folder), "--repo-id", "someone/x", "--dataset-id", "msrvtt"])
 
 
-class FakeHubApi:
-    """A local stand-in for `HfApi`: records the calls and keeps the committed files in a folder."""
+class FakeHubApi(HfApi):
+    """`HfApi` with its network calls replaced: records them and keeps the committed files in a folder, so that
+    `upload_folder`'s own file selection runs as it does against the Hub."""
 
     def __init__(self, remote):
+        super().__init__(token="hf_fake")
         self.remote, self.calls = remote, []
 
     def create_repo(self, repo_id, **kwargs):
@@ -249,7 +260,10 @@ class FakeHubApi:
     def create_branch(self, repo_id, branch, **kwargs):
         self.calls.append(("create_branch", repo_id, branch))
 
-    def create_commit(self, repo_id, operations, commit_message, revision=None):
+    def _validate_yaml(self, content, **kwargs):
+        ModelCard(content)  # the Hub validates the card's metadata; here it must at least parse
+
+    def create_commit(self, repo_id, operations, commit_message, revision=None, **kwargs):
         self.calls.append(("create_commit", repo_id, commit_message, revision))
         for operation in operations:
             target = self.remote / operation.path_in_repo
@@ -258,10 +272,20 @@ class FakeHubApi:
         return type("Commit", (), {"commit_url": f"https://hub.invalid/{repo_id}/commit/1"})()
 
 
+@pytest.fixture(autouse=True)
+def single_commit_uploads(monkeypatch):
+    """Without hf_xet, `upload_folder` makes one `create_commit`, which `FakeHubApi` records."""
+    monkeypatch.setattr("huggingface_hub.hf_api.is_xet_available", lambda: False)
+
+
 def test_push_uploads_exactly_the_files_that_load(sources, tmp_path):
     folder = tmp_path / "model"
     run_conversion(sources, folder, "--blip2", str(sources["root"] / "blip2"))
-    expected = sorted(push_to_hub.loadable_files(str(folder)))
+    make_model_card.main([str(folder), "--repo-id", "someone/crosstvr"])
+    expected = sorted(
+        os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
+    )
+    expected.remove("conversion_report.json")
     # Training leftovers beside the checkpoint must stay home.
     (folder / "logs.jsonl").write_text("{}\n")
     (folder / "optimizer.bin").write_bytes(b"pickle")
@@ -325,3 +349,66 @@ def test_cross_attention_can_keep_blip2_weights_behind_a_projection(sources, tmp
     scores = model.get_fine_scores(inputs["qformer_input_ids"], inputs["qformer_attention_mask"],
                                    model.get_vision_tokens(inputs["pixel_values"]), inputs["video_mask"])
     assert scores.isfinite().all()
+
+
+CARD_SCRIPT_PRELUDE = 'import sys\nsys.modules["crosstvr"] = None  # as on a machine with only the card\'s requirements\n'
+
+
+def test_model_card_usage_runs_as_written_without_the_package(tester, tmp_path):
+
+    folder = tmp_path / "model"
+    tester.get_model().save_pretrained(folder)
+    tester.get_processor().save_pretrained(folder)
+    assert make_model_card.main([str(folder), "--repo-id", str(folder)]) == 0
+    usage = re.search(r"## Usage\n.*?```python\n(.*?)```", ModelCard.load(folder / "README.md").text, re.S).group(1)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, scene in zip(("a.mp4", "b.mp4", "c.mp4"), ("red", "blue", "green")):
+        write_video(work / name, render(MovingShape("circle", scene, "left"), num_frames=8))
+    result = subprocess.run(
+        [sys.executable, "-c", CARD_SCRIPT_PRELUDE + usage], cwd=work, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"tensor\(\[\[[012], [012], [012]\]\]\)", result.stdout), result.stdout
+    assert re.search(r"\[\{'video': '[abc].mp4', 'score': .*'reranked': True\}, \{", result.stdout), result.stdout
+
+
+def test_remote_processor_names_its_requirements_where_pillow_is_missing(tester, tmp_path):
+    folder = tmp_path / "model"
+    tester.get_processor().save_pretrained(folder)
+    hidden = tmp_path / "hidden" / "PIL"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named PIL (hidden by the test)')\n")
+    script = CARD_SCRIPT_PRELUDE + (
+        "from transformers import AutoProcessor\n"
+        f"AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(hidden.parent)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ImportError: CrossTVRProcessor needs Pillow" in result.stderr and "pip install pillow decord av" in result.stderr
+
+
+def test_conversion_builds_on_the_meta_device_and_shares_the_sources_storage(sources, tmp_path):
+    # No third full copy: the converted model's weights are the loaded checkpoints' tensors, except where one source
+    # feeds two weights (CLIP's vision tower as the stage-2 tower too), which must not share storage and train together.
+    argv = ["--clip", str(sources["root"] / "clip"), "--blip2", str(sources["root"] / "blip2"), "--output",
+            str(tmp_path), "--num-frames", "4", "--temporal-layers", "2", "--temporal-positions", "32",
+            "--max-text-length", "8"]
+    args = convert_checkpoint.parse_arguments(argv)
+    clip, _, _ = convert_checkpoint._load_clip(args.clip)
+    blip2, qformer_tokenizer = convert_checkpoint._load_blip2(args.blip2)
+    config = convert_checkpoint.build_config(clip, blip2, args, qformer_tokenizer)
+    model, _ = convert_checkpoint.build_model(config, clip, blip2, args)
+    pairs = {
+        "text_model.embeddings.token_embedding.weight": clip.text_model.embeddings.token_embedding.weight,
+        "vision_model.encoder.layers.0.mlp.fc1.weight": clip.vision_model.encoder.layers[0].mlp.fc1.weight,
+        "qformer.encoder.layer.0.attention.attention.query.weight":
+            blip2.qformer.encoder.layer[0].attention.attention.query.weight,
+    }
+    for name, source in pairs.items():
+        assert model.get_parameter(name).data_ptr() == source.data_ptr(), name
+    twin = model.get_parameter("fine_vision_model.encoder.layers.0.mlp.fc1.weight")
+    assert twin.data_ptr() != clip.vision_model.encoder.layers[0].mlp.fc1.weight.data_ptr()
+    torch.testing.assert_close(twin, clip.vision_model.encoder.layers[0].mlp.fc1.weight)
+    assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])

@@ -4,6 +4,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from crosstvr import CrossTVRModel
 from crosstvr.modeling_crosstvr import (
+    STAGE_TWO_TRAINABLE_MODULES,
     CrossTVRTokenSelector,
     PerturbedTopK,
     contrastive_loss,
@@ -544,3 +545,107 @@ def test_fine_module_gradients_are_reproducible_with_several_threads(tester):
     for other in grads[1:]:
         for name, grad in grads[0].items():
             assert torch.equal(other[name], grad), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loading_keeps_stage_two_in_float32(tester, tmp_path, dtype):
+    tester.get_model(share_spatial_temporal=False, fine_vision_projection=True).save_pretrained(tmp_path)
+    model = CrossTVRModel.from_pretrained(tmp_path, dtype=dtype).eval()
+    for name, parameter in model.named_parameters():
+        stage_two = name.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES
+        assert parameter.dtype == (torch.float32 if stage_two else dtype), name
+    assert {name.split(".")[0] for name, _ in model.named_parameters()} >= set(STAGE_TWO_TRAINABLE_MODULES)
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        tokens = model.get_vision_tokens(inputs["pixel_values"].to(dtype))
+        scores = model.get_fine_scores(inputs["qformer_input_ids"], None, tokens, inputs["video_mask"])
+    assert tokens.dtype == dtype and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+
+
+def test_sdpa_and_eager_attention_agree(tester):
+    inputs = tester.get_inputs()
+    outputs = []
+    for implementation in ("eager", "sdpa"):
+        model = tester.get_model(attn_implementation=implementation).eval()
+        with torch.no_grad():
+            video = model.encode_video(inputs["pixel_values"], inputs["video_mask"])
+            outputs.append(
+                (
+                    model.get_text_features(inputs["input_ids"], inputs["attention_mask"]),
+                    video.video_embeds,
+                    model.get_fine_logits(
+                        inputs["qformer_input_ids"], inputs["qformer_attention_mask"], video.vision_tokens,
+                        inputs["video_mask"],
+                    ),
+                )
+            )
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_flex_attention_runs_in_the_towers_and_the_qformer_keeps_sdpa(tester):
+    inputs = tester.get_inputs()
+    eager = tester.get_model(attn_implementation="eager").eval()
+    flex = tester.get_model(attn_implementation="flex_attention").eval()
+    implementations = {key: getattr(flex.config, key)._attn_implementation for key in flex.config.sub_configs}
+    assert implementations == {
+        "text_config": "flex_attention",
+        "vision_config": "flex_attention",
+        "temporal_config": "flex_attention",
+        "fine_vision_config": "flex_attention",
+        "qformer_config": "sdpa",
+    }
+    assert flex.vision_model.config._attn_implementation == "flex_attention"
+    assert flex.qformer.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        for model_outputs in zip(
+            *(
+                (
+                    model.get_video_features(inputs["pixel_values"], inputs["video_mask"]),
+                    model.get_fine_logits(*fine_inputs(model, inputs)),
+                )
+                for model in (eager, flex)
+            )
+        ):
+            torch.testing.assert_close(*model_outputs, atol=1e-5, rtol=1e-5)
+    # Requested on a loaded model as one string, the same routing applies.
+    eager.set_attn_implementation("flex_attention")
+    assert eager.text_model.config._attn_implementation == "flex_attention"
+    assert eager.qformer.config._attn_implementation == "sdpa"
+
+
+def test_flash_attention_is_supported_where_the_sub_models_support_it(tester):
+    # Without the flash-attn package (as on CPU) the request fails for the missing package, not for the model.
+    with pytest.raises(ImportError, match="FlashAttention2"):
+        tester.get_model(attn_implementation="flash_attention_2")
+
+
+def test_encoding_verbs_take_a_whole_processor_output_as_clip_users_pass_it(tester, frames):
+    model = tester.get_model().eval()
+    inputs = tester.get_processor()(text=["a red circle moves left"], videos=[frames])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.get_text_features(**inputs), model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        )
+        torch.testing.assert_close(
+            model.get_video_features(**inputs), model.get_video_features(inputs["pixel_values"], inputs["video_mask"])
+        )
+        torch.testing.assert_close(model.encode_video(**inputs).vision_tokens, model.get_vision_tokens(**inputs))
+    with pytest.raises(TypeError, match=r"\['input_idss'\]"):
+        model.get_text_features(input_ids=inputs["input_ids"], input_idss=inputs["input_ids"])
+
+
+def test_forward_supports_return_dict_and_the_output_switches(tester):
+    model = tester.get_model(attn_implementation="eager").eval()  # as in transformers, sdpa returns no attentions
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        outputs = model(**inputs, output_hidden_states=True, output_attentions=True)
+        as_tuple = model(**inputs, return_dict=False)
+    num_layers = model.config.text_config.num_hidden_layers
+    assert len(outputs.text_model_output.hidden_states) == num_layers + 1
+    assert len(outputs.text_model_output.attentions) == num_layers
+    frames = tester.batch_size * tester.num_frames
+    assert outputs.vision_model_output.hidden_states[-1].shape[0] == frames
+    assert len(outputs.vision_model_output.attentions) == model.config.vision_config.num_hidden_layers
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[1], outputs.loss_contrastive)  # loss, loss_contrastive, ...
+    assert model(**inputs).text_model_output.hidden_states is None

@@ -196,8 +196,10 @@ def test_processor_truncates_long_text_and_can_refuse_to(tester):
 
 def test_processor_bad_inputs(tester, media_dir):
     processor = tester.get_processor()
-    with pytest.raises(ValueError, match="needs `text`, `videos`, or both"):
+    with pytest.raises(ValueError, match="needs `text`, `videos` or `images`"):
         processor()
+    with pytest.raises(ValueError, match="`videos` or `images`, not both"):
+        processor(videos=[np.zeros((3, 8, 8, 3), np.uint8)], images=[np.zeros((8, 8, 3), np.uint8)])
     with pytest.raises(ValueError, match="videos must be"):
         processor(videos=42)
     with pytest.raises(ValueError, match="text must be a string"):
@@ -224,3 +226,35 @@ def test_processor_save_load_round_trip(tester, tmp_path, frames):
     inputs, loaded_inputs = processor(text="a red square", videos=frames), loaded(text="a red square", videos=frames)
     for key in inputs:
         torch.testing.assert_close(loaded_inputs[key], inputs[key])
+
+
+def test_processor_routes_keywords_per_modality_and_refuses_unknown_ones(tester, frames):
+    processor = tester.get_processor()
+    normalised = processor(videos=frames)["pixel_values"]
+    raw_flat = processor(videos=frames, do_normalize=False)["pixel_values"]
+    raw_nested = processor(videos=frames, videos_kwargs={"do_normalize": False})["pixel_values"]
+    torch.testing.assert_close(raw_flat, raw_nested)
+    mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
+    torch.testing.assert_close(normalised, (raw_flat - mean) / std, atol=1e-5, rtol=1e-5)
+    # Text keywords reach both tokenizers; video sampling keywords reach the sampler.
+    text = processor(text=["a red square", "a blue circle moves left"], padding="longest")
+    assert text["input_ids"].shape[1] < tester.text_length and text["qformer_input_ids"].shape[1] < tester.text_length
+    two = processor(videos=frames, num_frames=2, sampling="random", generator=torch.Generator().manual_seed(0))
+    assert two["pixel_values"].shape[1] == 2
+    for bad, named in (
+        ({"do_normalise": False}, "'do_normalise'"),
+        ({"videos_kwargs": {"fps": 2}}, r"videos_kwargs\['fps'\]"),
+        ({"text_kwargs": {"colour": 1}}, r"text_kwargs\['colour'\]"),
+    ):
+        with pytest.raises(TypeError, match=named):
+            processor(text="a red square", videos=frames, **bad)
+
+
+def test_images_are_one_frame_videos(tester, frames):
+    processor = tester.get_processor()
+    images = processor(images=[frames[0], Image.fromarray(frames[5])], do_normalize=False)
+    assert images["pixel_values"].shape == (2, 1, 3, tester.image_size, tester.image_size)
+    assert images["video_mask"].tolist() == [[1], [1]]
+    single = processor(videos=[frames[5]], num_frames=1, do_normalize=False)["pixel_values"]
+    torch.testing.assert_close(images["pixel_values"][1], single[0])

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crosstvr import CrossTVRModel
+from crosstvr import CrossTVRModel, CrossTVRProcessor
 from crosstvr.data import load_retrieval_dataset, write_fixture
 from crosstvr.data.transforms import VideoTextCollator
 from crosstvr.default_model import build_tiny_config, build_tiny_processor
+from crosstvr.evaluation import evaluate_retrieval
 from crosstvr.token_cache import TokenCache, TokenCacheMismatchError, build_token_cache
 from crosstvr.train import parse_arguments
 from crosstvr.training import CachedVideoTextCollator, TrainingArguments, train
@@ -334,11 +335,33 @@ def test_two_processes_train_stage_two(workspace, tmp_path):
         "--model_name_or_path", workspace["checkpoints"]["transformer"],
         "--dataset_cache_dir", workspace["cache"],
         "--stage", "2", "--batch_size", "4", "--per_device_batch_size", "2", "--max_steps", "2",
-        "--num_workers", "0", "--do_eval", "false", "--output_dir", str(tmp_path / "two"),
+        "--num_workers", "0", "--do_eval", "true", "--output_dir", str(tmp_path / "two"),
     ]
     result = torchrun("-m", "crosstvr.train", *options)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "two" / "final" / "model.safetensors").exists()
+    final = tmp_path / "two" / "final"
+    assert (final / "model.safetensors").exists()
+    # Both processes evaluated their half of the split; the gathered metrics are those of one process evaluating all.
+    with open(tmp_path / "two" / "logs.jsonl", encoding="utf-8") as file:
+        logged = [json.loads(line) for line in file if '"eval/' in line][-1]
+    model, processor = CrossTVRModel.from_pretrained(final), CrossTVRProcessor.from_pretrained(final)
+    split = load_retrieval_dataset("msrvtt", workspace["fixture"].annotations_dir, workspace["fixture"].videos_dir,
+                                   splits=["test_1k"], cache_dir=workspace["cache"])["test_1k"]
+    expected = evaluate_retrieval(model, processor, split, progress=False).metrics
+    for name in ("stage1", "two_stage"):
+        for metric, value in expected[name].items():
+            assert logged[f"eval/{name}/{metric}"] == pytest.approx(value, abs=1e-6), (name, metric)
+
+
+def test_sharded_parallelisms_are_refused_up_front():
+    from accelerate.utils import DistributedType
+
+    from crosstvr.training import check_distributed_type
+
+    check_distributed_type(DistributedType.MULTI_GPU)
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match="accelerate launch --multi_gpu"):
+            check_distributed_type(sharded)
 
 
 def test_parameter_groups_follow_the_paper_and_its_stage_one(workspace, tmp_path):

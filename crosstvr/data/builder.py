@@ -209,7 +209,6 @@ def load_retrieval_dataset(
         [`crosstvr.data.VideoTextTransform`].
     """
     import datasets
-    from datasets.table import InMemoryTable
 
     if name not in FORMATS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(FORMATS)}")
@@ -277,12 +276,9 @@ def load_retrieval_dataset(
     info = datasets.DatasetInfo(description=f"{dataset_format.name} text-video retrieval", features=features)
     dataset_dict = datasets.DatasetDict(
         {
-            # pyarrow converts whole columns at C speed (Dataset.from_dict would encode every value in Python).
-            split: datasets.Dataset(
-                InMemoryTable.from_pydict(
-                    _rows([record for record in records if record.video_id in paths], paths),
-                    schema=features.arrow_schema,
-                ),
+            split: datasets.Dataset.from_dict(
+                _rows([record for record in records if record.video_id in paths], paths),
+                features=features,
                 info=info.copy(),
                 split=split,
             )

@@ -6,7 +6,8 @@ only on the top K candidates of each query, in batches of (text, video) pairs, i
 """
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
@@ -49,11 +50,24 @@ class RetrievalEvaluation:
     metrics: dict[str, dict[str, float] | None] = field(default_factory=dict)
 
 
+def shard_bounds(length: int, num_shards: int, shard_index: int) -> slice:
+    """The contiguous `shard_index`-th of `num_shards` near-equal parts of `range(length)`."""
+    return slice(length * shard_index // num_shards, length * (shard_index + 1) // num_shards)
+
+
+def concatenate_splits(parts: list[EncodedSplit]) -> EncodedSplit:
+    """The split whose texts and videos are those of `parts`, in order (shards encoded by several processes)."""
+    return EncodedSplit(**{f.name: torch.cat([getattr(part, f.name) for part in parts]) for f in fields(EncodedSplit)})
+
+
 @torch.no_grad()
 def encode_texts(
     model: CrossTVRModel, processor: CrossTVRProcessor, captions: list[str], batch_size: int = 256, progress=True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage-1 embeddings (on the CPU) and Q-Former tokens of `captions`."""
+    if not captions:
+        empty = torch.empty(0, dtype=torch.long)
+        return torch.empty(0, model.config.projection_dim), empty, empty
     embeds, qformer_ids, qformer_masks = [], [], []
     for start in tqdm(range(0, len(captions), batch_size), desc="encoding texts", disable=not progress):
         text = processor(text=captions[start : start + batch_size])
@@ -73,11 +87,18 @@ def encode_split(
     batch_size: int = 16,
     num_workers: int = 0,
     progress: bool = True,
+    num_shards: int = 1,
+    shard_index: int = 0,
 ) -> EncodedSplit:
-    """Encode the captions and the distinct videos of a split (rows as `crosstvr.data` loads them)."""
+    """Encode the captions and the distinct videos of a split (rows as `crosstvr.data` loads them); with
+    `num_shards`, only the `shard_index`-th contiguous part of the captions and of the videos (see
+    [`concatenate_splits`])."""
     plain = dataset.with_format(None)
-    text_embeds, qformer_ids, qformer_mask = encode_texts(model, processor, plain["caption"], progress=progress)
-    videos = unique_videos(plain).with_transform(VideoTextTransform(processor, sampling="center"))
+    texts = shard_bounds(len(plain), num_shards, shard_index)
+    text_embeds, qformer_ids, qformer_mask = encode_texts(model, processor, plain["caption"][texts], progress=progress)
+    videos = unique_videos(plain)
+    videos = videos.select(range(len(videos))[shard_bounds(len(videos), num_shards, shard_index)])
+    videos = videos.with_transform(VideoTextTransform(processor, sampling="center"))
     loader = DataLoader(
         videos,
         sampler=BatchSampler(SequentialSampler(videos), batch_size, drop_last=False),
@@ -94,10 +115,11 @@ def encode_split(
         text_embeds=text_embeds,
         qformer_input_ids=qformer_ids,
         qformer_attention_mask=qformer_mask,
-        text_to_video_index=torch.tensor(plain["video_index"], dtype=torch.long),
-        video_embeds=torch.cat(video_embeds),
-        vision_tokens=torch.cat(vision_tokens),
-        video_mask=torch.cat(video_masks),
+        text_to_video_index=torch.tensor(plain["video_index"][texts], dtype=torch.long),
+        # A shard without videos (fewer videos than processes) gives empty tensors, which concatenation skips.
+        video_embeds=torch.cat(video_embeds) if video_embeds else torch.empty(0, model.config.projection_dim),
+        vision_tokens=torch.cat(vision_tokens) if vision_tokens else torch.empty(0, dtype=torch.float16),
+        video_mask=torch.cat(video_masks) if video_masks else torch.empty(0, dtype=torch.long),
     )
 
 
@@ -222,6 +244,9 @@ def evaluate_retrieval(
     pair_batch_size: int = 32,
     progress: bool = True,
     encoded: EncodedSplit | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    gather: Callable[[object], list] | None = None,
 ) -> RetrievalEvaluation:
     """
     Evaluate `model` on one split: the metrics of stage 1 alone and, with `rerank=True`, of the two stages (top K of
@@ -236,14 +261,20 @@ def evaluate_retrieval(
         batch_size, num_workers: videos per encoding batch and decoding worker processes.
         pair_batch_size: (text, video) pairs per stage-2 call.
         encoded: the split as [`encode_split`] returned it for this model, to reuse instead of encoding again.
+        num_shards, shard_index, gather: evaluation shared by `num_shards` processes (data-parallel training): each
+            encodes and re-ranks its contiguous part of the texts and videos, and `gather(value)` returns the list of
+            every process's `value` in process order (e.g. `accelerate.utils.gather_object([value])`). Every process
+            gets the same result, equal to one process's.
     """
     if post_processing not in POST_PROCESSING:
         raise ValueError(f"post_processing={post_processing!r} is not one of {POST_PROCESSING}")
     if (post_processing == "qb_norm") != (querybank_captions is not None):
         raise ValueError("post_processing='qb_norm' needs querybank_captions (the bank), and only it uses them")
+    gather = gather or (lambda value: [value])
     model.eval()
     if encoded is None:
-        encoded = encode_split(model, processor, dataset, batch_size, num_workers, progress)
+        part = encode_split(model, processor, dataset, batch_size, num_workers, progress, num_shards, shard_index)
+        encoded = concatenate_splits(gather(part))
     similarity = cosine = encoded.text_embeds @ encoded.video_embeds.t()  # (texts, videos)
     # Both directions are ranked in a (texts, videos) matrix: rows for text-to-video, columns for video-to-text.
     video_to_text_similarity = similarity
@@ -266,13 +297,33 @@ def evaluate_retrieval(
             "fine_score_weight": fine_score_weight,
             "pair_batch_size": pair_batch_size,
             "progress": progress,
-            # Post-processing chooses the candidates; the fused score adds the fine score to the cosine.
-            "coarse_scores": None if post_processing is None else cosine,
         }
+        # Post-processing chooses the candidates; the fused score adds the fine score to the cosine.
+        # This process re-ranks its part of the texts (rows) and of the videos (columns).
+        texts = shard_bounds(similarity.shape[0], num_shards, shard_index)
+        videos = shard_bounds(similarity.shape[1], num_shards, shard_index)
+        text_part = replace(
+            encoded,
+            qformer_input_ids=encoded.qformer_input_ids[texts],
+            qformer_attention_mask=encoded.qformer_attention_mask[texts],
+        )
+        video_part = replace(encoded, vision_tokens=encoded.vision_tokens[videos], video_mask=encoded.video_mask[videos])
+        text_to_video = rerank_text_to_video(
+            model,
+            text_part,
+            similarity[texts],
+            **rerank_kwargs,
+            coarse_scores=None if post_processing is None else cosine[texts],
+        )
+        video_to_text = rerank_video_to_text(
+            model,
+            video_part,
+            video_to_text_similarity[:, videos],
+            **rerank_kwargs,
+            coarse_scores=None if post_processing is None else cosine[:, videos],
+        )
         metrics["two_stage"] = compute_retrieval_metrics(
-            rerank_text_to_video(model, encoded, similarity, **rerank_kwargs).logits.numpy(),
-            index,
-            rerank_video_to_text(model, encoded, video_to_text_similarity, **rerank_kwargs).logits.numpy(),
+            torch.cat(gather(text_to_video.logits)).numpy(), index, torch.cat(gather(video_to_text.logits)).numpy()
         )
     return RetrievalEvaluation(
         num_texts=len(index),
