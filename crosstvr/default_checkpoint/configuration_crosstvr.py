@@ -29,6 +29,15 @@ TEMPORAL_AGGREGATORS = ("mean", "transformer", "token_shift_select")
 FINE_ATTENTIONS = ("spatial_temporal", "spatial", "temporal")
 FINE_VISION_MODEL_TYPES = ("clip_vision_model", "blip_2_vision_model")
 FINE_SCORES = ("probability", "log_probability", "logit")
+# The pipeline `transformers.pipeline(model=..., trust_remote_code=True)` builds for a CrossTVR checkpoint (the class
+# lives in processing_crosstvr.py, which every checkpoint carries).
+CUSTOM_PIPELINES = {
+    "text-video-retrieval": {
+        "impl": "processing_crosstvr.TextVideoRetrievalPipeline",
+        "pt": ["AutoModel"],
+        "type": "multimodal",
+    }
+}
 
 
 @strict
@@ -124,6 +133,9 @@ class CrossTVRConfig(PreTrainedConfig):
             two stages' different strengths combine.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the initialisation of the layers CrossTVR adds.
+        custom_pipelines (`dict`, *optional*):
+            The pipelines `transformers.pipeline` offers for the checkpoint; defaults to `"text-video-retrieval"`
+            (`TextVideoRetrievalPipeline`).
 
     Example:
 
@@ -178,9 +190,12 @@ class CrossTVRConfig(PreTrainedConfig):
     fine_score: str = "probability"
     fine_score_weight: float = 0.3
     initializer_range: float = 0.02
+    custom_pipelines: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.custom_pipelines is None:
+            self.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
         if self.fine_vision_config is None and not self.share_vision_tower:
             self.fine_vision_config = copy.deepcopy(self.vision_config)
         # The Q-Former cross-attends to the stage-2 vision tokens (projected or not), and its text positions need

@@ -37,15 +37,43 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoder, CLIPPreTrainedModel
 from transformers.pytorch_utils import apply_chunking_to_forward
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_crosstvr import CrossTVRConfig
 
 
 logger = logging.get_logger(__name__)
+
+# The Q-Former's query rows read slices of its attention masks (`qformer_query_outputs`), which flex attention's block
+# masks do not allow, and transformers' Q-Former refuses flash attention.
+QFORMER_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+# The modules stage-2 training updates (the tower it reads is frozen).
+STAGE_TWO_TRAINABLE_MODULES = (
+    "query_tokens",
+    "qformer_embeddings",
+    "qformer",
+    "temporal_qformer_embeddings",
+    "temporal_qformer",
+    "fine_vision_projection",
+    "token_selector",
+    "frame_position_embeddings",
+    "matching_head",
+)
+
+# What a `CrossTVRProcessor` returns; the encoding verbs ignore the keys of the other modality.
+PROCESSOR_OUTPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "qformer_input_ids",
+    "qformer_attention_mask",
+    "pixel_values",
+    "video_mask",
+)
 
 FINE_VISION_MODEL_CLASSES = {"clip_vision_model": CLIPVisionModel, "blip_2_vision_model": Blip2VisionModel}
 
@@ -76,6 +104,12 @@ class CrossTVROutput(ModelOutput):
             video), then (text, the given negative video) when `negative_vision_tokens` were given (4 * batch_size).
         matching_labels (`torch.LongTensor` of shape `(3 * batch_size,)`, *optional*):
             1 for the positive pairs, 0 for the negatives.
+        text_model_output (`BaseModelOutputWithPooling`):
+            The output of the CLIP text tower, with its hidden states and attentions when `output_hidden_states` and
+            `output_attentions` ask for them (as in `CLIPOutput`).
+        vision_model_output (`BaseModelOutputWithPooling`, *optional*):
+            The output of the stage-1 vision tower on the `batch_size * frames` frames; absent when `video_embeds`
+            were given.
     """
 
     loss: torch.FloatTensor | None = None
@@ -87,6 +121,11 @@ class CrossTVROutput(ModelOutput):
     video_embeds: torch.FloatTensor | None = None
     matching_logits: torch.FloatTensor | None = None
     matching_labels: torch.LongTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
 
 
 @dataclass
@@ -659,7 +698,18 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
     input_modalities = ("video", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # Flash and flex attention run in the CLIP towers, the temporal transformer and the stage-2 vision tower, where
+    # encoding time goes; the Q-Former, whose query rows read slices of the attention masks (see
+    # `qformer_query_outputs`), keeps sdpa (see `set_attn_implementation`).
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
+    # Stage 2 stays in float32 under `dtype=torch.float16` and `torch.bfloat16`: the towers run in half precision
+    # and `get_fine_logits` casts their tokens to float32 on entry. Stricter than BLIP-2's `_keep_in_fp32_modules`
+    # (float16 only): the matching head ranks near duplicates, whose probabilities bfloat16's 8-bit mantissa merges.
+    # (transformers searches these as regular expressions in parameter names: anchored, so that stage 1's token
+    # selector and `temporal_qformer` do not match `token_selector` and `qformer`.)
+    _keep_in_fp32_modules_strict = [rf"^{name}\b" for name in STAGE_TWO_TRAINABLE_MODULES]
     _no_split_modules = [
         "CLIPEncoderLayer",
         "CLIPTextEmbeddings",
@@ -668,6 +718,17 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
         "Blip2QFormerLayer",
         "Blip2TextEmbeddings",
     ]
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+        """
+        As in transformers, except that an implementation other than eager or sdpa, given as one string, applies to
+        every sub-model but the Q-Former, which then uses sdpa.
+        """
+        if isinstance(attn_implementation, str) and attn_implementation not in QFORMER_ATTENTION_IMPLEMENTATIONS:
+            attn_implementation = {"": attn_implementation} | {
+                key: "sdpa" if key == "qformer_config" else attn_implementation for key in self.config.sub_configs
+            }
+        super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -725,6 +786,9 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             fine_vision_class = FINE_VISION_MODEL_CLASSES[config.fine_vision_config.model_type]
             self.fine_vision_model = fine_vision_class._from_config(config.fine_vision_config)
         qformer_config = config.qformer_config
+        if qformer_config._attn_implementation not in QFORMER_ATTENTION_IMPLEMENTATIONS:
+            logger.info(f"The Q-Former runs with sdpa; {qformer_config._attn_implementation} runs in the towers.")
+            qformer_config._attn_implementation = "sdpa"
         if config.fine_vision_projection:
             self.fine_vision_projection = nn.Linear(config.fine_vision_hidden_size, config.fine_token_hidden_size)
         else:
@@ -825,59 +889,104 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
     # Stage 1: dual encoder
     # ----------------------------------------------------------------------------------------------------------------
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def _check_processor_keys(other_inputs: dict, verb: str) -> None:
+        """The verbs accept every key of a `CrossTVRProcessor` output (as CLIP's accept its processor's), no other."""
+        unknown = sorted(set(other_inputs) - set(PROCESSOR_OUTPUT_KEYS))
+        if unknown:
+            raise TypeError(
+                f"{verb}() got unexpected keyword arguments {unknown}; it ignores only the other keys of a "
+                f"CrossTVRProcessor output, {list(PROCESSOR_OUTPUT_KEYS)}."
+            )
+
+    def _text_tower(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **tower_kwargs
+    ) -> BaseModelOutputWithPooling:
+        self._check_text_length(input_ids, self.config.text_config.max_position_embeddings, "input_ids")
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, **tower_kwargs)
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **other_inputs
+    ) -> torch.Tensor:
         r"""
-        Stage-1 text embeddings: the CLIP text tower's EOS state, projected and L2-normalised.
+        Stage-1 text embeddings: the CLIP text tower's EOS state, projected and L2-normalised. Unlike transformers 5's
+        `CLIPModel.get_text_features`, which returns the tower's output with the projected, unnormalised embedding as
+        `pooler_output`, this returns the normalised embedding itself, ready for cosine similarity.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): CLIP token ids.
             attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*).
+            other_inputs: the other keys of a `CrossTVRProcessor` output (Q-Former tokens, videos), ignored, so that
+                `get_text_features(**processor(text=...))` works.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
         """
-        self._check_text_length(input_ids, self.config.text_config.max_position_embeddings, "input_ids")
-        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        self._check_processor_keys(other_inputs, "get_text_features")
+        pooled = self._text_tower(input_ids, attention_mask).pooler_output
         return F.normalize(self.text_projection(pooled), dim=-1)
 
     def _vision_tower_tokens(
-        self, vision_model: nn.Module, pixel_values: torch.Tensor, video_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """All tokens of every frame, after the tower's final LayerNorm: `(batch, frames, tokens, width)`."""
+        self, vision_model: nn.Module, pixel_values: torch.Tensor, video_mask: torch.Tensor | None, **tower_kwargs
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
+        """All tokens of every frame, after the tower's final LayerNorm, `(batch, frames, tokens, width)`, and the
+        tower's output."""
         self._check_pixel_values(pixel_values)
         batch_size, num_frames = pixel_values.shape[:2]
         video_mask = self._video_mask(video_mask, batch_size, num_frames, pixel_values.device)
         # Only the token-shift layers read `video_mask`; the other towers are called exactly as in transformers.
-        kwargs = {"video_mask": video_mask} if vision_model is self.vision_model and self.has_token_shift else {}
-        outputs = vision_model(pixel_values=pixel_values.flatten(0, 1), **kwargs)
+        if vision_model is self.vision_model and self.has_token_shift:
+            tower_kwargs["video_mask"] = video_mask
+        outputs = vision_model(pixel_values=pixel_values.flatten(0, 1), **tower_kwargs)
         tokens = outputs.last_hidden_state
         if isinstance(vision_model, CLIPVisionModel):
             # CLIP normalises only its pooled CLS state; BLIP-2's tower already normalises every token.
             tokens = vision_model.post_layernorm(tokens)
-        return tokens.view(batch_size, num_frames, *tokens.shape[1:])
+        return tokens.view(batch_size, num_frames, *tokens.shape[1:]), outputs
 
-    def get_video_features(self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _encode_video(
+        self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None, with_tokens: bool, **tower_kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None, BaseModelOutputWithPooling]:
+        """Stage-1 embeddings, stage-2 tokens when asked (one tower pass when the tower is shared) and the stage-1
+        tower's output."""
+        tokens, outputs = self._vision_tower_tokens(self.vision_model, pixel_values, video_mask, **tower_kwargs)
+        video_mask = self._video_mask(video_mask, *pixel_values.shape[:2], pixel_values.device)
+        video_embeds = self.temporal_aggregator(self.visual_projection(tokens), video_mask)
+        if not with_tokens:
+            vision_tokens = None
+        elif self.fine_vision_model is None:
+            vision_tokens = tokens.detach()
+        else:
+            vision_tokens = self.get_vision_tokens(pixel_values, video_mask)
+        return video_embeds, vision_tokens, outputs
+
+    def get_video_features(
+        self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None, **other_inputs
+    ) -> torch.Tensor:
         r"""
         Stage-1 video embeddings: every frame through the CLIP vision tower, projected, aggregated over time by the
-        configured aggregator and L2-normalised.
+        configured aggregator and L2-normalised (the video counterpart of CLIP's `get_image_features`, normalised as
+        [`get_text_features`] is).
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, frames, channels, height, width)`).
             video_mask (`torch.LongTensor` of shape `(batch_size, frames)`, *optional*): 0 marks padding frames.
+            other_inputs: the text keys of a `CrossTVRProcessor` output, ignored.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
         """
-        tokens = self._vision_tower_tokens(self.vision_model, pixel_values, video_mask)
-        video_mask = self._video_mask(video_mask, *pixel_values.shape[:2], pixel_values.device)
-        return self.temporal_aggregator(self.visual_projection(tokens), video_mask)
+        self._check_processor_keys(other_inputs, "get_video_features")
+        return self._encode_video(pixel_values, video_mask, with_tokens=False)[0]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Stage 2: decoupled video-text cross attention
     # ----------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def get_vision_tokens(self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_vision_tokens(
+        self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None, **other_inputs
+    ) -> torch.Tensor:
         r"""
         The frozen stage-2 vision tokens V_t of every frame (never differentiated; cacheable).
 
@@ -885,28 +994,25 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, frames, channels, height, width)`).
             video_mask (`torch.LongTensor` of shape `(batch_size, frames)`, *optional*): read only by a shared tower
                 with token shift.
+            other_inputs: the text keys of a `CrossTVRProcessor` output, ignored.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, frames, tokens, fine_vision_hidden_size)`.
         """
+        self._check_processor_keys(other_inputs, "get_vision_tokens")
         tower = self.vision_model if self.fine_vision_model is None else self.fine_vision_model
-        return self._vision_tower_tokens(tower, pixel_values, video_mask)
+        return self._vision_tower_tokens(tower, pixel_values, video_mask)[0]
 
-    def encode_video(self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None) -> CrossTVRVideoOutput:
+    def encode_video(
+        self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None, **other_inputs
+    ) -> CrossTVRVideoOutput:
         """
-        Stage-1 embeddings and stage-2 vision tokens of videos, with one tower pass when the tower is shared.
+        Stage-1 embeddings and stage-2 vision tokens of videos, with one tower pass when the tower is shared. Other
+        keys of a `CrossTVRProcessor` output are ignored.
         """
-        if self.fine_vision_model is not None:
-            return CrossTVRVideoOutput(
-                video_embeds=self.get_video_features(pixel_values, video_mask),
-                vision_tokens=self.get_vision_tokens(pixel_values, video_mask),
-            )
-        tokens = self._vision_tower_tokens(self.vision_model, pixel_values, video_mask)
-        video_mask = self._video_mask(video_mask, *pixel_values.shape[:2], pixel_values.device)
-        return CrossTVRVideoOutput(
-            video_embeds=self.temporal_aggregator(self.visual_projection(tokens), video_mask),
-            vision_tokens=tokens.detach(),
-        )
+        self._check_processor_keys(other_inputs, "encode_video")
+        video_embeds, vision_tokens, _ = self._encode_video(pixel_values, video_mask, with_tokens=True)
+        return CrossTVRVideoOutput(video_embeds=video_embeds, vision_tokens=vision_tokens)
 
     def spatial_text_attention(
         self,
@@ -1272,6 +1378,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
     # Training
     # ----------------------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -1287,6 +1394,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         negative_video_mask: torch.Tensor | None = None,
         process_group=None,
         generator: torch.Generator | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> CrossTVROutput:
         r"""
         Training losses on a batch of (text_i, video_i) pairs.
@@ -1323,6 +1432,9 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
                 this group's processes (e.g. `torch.distributed.group.WORLD`); every process must pass the same batch
                 size.
             generator (`torch.Generator`, *optional*): randomness of the hard-negative sampling.
+            output_attentions, output_hidden_states (`bool`, *optional*): return the attentions and hidden states of
+                the stage-1 towers in `text_model_output` and `vision_model_output`, as CLIP does.
+            return_dict (`bool`, *optional*): `False` returns a tuple, as in transformers.
         """
         batch_size = input_ids.shape[0]
         needs_tokens = qformer_input_ids is not None and vision_tokens is None
@@ -1330,12 +1442,16 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             raise ValueError(
                 "forward needs pixel_values, unless video_embeds (and, with qformer_input_ids, vision_tokens) are given."
             )
-        text_embeds = self.get_text_features(input_ids, attention_mask)
-        if video_embeds is None and needs_tokens:
-            video = self.encode_video(pixel_values, video_mask)
-            video_embeds, vision_tokens = video.video_embeds, video.vision_tokens
-        elif video_embeds is None:
-            video_embeds = self.get_video_features(pixel_values, video_mask)
+        switches = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        tower_kwargs = {key: value for key, value in switches.items() if value is not None}
+        text_outputs = self._text_tower(input_ids, attention_mask, **tower_kwargs)
+        text_embeds = F.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
+        vision_outputs = None
+        if video_embeds is None:
+            video_embeds, tokens, vision_outputs = self._encode_video(
+                pixel_values, video_mask, with_tokens=needs_tokens, **tower_kwargs
+            )
+            vision_tokens = tokens if needs_tokens else vision_tokens
         elif needs_tokens:
             vision_tokens = self.get_vision_tokens(pixel_values, video_mask)
 
@@ -1389,6 +1505,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             video_embeds=video_embeds,
             matching_logits=matching_logits,
             matching_labels=matching_labels,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
         )
 
 # `save_pretrained` copies this file next to the weights and records it in `auto_map`.

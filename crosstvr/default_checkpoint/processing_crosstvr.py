@@ -18,12 +18,13 @@ files, is imported when a video file is read.
 """
 
 import bisect
+import importlib
 import os
 from collections.abc import Sequence
 
 import torch
-from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers import BatchFeature, Pipeline
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack, VideosKwargs
 
 
 SAMPLING_MODES = ("center", "random")
@@ -32,6 +33,23 @@ SAMPLING_MODES = ("center", "random")
 DECODING_MODES = ("exact", "reference_frames")
 # Below this many frames per sampled frame, "reference_frames" decodes every frame, so that samples stay distinct.
 MIN_FRAMES_PER_SAMPLE_TO_SKIP = 4
+
+
+# What the processor needs beyond torch and transformers, as one install line (the Hub's remote code cannot declare
+# dependencies, so they are checked up front and named together).
+REQUIREMENTS = (
+    "CrossTVRProcessor needs Pillow to process frames and decord (or PyAV, with decoding='reference_frames') to read "
+    "video files: `pip install pillow decord av`."
+)
+
+
+def check_requirements() -> None:
+    """Raise an ImportError naming the requirements when Pillow, which every frame goes through, is missing (video
+    files are decoded, and decord or PyAV imported, only when one is read)."""
+    try:
+        importlib.import_module("PIL.Image")
+    except ImportError as error:
+        raise ImportError(f"{REQUIREMENTS} Pillow is missing here.") from error
 
 
 class VideoDecodeError(ValueError):
@@ -114,7 +132,7 @@ def read_video(
     try:
         import decord
     except ImportError as error:
-        raise ImportError("Reading video files needs decord: `pip install decord`.") from error
+        raise ImportError(f"{REQUIREMENTS} decord is missing here.") from error
     try:
         reader = decord.VideoReader(path, num_threads=num_threads)
         num_video_frames = len(reader)
@@ -278,6 +296,31 @@ def _nearest_frames(frames, indices: list[int], frame_index) -> list:
     return chosen + [previous[1]] * (len(indices) - len(chosen))
 
 
+class CrossTVRVideosKwargs(VideosKwargs, total=False):
+    """
+    Video keyword arguments: transformers' `VideosKwargs` (the frame-processing ones reach the image processor;
+    `num_frames` overrides the processor's T for this call) and CrossTVR's frame sampling.
+
+    Attributes:
+        sampling (`str`): `"center"` or `"random"`, see [`sample_frame_indices`].
+        start_times, end_times (`list[float | None]`): per video file, the clip to sample from, in seconds.
+        generator (`torch.Generator`): randomness of `sampling="random"`.
+    """
+
+    sampling: str | None
+    start_times: list | tuple | None
+    end_times: list | tuple | None
+    generator: torch.Generator | None
+
+
+class CrossTVRProcessorKwargs(ProcessingKwargs, total=False):
+    videos_kwargs: CrossTVRVideosKwargs
+
+
+# `VideosKwargs` keys this processor reads itself; with the image processor's keys they are the supported ones.
+SAMPLING_KWARGS = ("num_frames", "sampling", "start_times", "end_times", "generator")
+
+
 def _is_frame(value) -> bool:
     """A single decoded frame: a PIL image, or an (H, W, C) array or tensor."""
     return hasattr(value, "getpixel") or getattr(value, "ndim", None) == 3
@@ -321,41 +364,84 @@ class CrossTVRProcessor(ProcessorMixin):
         self.decoding = decoding
         super().__init__(image_processor, tokenizer, qformer_tokenizer)
 
+    valid_processor_kwargs = CrossTVRProcessorKwargs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """As in transformers, after checking what the processor needs (a clear error instead of a deep one)."""
+        check_requirements()
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def __call__(
         self,
         text: str | list[str] | None = None,
         videos=None,
-        sampling: str = "center",
-        start_times: Sequence[float | None] | None = None,
-        end_times: Sequence[float | None] | None = None,
-        generator: torch.Generator | None = None,
+        images=None,
         return_tensors: str | None = "pt",
-        **text_kwargs,
+        **kwargs: Unpack[CrossTVRProcessorKwargs],
     ) -> BatchFeature:
         """
-        Tokenize `text` and/or sample and preprocess `videos`.
+        Tokenize `text` and/or sample and preprocess `videos` (or `images`, as one-frame videos).
+
+        Keyword arguments are routed as transformers' processors route them: flat (`padding=...`, `do_normalize=...`,
+        `sampling="random"`) to the modality whose typed keywords declare them, or per modality (`text_kwargs={...}`,
+        `videos_kwargs={...}`, `images_kwargs={...}`, `common_kwargs={...}`). Text keywords reach both tokenizers;
+        image-processing keywords reach the CLIP image processor, for videos too. A keyword no modality reads is
+        refused with its name, not ignored.
 
         Args:
             text (`str` or `list[str]`, *optional*): captions or queries.
             videos (*optional*): one video or a list of videos (paths or decoded frames, see the class docstring).
-            sampling (`str`, *optional*, defaults to `"center"`): `"center"` or `"random"` frame sampling.
-            start_times, end_times (*optional*): per video, the clip to sample from, in seconds (files only).
-            generator (`torch.Generator`, *optional*): randomness of `sampling="random"`.
+            images (*optional*): one image or a list of images (PIL or `(H, W, C)` arrays), each processed as a video of
+                one frame (`pixel_values` `(batch, 1, 3, H, W)`), as CLIP and X-CLIP users pass images.
             return_tensors (`str`, *optional*, defaults to `"pt"`).
-            text_kwargs: passed to both tokenizers (e.g. `padding`, `truncation`).
+            kwargs: see [`CrossTVRProcessorKwargs`]; video sampling: `sampling` (`"center"` or `"random"`),
+                `start_times`, `end_times` (seconds, per video file), `generator`, `num_frames`.
 
         Returns:
             [`BatchFeature`] with `input_ids`, `attention_mask`, `qformer_input_ids`, `qformer_attention_mask` for text
             and `pixel_values` `(batch, num_frames, 3, H, W)`, `video_mask` `(batch, num_frames)` for videos.
         """
-        if text is None and videos is None:
-            raise ValueError("CrossTVRProcessor needs `text`, `videos`, or both.")
+        if text is None and videos is None and images is None:
+            raise ValueError("CrossTVRProcessor needs `text`, `videos` or `images` (or text with one of them).")
+        if videos is not None and images is not None:
+            raise ValueError("Pass `videos` or `images`, not both: a batch holds videos of one length.")
+        self._check_kwargs(kwargs)
+        routed = self._merge_kwargs(CrossTVRProcessorKwargs, **kwargs)
         data = {}
         if text is not None:
-            data.update(self._tokenize(text, **text_kwargs))
+            data.update(self._tokenize(text, **routed["text_kwargs"]))
         if videos is not None:
-            data.update(self._process_videos(videos, sampling, start_times, end_times, generator))
+            data.update(self._process_videos(videos, **routed["videos_kwargs"]))
+        if images is not None:
+            images = images if isinstance(images, (list, tuple)) else [images]
+            frames = [[image] for image in images]
+            data.update(self._process_videos(frames, num_frames=1, **routed["images_kwargs"]))
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_kwargs(self, kwargs: dict) -> None:
+        """Refuse keywords that no modality reads, and video keywords this processor does not implement."""
+        image_keys = set(ImagesKwargs.__annotations__)
+        image_keys |= set(getattr(self.image_processor, "valid_kwargs", ImagesKwargs).__annotations__)
+        readable = {
+            "text_kwargs": set(TextKwargs.__annotations__),
+            "images_kwargs": image_keys,
+            "videos_kwargs": set(SAMPLING_KWARGS) | image_keys,
+        }
+        refused = []
+        for key, value in kwargs.items():
+            if key in readable:
+                refused += [f"{key}[{sub_key!r}]" for sub_key in value if sub_key not in readable[key]]
+            elif key == "common_kwargs":
+                refused += [f"common_kwargs[{sub_key!r}]" for sub_key in value if sub_key != "return_tensors"]
+            elif not any(key in keys for keys in readable.values()):
+                refused.append(repr(key))
+        if refused:
+            raise TypeError(
+                f"CrossTVRProcessor got keyword arguments it does not read: {', '.join(refused)}. Text keywords go to "
+                "the tokenizers, image-processing keywords to the image processor, and videos take "
+                f"{list(SAMPLING_KWARGS)} besides those."
+            )
 
     def _tokenize(self, text: str | list[str], **text_kwargs) -> dict:
         if isinstance(text, str):
@@ -394,12 +480,10 @@ class CrossTVRProcessor(ProcessorMixin):
             f"{type(videos).__name__}"
         )
 
-    def _video_frames(self, video, sampling, start_time, end_time, generator) -> list:
+    def _video_frames(self, video, num_frames, sampling, start_time, end_time, generator) -> list:
         """Up to `num_frames` frames of one video, sampled as documented."""
         if isinstance(video, (str, os.PathLike)):
-            return list(
-                read_video(video, self.num_frames, sampling, start_time, end_time, generator, decoding=self.decoding)
-            )
+            return list(read_video(video, num_frames, sampling, start_time, end_time, generator, decoding=self.decoding))
         if start_time is not None or end_time is not None:
             raise ValueError("start_times / end_times apply to video files, not to decoded frames")
         frames = list(video)
@@ -411,9 +495,22 @@ class CrossTVRProcessor(ProcessorMixin):
                     f"a decoded frame must be a PIL image or an (H, W, C) array, got {type(frame).__name__} with shape "
                     f"{getattr(frame, 'shape', None)}"
                 )
-        return [frames[i] for i in sample_frame_indices(len(frames), self.num_frames, sampling, generator=generator)]
+        return [frames[i] for i in sample_frame_indices(len(frames), num_frames, sampling, generator=generator)]
 
-    def _process_videos(self, videos, sampling, start_times, end_times, generator) -> dict:
+    def _process_videos(
+        self,
+        videos,
+        num_frames: int | None = None,
+        sampling: str | None = None,
+        start_times=None,
+        end_times=None,
+        generator: torch.Generator | None = None,
+        **image_kwargs,
+    ) -> dict:
+        """Sample `num_frames` (default: the processor's) frames of every video and run the image processor on
+        them with `image_kwargs`; `(batch, num_frames, C, H, W)` pixels and the `(batch, num_frames)` mask."""
+        num_frames = num_frames or self.num_frames
+        sampling = sampling or "center"
         videos = self._as_video_list(videos)
         start_times = [None] * len(videos) if start_times is None else list(start_times)
         end_times = [None] * len(videos) if end_times is None else list(end_times)
@@ -422,13 +519,14 @@ class CrossTVRProcessor(ProcessorMixin):
                 f"got {len(videos)} videos but {len(start_times)} start_times and {len(end_times)} end_times"
             )
         frames_per_video = [
-            self._video_frames(video, sampling, start, end, generator)
+            self._video_frames(video, num_frames, sampling, start, end, generator)
             for video, start, end in zip(videos, start_times, end_times)
         ]
         flat_frames = [frame for frames in frames_per_video for frame in frames]
-        processed = self.image_processor(images=flat_frames, return_tensors="pt")["pixel_values"]  # (sum_k, C, H, W)
-        pixel_values = processed.new_zeros(len(videos), self.num_frames, *processed.shape[1:])
-        video_mask = torch.zeros(len(videos), self.num_frames, dtype=torch.long)
+        image_kwargs.pop("return_tensors", None)
+        processed = self.image_processor(images=flat_frames, return_tensors="pt", **image_kwargs)["pixel_values"]
+        pixel_values = processed.new_zeros(len(videos), num_frames, *processed.shape[1:])  # (batch, T, C, H, W)
+        video_mask = torch.zeros(len(videos), num_frames, dtype=torch.long)
         offset = 0
         for index, frames in enumerate(frames_per_video):
             pixel_values[index, : len(frames)] = processed[offset : offset + len(frames)]
@@ -441,8 +539,115 @@ class CrossTVRProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask", "pixel_values", "video_mask"]
 
 
+class TextVideoRetrievalPipeline(Pipeline):
+    r"""
+    The `"text-video-retrieval"` pipeline: texts and videos in, for every text the videos ranked by two-stage
+    retrieval (stage-1 cosine for all, the stage-1 top `rerank_depth` re-ranked by the fused score).
+
+    ```python
+    >>> from transformers import pipeline
+
+    >>> retriever = pipeline("text-video-retrieval", model="path/or/repo", trust_remote_code=True)
+    >>> retriever("a person is cooking", videos=["a.mp4", "b.mp4", "c.mp4"], top_k=2)
+    [{'video': 'b.mp4', 'score': 0.61, 'stage1_score': 0.33, 'fine_score': 0.93, 'reranked': True}, ...]
+    ```
+
+    A CrossTVR checkpoint declares it in `config.custom_pipelines`, so `pipeline(model=...)` finds it; the code is this
+    file, which every checkpoint carries.
+
+    Call arguments:
+        text (`str` or `list[str]`): the queries; a list gives one result list per query.
+        videos: the candidates, as the processor takes them (paths or decoded frames).
+        top_k (`int`, *optional*): results per query (default: all videos).
+        rerank_depth (`int`, *optional*): K, the stage-1 candidates stage 2 re-ranks (default:
+            `config.rerank_top_k`); 0 returns the stage-1 ranking.
+
+    Each result: `video` (the path, or the index of a video given as frames), `score` (the fused score
+    s_coarse + w * s_fine for re-ranked videos, s_coarse below them), `stage1_score`, `fine_score` (None below the
+    top K) and `reranked`.
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __call__(self, text: str | list[str], videos=None, **kwargs):
+        if videos is None:
+            raise ValueError("The text-video-retrieval pipeline needs `videos=[...]`, the candidates to rank.")
+        queries = [text] if isinstance(text, str) else list(text)
+        videos = self.processor._as_video_list(videos)
+        results = super().__call__({"text": queries, "videos": videos}, **kwargs)
+        return results[0] if isinstance(text, str) else results
+
+    def _sanitize_parameters(self, top_k: int | None = None, rerank_depth: int | None = None):
+        for name, value in (("top_k", top_k), ("rerank_depth", rerank_depth)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        return {}, {"rerank_depth": rerank_depth}, {"top_k": top_k}
+
+    def preprocess(self, inputs: dict) -> dict:
+        model_inputs = self.processor(text=inputs["text"], videos=inputs["videos"])
+        return {**model_inputs, "videos": inputs["videos"]}
+
+    def _forward(self, model_inputs: dict, rerank_depth: int | None = None) -> dict:
+        model = self.model
+        videos = model_inputs.pop("videos")
+        text_embeds = model.get_text_features(model_inputs["input_ids"], model_inputs["attention_mask"])
+        encoded = model.encode_video(model_inputs["pixel_values"], model_inputs["video_mask"])
+        similarity = text_embeds @ encoded.video_embeds.t()  # (texts, videos)
+        depth = model.config.rerank_top_k if rerank_depth is None else rerank_depth
+        outputs = {"videos": videos, "similarity": similarity}
+        if depth > 0:
+            outputs["rerank"] = model.rerank_text_to_video(
+                similarity,
+                model_inputs["qformer_input_ids"],
+                model_inputs["qformer_attention_mask"],
+                encoded.vision_tokens,
+                model_inputs["video_mask"],
+                top_k=depth,
+            )
+        return outputs
+
+    def postprocess(self, model_outputs: dict, top_k: int | None = None) -> list[list[dict]]:
+        videos, similarity = model_outputs["videos"], model_outputs["similarity"].float()
+        rerank = model_outputs.get("rerank")
+        ranking = similarity.argsort(dim=1, descending=True, stable=True) if rerank is None else rerank.ranking
+        results = []
+        for row in range(similarity.shape[0]):
+            fine = {}
+            if rerank is not None:
+                for column, video in enumerate(rerank.top_k_indices[row].tolist()):
+                    fine[video] = (rerank.fine_scores[row, column].item(), rerank.fused_scores[row, column].item())
+            entries = []
+            for video in ranking[row, :top_k].tolist():
+                fine_score, fused_score = fine.get(video, (None, None))
+                stage1_score = similarity[row, video].item()
+                entries.append(
+                    {
+                        "video": videos[video] if isinstance(videos[video], (str, os.PathLike)) else video,
+                        "score": stage1_score if fused_score is None else fused_score,
+                        "stage1_score": stage1_score,
+                        "fine_score": fine_score,
+                        "reranked": fused_score is not None,
+                    }
+                )
+            results.append(entries)
+        return results
+
+
 # `save_pretrained` copies this file next to the weights and records it in `auto_map`.
 CrossTVRProcessor.register_for_auto_class()
 
 
-__all__ = ["DECODING_MODES", "CrossTVRProcessor", "VideoDecodeError", "read_video", "sample_frame_indices"]
+__all__ = [
+    "DECODING_MODES",
+    "CrossTVRProcessor",
+    "CrossTVRProcessorKwargs",
+    "CrossTVRVideosKwargs",
+    "TextVideoRetrievalPipeline",
+    "VideoDecodeError",
+    "read_video",
+    "sample_frame_indices",
+]
