@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from transformers import BatchFeature, Pipeline
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack, VideosKwargs
+from transformers.video_utils import VideoMetadata
 
 
 SAMPLING_MODES = ("center", "random")
@@ -464,6 +465,24 @@ class CrossTVRProcessor(ProcessorMixin):
             "qformer_input_ids": qformer_encoding["input_ids"],
             "qformer_attention_mask": qformer_encoding["attention_mask"],
         }
+
+    def sample_frames(
+        self,
+        metadata: VideoMetadata,
+        num_frames: int | None = None,
+        sampling: str = "center",
+        generator: torch.Generator | None = None,
+    ) -> list[int]:
+        """
+        The frame indices this processor samples from a video described by `metadata` (transformers'
+        `VideoMetadata`; only `total_num_frames` is read): [`sample_frame_indices`] with `num_frames` (default: the
+        processor's T). Named and shaped as transformers' `BaseVideoProcessor.sample_frames`, whose processors need
+        torchvision; CrossTVR decodes with decord or PyAV and samples TSN-style segments (centres, or random offsets
+        with `sampling="random"`) instead of evenly spaced frames or `fps`.
+        """
+        return sample_frame_indices(
+            metadata.total_num_frames, num_frames or self.num_frames, sampling, generator=generator
+        )
 
     def _as_video_list(self, videos) -> list:
         """Normalise the accepted inputs to a list with one entry (path or frame sequence) per video."""

@@ -258,3 +258,15 @@ def test_images_are_one_frame_videos(tester, frames):
     assert images["video_mask"].tolist() == [[1], [1]]
     single = processor(videos=[frames[5]], num_frames=1, do_normalize=False)["pixel_values"]
     torch.testing.assert_close(images["pixel_values"][1], single[0])
+
+
+def test_sample_frames_mirrors_transformers_video_processors(tester):
+    from transformers.video_utils import VideoMetadata
+
+    processor = tester.get_processor()
+    metadata = VideoMetadata(total_num_frames=40, fps=8.0)
+    assert processor.sample_frames(metadata) == sample_frame_indices(40, tester.num_frames)
+    assert processor.sample_frames(metadata, num_frames=2) == [10, 30]
+    generator = torch.Generator().manual_seed(0)
+    random = processor.sample_frames(metadata, sampling="random", generator=generator)
+    assert [index // 10 for index in random] == [0, 1, 2, 3]  # one frame in each of the 4 segments
