@@ -209,6 +209,7 @@ def load_retrieval_dataset(
         [`crosstvr.data.VideoTextTransform`].
     """
     import datasets
+    import pyarrow
 
     if name not in FORMATS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(FORMATS)}")
@@ -276,8 +277,13 @@ def load_retrieval_dataset(
     info = datasets.DatasetInfo(description=f"{dataset_format.name} text-video retrieval", features=features)
     dataset_dict = datasets.DatasetDict(
         {
+            # Columns as Arrow arrays: pyarrow converts them at C speed (given Python lists, from_dict encodes every
+            # value in Python, twice as slow on MSR-VTT's 180,000 rows).
             split: datasets.Dataset.from_dict(
-                _rows([record for record in records if record.video_id in paths], paths),
+                {
+                    name: pyarrow.array(values, type=features[name].pa_type)
+                    for name, values in _rows([record for record in records if record.video_id in paths], paths).items()
+                },
                 features=features,
                 info=info.copy(),
                 split=split,
