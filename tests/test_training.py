@@ -121,7 +121,8 @@ def test_stage_two_from_the_token_cache_lowers_the_matching_loss(workspace, tmp_
     assert not torch.equal(start_state["matching_head.weight"], trained_state["matching_head.weight"])
 
 
-def test_token_cache_gives_the_same_loss_as_pixels(workspace, tmp_path):
+def cached_training_rows(workspace, tmp_path):
+    """The starting model and processor, the fixture's training rows and their token cache."""
     model = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"]).eval()
     processor = build_tiny_processor()
     fixture = workspace["fixture"]
@@ -129,6 +130,11 @@ def test_token_cache_gives_the_same_loss_as_pixels(workspace, tmp_path):
         "msrvtt", fixture.annotations_dir, fixture.videos_dir, splits=["train_9k"], cache_dir=workspace["cache"]
     )["train_9k"].with_format(None)
     cache = build_token_cache(model, processor, list(dict.fromkeys(rows["video_path"])), tmp_path / "cache")
+    return model, processor, rows, cache
+
+
+def test_token_cache_gives_the_same_loss_as_pixels(workspace, tmp_path):
+    model, processor, rows, cache = cached_training_rows(workspace, tmp_path)
     picked = [rows[i] for i in (0, 21, 42, 63)]
     from_pixels = VideoTextCollator(processor)(picked)
     from_cache = CachedVideoTextCollator(processor, cache)(picked)
@@ -389,13 +395,7 @@ def test_parameter_groups_follow_the_paper_and_its_stage_one(workspace, tmp_path
 def test_stage_one_top_k_negatives_are_neighbours_and_never_the_own_video(workspace, tmp_path):
     from crosstvr.training import stage_one_neighbours
 
-    model = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"]).eval()
-    processor = build_tiny_processor()
-    fixture = workspace["fixture"]
-    rows = load_retrieval_dataset(
-        "msrvtt", fixture.annotations_dir, fixture.videos_dir, splits=["train_9k"], cache_dir=workspace["cache"]
-    )["train_9k"].with_format(None)
-    cache = build_token_cache(model, processor, list(dict.fromkeys(rows["video_path"])), tmp_path / "cache")
+    model, processor, rows, cache = cached_training_rows(workspace, tmp_path)
     neighbours = stage_one_neighbours(model, processor, rows, cache, top_k=3, chunk_size=7)  # chunks split the rows
     # By hand: the 3 most similar other videos of every caption.
     text = processor(text=list(rows["caption"]))
