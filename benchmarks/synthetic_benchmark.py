@@ -517,19 +517,10 @@ def plot_depths(summary: dict, path: str) -> None:
     plt.close(figure)
 
 
-def ship_default(result: dict, output: str) -> str:
-    """Copy a full model into crosstvr/default_checkpoint with its results and model card."""
-    from crosstvr.default_model import DEFAULT_CHECKPOINT
-    from crosstvr.evaluation.report import write_results
-
-    staging = DEFAULT_CHECKPOINT + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(result["final_model"], staging)
-    results_path = os.path.join(output, "evaluation_synthetic_test.json")
-    write_results(results_path, result["evaluation"], model="crosstvr embedded default", dataset="synthetic",
-                  split="test")
+def write_default_card(folder: str, results_path: str) -> None:
+    """The embedded default's model card (`folder`/README.md), with the test-split results of `results_path`."""
     card = _load_script("hub_scripts", "make_model_card").build_card(
-        staging,
+        folder,
         "crosstvr/embedded-default",
         [results_path],
         base_models=[],
@@ -542,9 +533,24 @@ def ship_default(result: dict, output: str) -> str:
             "stage 1 on videos, stage 2 from the token cache with stage-1 top-K negatives."
         ),
         limitations="It knows only the synthetic scenes' vocabulary and world (coloured shapes on grey, 64 px); it "
-        "is a demonstration model, not a general video retriever.",
+        "is a demonstration model, not a general video retriever, and its re-ranker does not beat its stage 1 (see "
+        "the results above and the package's README).",
     )
-    card.save(os.path.join(staging, "README.md"))
+    card.save(os.path.join(folder, "README.md"))
+
+
+def ship_default(result: dict, output: str) -> str:
+    """Copy a full model into crosstvr/default_checkpoint with its results and model card."""
+    from crosstvr.default_model import DEFAULT_CHECKPOINT
+    from crosstvr.evaluation.report import write_results
+
+    staging = DEFAULT_CHECKPOINT + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(result["final_model"], staging)
+    results_path = os.path.join(output, "evaluation_synthetic_test.json")
+    write_results(results_path, result["evaluation"], model="crosstvr embedded default", dataset="synthetic",
+                  split="test")
+    write_default_card(staging, results_path)
     shutil.copy(results_path, os.path.join(staging, "evaluation_synthetic_test.json"))
     for folder, _, names in os.walk(staging):  # files written atomically are private (0600); installed data is not
         os.chmod(folder, 0o755)
