@@ -326,6 +326,39 @@ def matching_pairs(
     return text_index, video_index, labels
 
 
+def matching_pair_inputs(
+    qformer_input_ids: torch.Tensor,
+    qformer_attention_mask: torch.Tensor,
+    vision_tokens: torch.Tensor,
+    video_mask: torch.Tensor,
+    negative_video: torch.Tensor,
+    negative_text: torch.Tensor,
+    rows: slice,
+    negative_vision_tokens: torch.Tensor | None = None,
+    negative_video_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The inputs of [`CrossTVRModel.get_fine_logits`] for the matching pairs of the batch rows `rows` (see
+    [`matching_pairs`]; the first four arguments hold the whole, possibly gathered, batch), followed, when
+    `negative_vision_tokens` (one video per row of `rows`) are given, by (text_i, its given negative) with label 0.
+
+    Returns:
+        `(qformer_input_ids, qformer_attention_mask, vision_tokens, video_mask, labels)` of the pairs.
+    """
+    text_index, video_index, labels = matching_pairs(rows.stop - rows.start, negative_video, negative_text, rows.start)
+    pair_input_ids, pair_attention_mask = qformer_input_ids[text_index], qformer_attention_mask[text_index]
+    pair_tokens, pair_video_mask = vision_tokens[video_index], video_mask[video_index]
+    if negative_vision_tokens is not None:
+        if negative_video_mask is None:
+            negative_video_mask = torch.ones_like(video_mask[rows])
+        pair_input_ids = torch.cat([pair_input_ids, qformer_input_ids[rows]])
+        pair_attention_mask = torch.cat([pair_attention_mask, qformer_attention_mask[rows]])
+        pair_tokens = torch.cat([pair_tokens, negative_vision_tokens.to(pair_tokens.dtype)])
+        pair_video_mask = torch.cat([pair_video_mask, negative_video_mask])
+        labels = torch.cat([labels, torch.zeros_like(labels[: len(negative_vision_tokens)])])
+    return pair_input_ids, pair_attention_mask, pair_tokens, pair_video_mask, labels
+
+
 def all_gather_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
     """
     Concatenate `tensor` from every process of `group` along dim 0. Gradients flow back to every process's own slice,
@@ -923,8 +956,11 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
         """
         self._check_processor_keys(other_inputs, "get_text_features")
-        pooled = self._text_tower(input_ids, attention_mask).pooler_output
-        return F.normalize(self.text_projection(pooled), dim=-1)
+        return self._text_embeds(self._text_tower(input_ids, attention_mask))
+
+    def _text_embeds(self, text_outputs: BaseModelOutputWithPooling) -> torch.Tensor:
+        """The text tower's pooled (EOS) state, projected and L2-normalised: `(batch, projection_dim)`."""
+        return F.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
 
     def _vision_tower_tokens(
         self, vision_model: nn.Module, pixel_values: torch.Tensor, video_mask: torch.Tensor | None, **tower_kwargs
@@ -1445,7 +1481,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         switches = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         tower_kwargs = {key: value for key, value in switches.items() if value is not None}
         text_outputs = self._text_tower(input_ids, attention_mask, **tower_kwargs)
-        text_embeds = F.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
+        text_embeds = self._text_embeds(text_outputs)
         vision_outputs = None
         if video_embeds is None:
             video_embeds, tokens, vision_outputs = self._encode_video(
@@ -1478,20 +1514,18 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             if video_mask is None:
                 video_mask = torch.ones(vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device)
             negative_video, negative_text = sample_hard_negatives(logits_per_text, positive_mask, generator)
-            text_index, video_index, matching_labels = matching_pairs(batch_size, negative_video, negative_text, offset)
-            pair_input_ids = gather_data(qformer_input_ids)[text_index]
-            pair_attention_mask = gather_data(qformer_attention_mask)[text_index]
-            pair_tokens = gather_data(vision_tokens)[video_index]
-            pair_video_mask = gather_data(video_mask)[video_index]
-            if negative_vision_tokens is not None:
-                if negative_video_mask is None:
-                    negative_video_mask = torch.ones_like(video_mask)
-                pair_input_ids = torch.cat([pair_input_ids, qformer_input_ids])
-                pair_attention_mask = torch.cat([pair_attention_mask, qformer_attention_mask])
-                pair_tokens = torch.cat([pair_tokens, negative_vision_tokens.to(pair_tokens.dtype)])
-                pair_video_mask = torch.cat([pair_video_mask, negative_video_mask])
-                matching_labels = torch.cat([matching_labels, torch.zeros_like(matching_labels[:batch_size])])
-            matching_logits = self.get_fine_logits(pair_input_ids, pair_attention_mask, pair_tokens, pair_video_mask)
+            *pair_inputs, matching_labels = matching_pair_inputs(
+                gather_data(qformer_input_ids),
+                gather_data(qformer_attention_mask),
+                gather_data(vision_tokens),
+                gather_data(video_mask),
+                negative_video,
+                negative_text,
+                slice(offset, offset + batch_size),
+                negative_vision_tokens,
+                negative_video_mask,
+            )
+            matching_logits = self.get_fine_logits(*pair_inputs)
             loss_matching = F.cross_entropy(matching_logits, matching_labels)
             loss = loss + loss_matching
 

@@ -41,7 +41,7 @@ from .modeling_crosstvr import (
     CrossTVRModel,
     all_gather_no_grad,
     contrastive_loss,
-    matching_pairs,
+    matching_pair_inputs,
     sample_hard_negatives,
 )
 from .processing_crosstvr import CrossTVRProcessor
@@ -501,24 +501,20 @@ def global_batch_backward(
             )
             negative_video, negative_text = sample_hard_negatives(logits_per_text, positive_mask, generator)
             keys = ("qformer_input_ids", "qformer_attention_mask", "vision_tokens", "video_mask")
-            columns = {key: _gather(torch.cat([b[key] for b in inputs]), num_processes) for key in keys}
-            extra = "negative_vision_tokens" in inputs[0]
-            total_pairs = len(video_ids) * (4 if extra else 3)
+            columns = [_gather(torch.cat([b[key] for b in inputs]), num_processes) for key in keys]
+            total_pairs = len(video_ids) * (4 if "negative_vision_tokens" in inputs[0] else 3)
             loss, start = 0.0, offset
             for batch in inputs:
-                text_index, video_index, labels = matching_pairs(len(batch["input_ids"]), negative_video, negative_text, start)
-                pair_ids = columns["qformer_input_ids"][text_index]
-                pair_mask = columns["qformer_attention_mask"][text_index]
-                pair_tokens = columns["vision_tokens"][video_index]
-                pair_video_mask = columns["video_mask"][video_index]
-                if extra:
-                    pair_ids = torch.cat([pair_ids, batch["qformer_input_ids"]])
-                    pair_mask = torch.cat([pair_mask, batch["qformer_attention_mask"]])
-                    pair_tokens = torch.cat([pair_tokens, batch["negative_vision_tokens"].to(pair_tokens.dtype)])
-                    pair_video_mask = torch.cat([pair_video_mask, batch["negative_video_mask"]])
-                    labels = torch.cat([labels, torch.zeros_like(labels[: len(batch["input_ids"])])])
+                *pair_inputs, labels = matching_pair_inputs(
+                    *columns,
+                    negative_video,
+                    negative_text,
+                    slice(start, start + len(batch["input_ids"])),
+                    batch.get("negative_vision_tokens"),
+                    batch.get("negative_video_mask"),
+                )
                 with accelerator.autocast():
-                    logits = unwrapped.get_fine_logits(pair_ids, pair_mask, pair_tokens, pair_video_mask)
+                    logits = unwrapped.get_fine_logits(*pair_inputs)
                 chunk_loss = F.cross_entropy(logits.float(), labels, reduction="sum") / total_pairs
                 accelerator.backward(chunk_loss)
                 loss = loss + chunk_loss.detach()

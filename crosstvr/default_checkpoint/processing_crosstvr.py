@@ -18,7 +18,6 @@ files, is imported when a video file is read.
 """
 
 import bisect
-import importlib
 import os
 from collections.abc import Sequence
 
@@ -48,7 +47,7 @@ def check_requirements() -> None:
     """Raise an ImportError naming the requirements when Pillow, which every frame goes through, is missing (video
     files are decoded, and decord or PyAV imported, only when one is read)."""
     try:
-        importlib.import_module("PIL.Image")
+        import PIL.Image  # noqa: F401
     except ImportError as error:
         raise ImportError(f"{REQUIREMENTS} Pillow is missing here.") from error
 
