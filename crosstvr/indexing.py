@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -240,11 +241,13 @@ class VideoIndex:
         chunk_size: int = 256,
         faiss_index: str | None = "flat",
         progress: bool = True,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> dict:
         """
         Bring the index up to date with `video_dir` (searched recursively): encode new and changed videos, drop
         deleted ones, and rebuild the FAISS index (`faiss_index`: "flat", "ivf", "hnsw", or None for exact search
-        only; ignored when FAISS is not installed). Returns what changed: lists `added`, `updated`, `removed`, the
+        only; ignored when FAISS is not installed). `on_progress(done, total)` is called as this process's videos are
+        encoded (for a progress display other than the tqdm bar). Returns what changed: lists `added`, `updated`, `removed`, the
         files `skipped` (path -> reason), and the `total` of indexed videos.
         """
         from accelerate import PartialState
@@ -275,16 +278,26 @@ class VideoIndex:
         chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
         mine = chunks[state.process_index :: state.num_processes]
         os.makedirs(os.path.join(self.index_dir, CHUNKS), exist_ok=True)
-        bar = tqdm(total=sum(map(len, mine)), desc="indexing", unit="video", disable=not (progress and state.is_local_main_process))
+        total = sum(map(len, mine))
+        bar = tqdm(total=total, desc="indexing", unit="video", disable=not (progress and state.is_local_main_process))
+        done = 0
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            bar.update(count)
+            if on_progress is not None:
+                on_progress(done, total)
+
         for chunk in mine:
             name = _chunk_name(chunk)
             if os.path.exists(os.path.join(self.index_dir, CHUNKS, f"{name}.json")):
-                bar.update(len(chunk))  # finished before an interruption
+                advance(len(chunk))  # finished before an interruption
                 continue
             batches = []
             for batch in encode_videos(self.model, self.processor, chunk, batch_size, num_workers):
                 batches.append(batch)
-                bar.update(len(batch.paths) + len(batch.errors))
+                advance(len(batch.paths) + len(batch.errors))
             failures = {path: reason for batch in batches for path, reason in batch.errors.items()}
             for path, reason in failures.items():
                 logger.warning("skipping %s: %s", path, reason)
@@ -401,7 +414,7 @@ class VideoIndex:
         scores, rows = self._stage1_top(text_embeds, min(max(k, top_k if rerank else 0), len(self)))
         paths = self.paths
         candidates = [paths[row] for row in rows.tolist()]
-        fused, ranking = {}, list(range(len(candidates)))
+        fused, fine, ranking = {}, {}, list(range(len(candidates)))
         if rerank and top_k > 0:
             entries = [self.manifest["videos"][path] for path in candidates]
             cached = [self._reader.row(f"{e['chunk']}.safetensors", e["row"]) for e in entries]
@@ -415,6 +428,7 @@ class VideoIndex:
             )
             ranking = reranked.ranking[0].tolist()
             fused = dict(zip(reranked.top_k_indices[0].tolist(), reranked.fused_scores[0].tolist()))
+            fine = dict(zip(reranked.top_k_indices[0].tolist(), reranked.fine_scores[0].tolist()))
         hits = [
             SearchHit(
                 rank=rank + 1,
@@ -422,6 +436,7 @@ class VideoIndex:
                 score=fused.get(index, scores[index].item()),
                 coarse_score=scores[index].item(),
                 reranked=index in fused,
+                fine_score=fine.get(index),
             )
             for rank, index in enumerate(ranking[:k])
         ]

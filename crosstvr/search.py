@@ -12,13 +12,15 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
 @dataclass
 class SearchHit:
-    """One video of a ranking: its final score (fused for the re-ranked ones) and its stage-1 score."""
+    """One video of a ranking: its final score (fused for the re-ranked ones), its stage-1 score and, for the
+    re-ranked ones, its stage-2 score s_fine (`None` for the others)."""
 
     rank: int
     path: str
     score: float
     coarse_score: float
     reranked: bool
+    fine_score: float | None = None
 
 
 @dataclass
