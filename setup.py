@@ -35,7 +35,10 @@ setup(
         # The synthetic benchmark's recipe draws its recall-against-depth plot with matplotlib; the performance
         # benchmark's peer reader (CLIP4Clip's) decodes with OpenCV.
         "benchmarks": ["matplotlib>=3.7", "opencv-python-headless>=4.8"],
-        "dev": ["pytest>=8", "faiss-cpu>=1.8", "matplotlib>=3.7"],
+        # The search page (`crosstvr serve`, app.py).
+        "app": ["gradio>=5,<7"],
+        # The browser tests drive Debian's chromium / chromium-driver with Selenium.
+        "dev": ["pytest>=8", "faiss-cpu>=1.8", "matplotlib>=3.7", "gradio>=5,<7", "selenium>=4.10"],
     },
     entry_points={"console_scripts": ["crosstvr=crosstvr.cli:main"]},
 )

@@ -110,6 +110,15 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    from .serve import LibraryService, serve as launch
+
+    service = LibraryService(args.index, args.library, model_name=args.model)
+    print(service.status(), file=sys.stderr)
+    launch(service, host=args.host, port=args.port)
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from . import __version__
     from .data import FORMATS, load_retrieval_dataset
@@ -213,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser_demo.add_argument("--num-samples", type=int, default=12, help="sample videos to generate (default: 12)")
     parser_demo.add_argument("--json", action="store_true", help="print results as JSON")
     parser_demo.set_defaults(handler=demo)
+
+    parser_serve = commands.add_parser(
+        "serve",
+        help="a search page for an index in the browser (needs: pip install -e '.[app]')",
+        description="Serve a Gradio search page for INDEX_DIR: a query box, the hits as thumbnails in stage 1's and "
+        "the re-ranked order, a player, and an action that indexes new videos of the library in the background. "
+        "Listens on 127.0.0.1 unless --host says otherwise; only videos of the library are ever served.",
+    )
+    parser_serve.add_argument("index", help="the index folder (built by `crosstvr index`, or from the page)")
+    parser_serve.add_argument("--library", help="the video folder it indexes (default: the folder of its videos)")
+    parser_serve.add_argument("--model", help="the model (default: the one the index was built with)")
+    parser_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser_serve.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser_serve.set_defaults(handler=serve)
 
     parser_evaluate = commands.add_parser(
         "evaluate",
