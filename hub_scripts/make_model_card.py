@@ -114,6 +114,7 @@ def build_card(
     training: str = DEFAULT_TRAINING,
     limitations: str = "It inherits the biases of CLIP and BLIP-2 and of the captions it was fine-tuned on.",
     dataset_ids: dict[str, str] | None = None,
+    space_id: str | None = None,
 ) -> ModelCard:
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as file:
         config = json.load(file)
@@ -191,6 +192,7 @@ def build_card(
         results=_result_tables(results),
         training=training,
         limitations=limitations,
+        space_id=space_id,
     )
     # Re-parse, as the Hub will: the metadata and the model-index must read back.
     parsed = ModelCard(str(card))
@@ -210,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--training", default=DEFAULT_TRAINING, help="the training paragraph")
     parser.add_argument("--dataset-id", action="append", default=[], metavar="NAME=HUB_ID",
                         help=f"the Hub id to list for a dataset of the results (default: {DATASET_HUB_IDS})")
+    parser.add_argument("--space-id", help="a Space running the search page (hub_scripts/push_space.py), to link")
     parser.add_argument("--output", help="where to write the card (default: <folder>/README.md)")
     args = parser.parse_args(argv)
     malformed = [item for item in args.dataset_id if "=" not in item]
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         args.license,
         args.training,
         dataset_ids=dict(item.split("=", 1) for item in args.dataset_id),
+        space_id=args.space_id,
     )
     output = args.output or os.path.join(args.folder, "README.md")
     card.save(output)

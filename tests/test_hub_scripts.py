@@ -412,3 +412,39 @@ def test_conversion_builds_on_the_meta_device_and_shares_the_sources_storage(sou
     assert twin.data_ptr() != clip.vision_model.encoder.layers[0].mlp.fc1.weight.data_ptr()
     torch.testing.assert_close(twin, clip.vision_model.encoder.layers[0].mlp.fc1.weight)
     assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
+
+
+push_space = load_script("push_space")
+
+
+def test_space_is_assembled_and_pushed_as_a_gradio_space(tmp_path):
+    pytest.importorskip("gradio", reason='assembling the Space reads the Gradio version: pip install -e ".[app]"')
+    from huggingface_hub import metadata_load
+
+    folder = push_space.assemble(str(tmp_path / "space"))
+    assert metadata_load(os.path.join(folder, "README.md"))["sdk"] == "gradio"
+    with open(os.path.join(folder, "requirements.txt")) as file:
+        requirements = file.read().split()
+    assert any(r.startswith("gradio") for r in requirements) and any(r.startswith("transformers") for r in requirements)
+    assert os.path.exists(os.path.join(folder, "crosstvr", "default_checkpoint", "model.safetensors"))
+    assert not any("__pycache__" in root for root, _, _ in os.walk(folder))
+    # The app imports the package copied beside it, not the installed one.
+    check = "import app, crosstvr, os; assert os.path.dirname(crosstvr.__file__) == os.path.abspath('crosstvr')"
+    subprocess.run([sys.executable, "-c", check], cwd=folder, check=True)
+    with pytest.raises(FileExistsError, match="give a new folder"):
+        push_space.assemble(folder)
+
+    api = FakeHubApi(tmp_path / "remote")
+    push_space.push("someone/crosstvr-search", private=True, api=api)
+    assert api.calls[0][0] == "create_repo" and api.calls[0][2]["repo_type"] == "space"
+    assert (tmp_path / "remote" / "app.py").exists() and (tmp_path / "remote" / "crosstvr" / "serve.py").exists()
+
+
+def test_model_card_links_the_space(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(os.path.join(ROOT, "crosstvr", "default_checkpoint"), folder)
+    output = tmp_path / "README.md"
+    make_model_card.main([str(folder), "--repo-id", "someone/x", "--space-id", "someone/search", "--output", str(output)])
+    assert "https://huggingface.co/spaces/someone/search" in output.read_text()
+    make_model_card.main([str(folder), "--repo-id", "someone/x", "--output", str(output)])
+    assert "huggingface.co/spaces" not in output.read_text() and "crosstvr serve INDEX" in output.read_text()
