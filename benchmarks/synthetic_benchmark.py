@@ -546,7 +546,8 @@ def ship_default(result: dict, output: str) -> str:
 
     staging = DEFAULT_CHECKPOINT + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(result["final_model"], staging)
+    # The model code is not copied: its one source is the package, and saving the loaded default writes it.
+    shutil.copytree(result["final_model"], staging, ignore=shutil.ignore_patterns("*.py"))
     results_path = os.path.join(output, "evaluation_synthetic_test.json")
     write_results(results_path, result["evaluation"], model="crosstvr embedded default", dataset="synthetic",
                   split="test")

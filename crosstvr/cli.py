@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from .search import load_model
+from .loading import load_model
 
 
 # The benchmark names, without importing `datasets` for `--help`.

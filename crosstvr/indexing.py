@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .loading import load_model
 from .modeling_crosstvr import CrossTVRModel
 from .processing_crosstvr import CrossTVRProcessor
 from .search import SearchHit, SearchResult, find_videos
@@ -152,8 +153,6 @@ class VideoIndex:
         cls, index_dir: str | os.PathLike, model: CrossTVRModel | None = None, processor: CrossTVRProcessor | None = None
     ) -> "VideoIndex":
         """Open an existing index, loading the model it was built with unless one is given."""
-        from .search import load_model
-
         manifest_path = os.path.join(os.fspath(index_dir), MANIFEST)
         if not os.path.exists(manifest_path):
             raise FileNotFoundError(f"{os.fspath(index_dir)} is not a video index (no {MANIFEST}); build one first")

@@ -1,10 +1,7 @@
-"""Search results, finding video files, and loading the model a command should use."""
+"""Search results and finding video files."""
 
 import os
 from dataclasses import dataclass
-
-from .modeling_crosstvr import CrossTVRModel
-from .processing_crosstvr import CrossTVRProcessor
 
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
@@ -39,15 +36,3 @@ def find_videos(directory: str | os.PathLike) -> list[str]:
         for name in names
         if name.lower().endswith(VIDEO_EXTENSIONS)
     )
-
-
-def load_model(model_name_or_path: str | None = None) -> tuple[CrossTVRModel, CrossTVRProcessor]:
-    """A saved CrossTVR checkpoint (local folder or Hub id) with its processor, or the embedded default when None."""
-    if model_name_or_path is None:
-        from .default_model import load_default_model
-
-        return load_default_model()
-    from transformers import AutoModel, AutoProcessor
-
-    model = AutoModel.from_pretrained(model_name_or_path)
-    return model.eval(), AutoProcessor.from_pretrained(model_name_or_path)

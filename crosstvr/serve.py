@@ -27,7 +27,8 @@ import numpy as np
 from .indexing import MANIFEST, IndexMismatchError, VideoIndex
 from .modeling_crosstvr import CrossTVRModel
 from .processing_crosstvr import CrossTVRProcessor, read_video
-from .search import SearchResult, load_model
+from .loading import load_model
+from .search import SearchResult
 
 
 logger = logging.getLogger(__name__)

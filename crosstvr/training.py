@@ -45,7 +45,7 @@ from .modeling_crosstvr import (
     sample_hard_negatives,
 )
 from .processing_crosstvr import CrossTVRProcessor
-from .search import load_model
+from .loading import load_model
 from .token_cache import TokenCache, build_token_cache
 
 

@@ -139,12 +139,22 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
 
 def test_embedded_default_loads_with_remote_code_and_retrieves(tmp_path):
     from crosstvr import CrossTVRModel, CrossTVRProcessor
-    from crosstvr.default_model import DEFAULT_CHECKPOINT
+    from crosstvr.default_model import DEFAULT_CHECKPOINT, load_default_model
 
-    # A fresh interpreter that imports only transformers: the checkpoint's own copy of the code is what loads.
+    # The package's code files are their only source: the shipped folder holds weights and configuration, and saving
+    # it writes the current code beside them.
+    assert not any(name.endswith(".py") for name in os.listdir(DEFAULT_CHECKPOINT))
+    saved = tmp_path / "saved"
+    for part in load_default_model():
+        part.save_pretrained(saved)
+    for name in ("configuration_crosstvr.py", "modeling_crosstvr.py", "processing_crosstvr.py"):
+        with open(os.path.join(ROOT, "crosstvr", name), "rb") as source, open(saved / name, "rb") as copy:
+            assert source.read() == copy.read()
+    # A fresh interpreter that imports only transformers: the saved copy of the code is what loads.
     code = (
-        "import sys; from transformers import AutoModel; "
-        f"model = AutoModel.from_pretrained({DEFAULT_CHECKPOINT!r}, trust_remote_code=True); "
+        "import sys; from transformers import AutoModel, AutoProcessor; "
+        f"model = AutoModel.from_pretrained({str(saved)!r}, trust_remote_code=True); "
+        f"AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True); "
         "print(type(model).__name__, type(model).__module__, 'crosstvr' in sys.modules)"
     )
     output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
@@ -165,12 +175,3 @@ def test_embedded_default_loads_with_remote_code_and_retrieves(tmp_path):
     # Chance is 1 hit in 16 queries (and 4 of 16 in the top 4); the model finds each query's group of near-duplicates
     # and, within it, its own video more often than a guess would.
     assert hits >= 3 and in_top4 >= 12, ranking[:, :4]
-
-
-def test_embedded_default_ships_the_current_model_code():
-    from crosstvr.default_model import DEFAULT_CHECKPOINT
-
-    package = os.path.join(ROOT, "crosstvr")
-    for name in ("configuration_crosstvr.py", "modeling_crosstvr.py", "processing_crosstvr.py"):
-        with open(os.path.join(package, name), "rb") as source, open(os.path.join(DEFAULT_CHECKPOINT, name), "rb") as copy:
-            assert source.read() == copy.read(), f"{name} changed: re-run synthetic_benchmark.py --ship-default"
