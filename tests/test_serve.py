@@ -328,3 +328,17 @@ def test_a_damaged_index_gets_a_message_not_a_crash(built, default_model, tmp_pa
             os.remove(tmp_path / "index" / "chunks" / name)
     with pytest.raises(LibraryError, match="rebuild the index"):
         service.search("a dot", k=3, top_k=3)
+
+
+def test_serve_binds_loopback_unless_told_and_warns_when_not(service, monkeypatch, caplog):
+    gradio = pytest.importorskip("gradio")
+    from crosstvr.serve import serve
+
+    launches = []
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launches.append(kwargs) or (None, "url", None))
+    serve(service, block=False)
+    assert launches[-1]["server_name"] == "127.0.0.1" and not caplog.records
+    assert launches[-1]["allowed_paths"] == [service.library_dir] and launches[-1]["blocked_paths"] == [service.index_dir]
+    serve(service, host="0.0.0.0", block=False)
+    assert launches[-1]["server_name"] == "0.0.0.0"
+    assert "anyone who can reach this machine" in caplog.text
