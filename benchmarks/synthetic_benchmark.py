@@ -1,6 +1,6 @@
 """The fine-grained synthetic benchmark: does a frozen image encoder plus the decoupled re-ranker beat the cosine stage?
 
-    python benchmarks/synthetic_benchmark.py [--output runs/synthetic] [--seeds 0 1 2] [--ship-default] [--smoke]
+    python benchmarks/synthetic_benchmark.py [--output runs/synthetic] [--seeds 0 1 2] [--ship-default] [--budget long] [--smoke]
 
 One command on a 2-core CPU, through the package's normal code paths (the recipe only orchestrates), following the real
 regime step by step in miniature:
