@@ -30,7 +30,7 @@ regime step by step in miniature:
 Every seed reruns steps 2-5 (the data and the pre-trained parts are fixed); the tables report mean +- standard
 deviation over seeds and go to `<output>/results.md`, `results.json` and `depth_sweep.png`. `--ship-default` copies the
 first seed's full model, with a model card, to `crosstvr/default_checkpoint/` (the embedded default). `--budget long`
-trains longer (pre-training and 1,200 stage-2 steps; about 2 h on 2 cores). `--smoke` runs the whole recipe at toy
+trains longer (pre-training and 1,200 stage-2 steps; 136 min measured on 2 cores with other work beside it). `--smoke` runs the whole recipe at toy
 sizes. Runs are reproducible: every step is seeded, runs single-threaded work in a fixed number
 of threads, and reads no state from the environment (see the README).
 """
