@@ -53,6 +53,15 @@ CHUNKS = "chunks"
 FAISS_FILE = "faiss.index"
 
 
+def read_manifest(index_dir: str | os.PathLike) -> dict | None:
+    """The manifest of the index in `index_dir`, or None when there is none (no index yet)."""
+    path = os.path.join(os.fspath(index_dir), MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
 class IndexMismatchError(ValueError):
     """The index was built with another model or other frame sampling."""
 
@@ -130,10 +139,8 @@ class VideoIndex:
         self.index_dir = os.fspath(index_dir)
         self.model, self.processor = model, processor
         self.fingerprint = {"model": model_fingerprint(model), "processor": processor_fingerprint(processor)}
-        manifest_path = os.path.join(self.index_dir, MANIFEST)
-        if os.path.exists(manifest_path):
-            with open(manifest_path, encoding="utf-8") as file:
-                self.manifest = json.load(file)
+        self.manifest = read_manifest(self.index_dir)
+        if self.manifest is not None:
             self._check(self.manifest)
         else:
             self.manifest = {
@@ -153,11 +160,10 @@ class VideoIndex:
         cls, index_dir: str | os.PathLike, model: CrossTVRModel | None = None, processor: CrossTVRProcessor | None = None
     ) -> "VideoIndex":
         """Open an existing index, loading the model it was built with unless one is given."""
-        manifest_path = os.path.join(os.fspath(index_dir), MANIFEST)
-        if not os.path.exists(manifest_path):
+        manifest = read_manifest(index_dir)
+        if manifest is None:
             raise FileNotFoundError(f"{os.fspath(index_dir)} is not a video index (no {MANIFEST}); build one first")
-        with open(manifest_path, encoding="utf-8") as file:
-            model_name = json.load(file)["model_name"]
+        model_name = manifest["model_name"]
         if model is None:
             model, processor = load_model(model_name)
         return cls(index_dir, model, processor, model_name)
@@ -246,8 +252,8 @@ class VideoIndex:
         Bring the index up to date with `video_dir` (searched recursively): encode new and changed videos, drop
         deleted ones, and rebuild the FAISS index (`faiss_index`: "flat", "ivf", "hnsw", or None for exact search
         only; ignored when FAISS is not installed). `on_progress(done, total)` is called as this process's videos are
-        encoded (for a progress display other than the tqdm bar). Returns what changed: lists `added`, `updated`, `removed`, the
-        files `skipped` (path -> reason), and the `total` of indexed videos.
+        encoded (for a progress display other than the tqdm bar). Returns what changed: lists `added`, `updated`,
+        `removed`, the files `skipped` (path -> reason), and the `total` of indexed videos.
         """
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
@@ -402,6 +408,7 @@ class VideoIndex:
         """
         The `k` best videos for `query`: the stage-1 top K (`top_k_rerank`, default the model's `rerank_top_k`)
         re-ranked by s_coarse + w * s_fine, then the next ones in stage-1 order. `rerank=False` gives stage 1 alone.
+        The result's `stage1_hits` are stage 1's own top `k`, from the same pass.
         """
         if not len(self):
             raise ValueError(f"the index in {self.index_dir} holds no video")
@@ -413,21 +420,26 @@ class VideoIndex:
         scores, rows = self._stage1_top(text_embeds, min(max(k, top_k if rerank else 0), len(self)))
         paths = self.paths
         candidates = [paths[row] for row in rows.tolist()]
-        fused, fine, ranking = {}, {}, list(range(len(candidates)))
-        if rerank and top_k > 0:
-            entries = [self.manifest["videos"][path] for path in candidates]
-            cached = [self._reader.row(f"{e['chunk']}.safetensors", e["row"]) for e in entries]
-            reranked = self.model.rerank_text_to_video(
-                scores[None],
-                text["qformer_input_ids"],
-                text["qformer_attention_mask"],
-                torch.stack([c["vision_tokens"] for c in cached]),
-                torch.stack([c["video_mask"] for c in cached]),
-                top_k=top_k,
-            )
-            ranking = reranked.ranking[0].tolist()
-            fused = dict(zip(reranked.top_k_indices[0].tolist(), reranked.fused_scores[0].tolist()))
-            fine = dict(zip(reranked.top_k_indices[0].tolist(), reranked.fine_scores[0].tolist()))
+        stage1_hits = [
+            SearchHit(rank=i + 1, path=path, score=score, coarse_score=score, reranked=False)
+            for i, (path, score) in enumerate(zip(candidates[:k], scores.tolist()))
+        ]
+        if not (rerank and top_k > 0):
+            return SearchResult(query=query, hits=stage1_hits, stage1_hits=stage1_hits)
+        entries = [self.manifest["videos"][path] for path in candidates]
+        cached = [self._reader.row(f"{e['chunk']}.safetensors", e["row"]) for e in entries]
+        reranked = self.model.rerank_text_to_video(
+            scores[None],
+            text["qformer_input_ids"],
+            text["qformer_attention_mask"],
+            torch.stack([c["vision_tokens"] for c in cached]),
+            torch.stack([c["video_mask"] for c in cached]),
+            top_k=top_k,
+        )
+        ranking = reranked.ranking[0].tolist()
+        top = reranked.top_k_indices[0].tolist()
+        fused = dict(zip(top, reranked.fused_scores[0].tolist()))
+        fine = dict(zip(top, reranked.fine_scores[0].tolist()))
         hits = [
             SearchHit(
                 rank=rank + 1,
@@ -439,7 +451,7 @@ class VideoIndex:
             )
             for rank, index in enumerate(ranking[:k])
         ]
-        return SearchResult(query=query, hits=hits)
+        return SearchResult(query=query, hits=hits, stage1_hits=stage1_hits)
 
 
 def write_contact_sheet(

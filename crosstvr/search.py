@@ -1,7 +1,7 @@
 """Search results and finding video files."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
@@ -22,8 +22,12 @@ class SearchHit:
 
 @dataclass
 class SearchResult:
+    """The final ranking (`hits`) and, from the same stage-1 pass, stage 1's own top k (`stage1_hits`, equal to `hits`
+    without re-ranking), so that what stage 2 changed can be shown."""
+
     query: str
     hits: list[SearchHit]
+    stage1_hits: list[SearchHit] = field(default_factory=list)
 
 
 def find_videos(directory: str | os.PathLike) -> list[str]:

@@ -14,7 +14,6 @@ that folder (`allowed_paths`), with the index folder blocked.
 
 import hashlib
 import html
-import json
 import logging
 import os
 import tempfile
@@ -24,11 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .indexing import MANIFEST, IndexMismatchError, VideoIndex
+from .indexing import MANIFEST, IndexMismatchError, VideoIndex, read_manifest
+from .loading import load_model
 from .modeling_crosstvr import CrossTVRModel
 from .processing_crosstvr import CrossTVRProcessor, read_video
-from .loading import load_model
-from .search import SearchResult
+from .search import SearchHit, SearchResult
 
 
 logger = logging.getLogger(__name__)
@@ -81,10 +80,7 @@ class LibraryService:
         processor: CrossTVRProcessor | None = None,
     ):
         self.index_dir = os.path.abspath(os.fspath(index_dir))
-        manifest = None
-        if os.path.exists(os.path.join(self.index_dir, MANIFEST)):
-            with open(os.path.join(self.index_dir, MANIFEST), encoding="utf-8") as file:
-                manifest = json.load(file)
+        manifest = read_manifest(self.index_dir)
         if model is None:
             model_name = model_name if model_name is not None else (manifest or {}).get("model_name")
             model, processor = load_model(model_name)
@@ -132,7 +128,8 @@ class LibraryService:
             index, problem = self.index, self.problem
         if index is None:
             return f"Model: {model}. {problem}"
-        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(os.path.join(self.index_dir, MANIFEST))))
+        changed = os.path.getmtime(os.path.join(self.index_dir, MANIFEST))
+        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(changed))
         skipped = len(index.manifest["skipped"])
         line = (f"Model: {model} · library: {self.library_dir} · {len(index)} videos indexed, {skipped} skipped · "
                 f"index updated {updated}")
@@ -170,7 +167,8 @@ class LibraryService:
         summary = (f"Indexed {update['total']} videos: {len(update['added'])} added, {len(update['updated'])} "
                    f"re-encoded, {len(update['removed'])} removed.")
         if update["skipped"]:
-            summary += " Skipped: " + "; ".join(f"{os.path.basename(p)} ({why})" for p, why in update["skipped"].items())
+            skipped = (f"{os.path.basename(path)} ({why})" for path, why in update["skipped"].items())
+            summary += " Skipped: " + "; ".join(skipped)
         return summary
 
     # ------------------------------------------------------------------------------------------------------------
@@ -191,8 +189,7 @@ class LibraryService:
             raise LibraryError(f"K = {top_k}: the re-ranking depth must be between 1 and the library's {size} videos.")
         k = min(k, size)
         try:
-            stage1 = index.search(query, k=k, rerank=False)
-            final = index.search(query, k=k, top_k_rerank=top_k) if rerank else stage1
+            result = index.search(query, k=k, top_k_rerank=top_k, rerank=rerank)
         except FileNotFoundError as error:
             with self._lock:
                 replaced = self.index is not index
@@ -200,7 +197,7 @@ class LibraryService:
                 raise LibraryError(f"A file of the index is missing ({error.filename}); rebuild the index.") from error
             # An update finished between opening the index and reading its chunks: search the new one.
             return self.search(query, k, top_k, rerank)
-        return Comparison(stage1=stage1, final=final, reranked=rerank)
+        return Comparison(stage1=SearchResult(query, result.stage1_hits), final=result, reranked=rerank)
 
     def resolve(self, path: str) -> str:
         """`path` if it is an indexed video inside the library folder (links resolved); otherwise a refusal."""
@@ -246,13 +243,17 @@ def _format_score(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _fused_score(hit: SearchHit) -> str:
+    return _format_score(hit.score if hit.reranked else None)
+
+
 def gallery_items(service: LibraryService, result: SearchResult) -> list[tuple[str, str]]:
     """Thumbnails with captions: rank, file, and the stage-1 / fine / fused scores."""
     return [
         (
             service.thumbnail(hit.path),
             f"{hit.rank}. {service.display_name(hit.path)} · stage 1 {hit.coarse_score:.3f} · fine "
-            f"{_format_score(hit.fine_score)} · fused {_format_score(hit.score if hit.reranked else None)}",
+            f"{_format_score(hit.fine_score)} · fused {_fused_score(hit)}",
         )
         for hit in result.hits
     ]
@@ -269,7 +270,7 @@ def results_table(service: LibraryService, comparison: Comparison) -> str:
         elif before != hit.rank:
             before = f"{before} {'↑' if before > hit.rank else '↓'}"
         cells = (hit.rank, service.display_name(hit.path), before, f"{hit.coarse_score:.4f}",
-                 _format_score(hit.fine_score), _format_score(hit.score if hit.reranked else None))
+                 _format_score(hit.fine_score), _fused_score(hit))
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
     header = "".join(f"<th>{name}</th>" for name in ("rank", "video", "stage-1 rank", "stage-1", "fine", "fused"))
     return f'<table id="results-table"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'

@@ -26,7 +26,8 @@ def default_model():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, default_model):
-    """Eight sample videos (two groups of near duplicates) indexed with the embedded default: (library, index, captions)."""
+    """Eight sample videos (two groups of near duplicates) indexed with the embedded default:
+    (library, index, captions)."""
     root = tmp_path_factory.mktemp("served")
     captions = write_sample_library(root / "library", count=8, seed=1)
     VideoIndex.build(root / "library", root / "index", *default_model, num_workers=0)
@@ -44,7 +45,8 @@ def test_search_shows_both_orders_and_reranking_moves_only_the_top_k(service):
     stage1 = service.index.search("big red circle goes left", k=8, rerank=False)
     assert [h.path for h in comparison.stage1.hits] == [h.path for h in stage1.hits]
     final = [h.path for h in comparison.final.hits]
-    assert sorted(final[:3]) == sorted(h.path for h in stage1.hits[:3]) and final[3:] == [h.path for h in stage1.hits[3:]]
+    assert sorted(final[:3]) == sorted(h.path for h in stage1.hits[:3])
+    assert final[3:] == [h.path for h in stage1.hits[3:]]
     assert all(h.fine_score is not None for h in comparison.final.hits[:3])
     assert all(h.fine_score is None for h in comparison.final.hits[3:] + comparison.stage1.hits)
     off = service.search("big red circle goes left", k=8, rerank=False)
@@ -338,7 +340,8 @@ def test_serve_binds_loopback_unless_told_and_warns_when_not(service, monkeypatc
     monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launches.append(kwargs) or (None, "url", None))
     serve(service, block=False)
     assert launches[-1]["server_name"] == "127.0.0.1" and not caplog.records
-    assert launches[-1]["allowed_paths"] == [service.library_dir] and launches[-1]["blocked_paths"] == [service.index_dir]
+    assert launches[-1]["allowed_paths"] == [service.library_dir]
+    assert launches[-1]["blocked_paths"] == [service.index_dir]
     serve(service, host="0.0.0.0", block=False)
     assert launches[-1]["server_name"] == "0.0.0.0"
     assert "anyone who can reach this machine" in caplog.text
