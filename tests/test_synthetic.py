@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
+
+import crosstvr.default_model
 
 from crosstvr.data import load_msvd
 from crosstvr.synthetic import (
@@ -101,7 +104,7 @@ def _load_benchmark(name: str = "synthetic_benchmark"):
     return module
 
 
-def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, capsys):
+def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, capsys, monkeypatch):
     benchmark = _load_benchmark()
     assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "0", "1", "--ablations"]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
@@ -130,6 +133,23 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     assert "validation split" in markdown and "in_batch_negatives_only" in markdown
     assert (tmp_path / "depth_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert '"benchmark": "synthetic"' in capsys.readouterr().out
+    # Shipping a finished run installs the full model of the seed that gains most on validation, evaluated on test.
+    gains = {int(seed): r["val"]["shared"]["t2v_R1"] - r["val"]["stage1"]["t2v_R1"]
+             for seed, r in report["per_seed"].items()}
+    chosen = max(sorted(gains), key=gains.get)
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(crosstvr.default_model, "DEFAULT_CHECKPOINT", str(shipped))
+    with pytest.raises(SystemExit, match="pass its --budget"):
+        benchmark.main(["--ship-from", str(tmp_path)])
+    assert not shipped.exists()
+    assert benchmark.main(["--smoke", "--ship-from", str(tmp_path)]) == 0
+    assert f"embedded default (seed {chosen})" in capsys.readouterr().out
+    assert (shipped / "model.safetensors").read_bytes() == (
+        tmp_path / f"seed-{chosen}" / "shared" / "final" / "model.safetensors").read_bytes()
+    assert not list(shipped.glob("*.py"))
+    card = (shipped / "README.md").read_text()
+    assert f"--smoke --ship-default` (seed {chosen}" in card and "changes text-to-video R@1" in card
+    assert json.loads((shipped / "evaluation_synthetic_test.json").read_text())["split"] == "test"
     # The diagnostics read the same run.
     assert _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--seed", "1"]) == 0
     diagnostics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
