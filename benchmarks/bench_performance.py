@@ -22,6 +22,10 @@ Sections (each prints its rows; the end prints the table and one JSON line):
           over 10k / 100k / 1M clustered embeddings.
 - train:  stage-2 training steps/s from the token cache against from pixels.
 - memory: peak RSS of indexing N and 2N videos (flat when streaming) and of a search; token-cache bytes per video.
+- catalog: the index's bookkeeping (`crosstvr.index_catalog`) at 10k / 100k / 1M simulated videos, each in a fresh
+          process: every chunk of 256 entries recorded as indexing records it (one transaction), then the positions
+          numbered; peak RSS above the process's baseline, bytes written (write system calls) per video, and opening
+          the catalog in another fresh process and looking up a query's 15 hits.
 """
 
 import argparse
@@ -41,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("limit", "encode", "rerank", "decode", "index", "search", "train", "memory")
+SECTIONS = ("limit", "encode", "rerank", "decode", "index", "search", "train", "memory", "catalog")
 TOP_K = 15
 # Re-ranking is measured with texts of the processor's full length (32 tokens, the issue's geometry) and with a caption
 # of this many real tokens padded to that length (a 10-word caption is about 14 WordPiece tokens with [CLS]/[SEP]).
@@ -424,6 +428,64 @@ def bench_memory(geometry: str, image_size: int, workdir: str, count: int) -> di
     return result
 
 
+CATALOG_CHILD = """
+import os, random, sys, time
+sys.path.insert(0, {root!r})
+from crosstvr.index_catalog import IndexCatalog
+
+def status_mb(field):
+    with open("/proc/self/status") as file:
+        return next(int(line.split()[1]) / 1024 for line in file if line.startswith(field + ":"))
+
+def written():
+    with open("/proc/self/io") as file:
+        return next(int(line.split()[1]) for line in file if line.startswith("wchar:"))
+
+def path(i):  # folders of 1,000 clips, about 60 characters a path; indexing records chunks of consecutive sorted paths
+    return f"/data/video-library/collection-{{i // 100_000:02d}}/{{i // 1000:05d}}/clip-{{i:08d}}.mp4"
+
+if {mode!r} == "build":
+    baseline, before, start = status_mb("VmRSS"), written(), time.perf_counter()
+    catalog = IndexCatalog({path!r})
+    for first in range(0, {count}, 256):
+        rows = range(first, min(first + 256, {count}))
+        catalog.record_chunk(f"chunk-{{first:016x}}", [(path(i), [1_000_000 + i, 1_700_000_000_000_000_000 + i], i - first)
+                                                     for i in rows], {{}})
+    catalog.renumber(1)
+    catalog.close()
+    print(baseline, status_mb("VmHWM"), written() - before, time.perf_counter() - start)
+else:
+    start = time.perf_counter()
+    catalog = IndexCatalog({path!r})
+    count = len(catalog)
+    generation, rows = catalog.rows_at(random.Random(0).sample(range(count), 15))
+    assert all(rows) and generation == 1
+    print(count, (time.perf_counter() - start) * 1e3)
+"""
+
+
+def bench_catalog(sizes: list[int], workdir: str) -> dict:
+    results = {}
+    for size in sizes:
+        path = os.path.join(workdir, f"catalog-{size}.sqlite")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+        runs = {}
+        for mode in ("build", "open"):
+            code = CATALOG_CHILD.format(root=ROOT, mode=mode, path=path, count=size)
+            runs[mode] = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                        text=True).stdout.split()
+        baseline, peak, written, seconds = map(float, runs["build"])
+        on_disk = sum(os.path.getsize(path + suffix) for suffix in ("", "-wal") if os.path.exists(path + suffix))
+        results[f"{size} peak_rss_above_baseline_mb"] = peak - baseline
+        results[f"{size} bytes_written_per_video"] = written / size
+        results[f"{size} bytes_on_disk_per_video"] = on_disk / size
+        results[f"{size} build_s"] = seconds
+        results[f"{size} open_and_first_lookup_ms"] = float(runs["open"][1])
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------------
@@ -455,6 +517,10 @@ def table(results: dict) -> str:
                 mark = f">= 0.99 ({'met' if value >= 0.99 else 'missed'})"
             if key.startswith("1000000 ivf") and key.endswith("ms_per_query"):
                 mark = f"<= 20 ({'met' if value <= 20 else 'missed'})"
+            if section == "catalog" and key.endswith("peak_rss_above_baseline_mb"):
+                mark = f"<= 100 ({'met' if value <= 100 else 'missed'})"
+            if key == "1000000 open_and_first_lookup_ms":
+                mark = f"<= 2000 ({'met' if value <= 2000 else 'missed'})"
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             lines.append(f"| {section} | {key} | {shown} | {mark} |")
     return "\n".join(lines)
@@ -495,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         if "memory" in args.sections:
             results["memory"] = bench_memory(args.geometry, model.config.vision_config.image_size, workdir,
                                              args.memory_videos or (2 if args.quick else 8))
+        if "catalog" in args.sections:
+            results["catalog"] = bench_catalog([10_000] if args.quick else [10_000, 100_000, 1_000_000], workdir)
     print(table(results))
     print(json.dumps({"benchmark": "performance", "geometry": args.geometry, **results}, default=str))
     return 0

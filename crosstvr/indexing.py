@@ -1,22 +1,28 @@
 """A searchable index of a video library: what CrossTVR needs of every video, computed once and kept on disk.
 
     index/
-      manifest.json                  model and frame-sampling fingerprints; every indexed video (path, size, mtime,
-                                     chunk, row); files that could not be read, with why; the FAISS parameters
+      catalog.sqlite                 settings (model and frame-sampling fingerprints, FAISS parameters) and the
+                                     bookkeeping of every video: path, size, mtime, chunk, row; files that could not
+                                     be read, with why; the videos' order in the stage-1 structures (`index_catalog`)
       chunks/chunk-<hash>.safetensors   stage-1 embeddings and stage-2 tokens of a group of videos (video_store)
       chunks/chunk-<hash>.json          the group's videos and failures; written last, so its presence = done
-      faiss.index                    the stage-1 ANN index, when FAISS is installed
+      faiss-<generation>.index       the stage-1 ANN index, when FAISS is installed
 
 Indexing decodes videos in DataLoader workers while the model encodes the previous batch, and writes a chunk every
-`chunk_size` videos. Every file is written under a temporary name and renamed, and a chunk counts only once its JSON
-exists, so a killed run leaves nothing that loads wrong; running again resumes, skipping finished chunks (chunk names
-depend only on their videos, so the result is the same as an uninterrupted run). Re-running on a library adds new
-videos, re-encodes changed ones (size or modification time) and drops deleted ones; a chunk whose videos are all gone
-is deleted. Unreadable files are skipped and listed in the manifest (retried when they change). Under `accelerate`
-(or torchrun) several processes split the work, each writing its own chunks; the main process merges the manifest.
+`chunk_size` videos; the main process records each finished chunk in the catalog in one SQLite transaction, so the
+bookkeeping written grows linearly with the library and nothing holds the whole library's records in memory. Every
+file is written under a temporary name and renamed, and a chunk counts only once its JSON exists, so a killed run
+leaves nothing that loads wrong; running again resumes, skipping finished chunks (chunk names depend only on their
+videos and their sizes and times, so the result is the same as an uninterrupted run). Re-running on a library adds
+new videos, re-encodes changed ones (size or modification time) and drops deleted ones; a chunk whose videos are all
+gone is deleted. Unreadable files are skipped and recorded (retried when they change). Under `accelerate` (or
+torchrun) several processes split the work, each writing its own chunk files; the main process is the catalog's only
+writer. Indexes of the first format (one `manifest.json`) are migrated to the catalog when opened.
 
 Search encodes the query, ranks all videos by stage-1 cosine similarity (FAISS when an index was built, an exact matrix
-product otherwise) and re-ranks the top K with stage 2.
+product otherwise) and re-ranks the top K with stage 2. Each rebuild of the stage-1 structures is a new generation
+(its own FAISS file, the positions renumbered in the same transaction); a search that finds the generation changed
+under it reloads them, so searches may run while another process or thread updates the index.
 """
 
 import hashlib
@@ -30,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .index_catalog import CATALOG, IndexCatalog
 from .loading import load_model
 from .modeling_crosstvr import CrossTVRModel
 from .processing_crosstvr import CrossTVRProcessor
@@ -46,20 +53,75 @@ from .video_store import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FAISS_KINDS = ("flat", "ivf", "hnsw")
-MANIFEST = "manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # format 1: the whole bookkeeping in one JSON document
 CHUNKS = "chunks"
-FAISS_FILE = "faiss.index"
+HEADER_KEYS = ("format_version", "model_name", "model", "processor", "faiss")
 
 
-def read_manifest(index_dir: str | os.PathLike) -> dict | None:
-    """The manifest of the index in `index_dir`, or None when there is none (no index yet)."""
-    path = os.path.join(os.fspath(index_dir), MANIFEST)
-    if not os.path.exists(path):
+def index_exists(index_dir: str | os.PathLike) -> bool:
+    """Whether `index_dir` holds a video index (of any format)."""
+    return os.path.exists(IndexCatalog.path_in(index_dir)) or os.path.exists(
+        os.path.join(os.fspath(index_dir), LEGACY_MANIFEST)
+    )
+
+
+def read_index_settings(index_dir: str | os.PathLike) -> dict | None:
+    """The settings of the index in `index_dir` (format version, model name and fingerprints, FAISS parameters), or
+    None when there is no index."""
+    index_dir = os.fspath(index_dir)
+    if os.path.exists(IndexCatalog.path_in(index_dir)):
+        catalog = IndexCatalog(IndexCatalog.path_in(index_dir))
+        try:
+            return catalog.settings()
+        finally:
+            catalog.close()
+    legacy = os.path.join(index_dir, LEGACY_MANIFEST)
+    if not os.path.exists(legacy):
         return None
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
+    with open(legacy, encoding="utf-8") as file:
+        manifest = json.load(file)
+    return {key: manifest.get(key) for key in HEADER_KEYS}
+
+
+def migrate_legacy_manifest(index_dir: str) -> None:
+    """Move a format-1 index's `manifest.json` into a catalog: written beside it under a temporary name, then renamed,
+    then the manifest removed; the chunk files and the FAISS index (whose rows are in path order, the catalog's
+    positions) stay as they are."""
+    with open(os.path.join(index_dir, LEGACY_MANIFEST), encoding="utf-8") as file:
+        manifest = json.load(file)
+    final_path = IndexCatalog.path_in(index_dir)
+    staging = final_path + ".partial"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(staging + suffix):
+            os.remove(staging + suffix)
+    catalog = IndexCatalog(staging)
+    faiss_info = manifest.get("faiss")
+    if faiss_info is not None:
+        os.replace(os.path.join(index_dir, "faiss.index"), os.path.join(index_dir, "faiss-1.index"))
+        faiss_info = {**faiss_info, "file": "faiss-1.index"}
+    with catalog.transaction() as connection:
+        catalog.set_settings(connection, format_version=FORMAT_VERSION, model_name=manifest["model_name"],
+                             model=manifest["model"], processor=manifest["processor"])
+        connection.executemany("INSERT INTO chunks (name) VALUES (?)", [(name,) for name in manifest["chunks"]])
+    for name in manifest["chunks"]:
+        catalog.record_chunk(
+            name,
+            [(path, e["stat"], e["row"]) for path, e in manifest["videos"].items() if e["chunk"] == name],
+            {},
+        )
+    with catalog.transaction() as connection:
+        connection.executemany(
+            "INSERT OR REPLACE INTO skipped (path, size, mtime_ns, reason) VALUES (?, ?, ?, ?)",
+            [(path, stat[0], stat[1], reason) for path, (stat, reason) in manifest["skipped"].items()],
+        )
+    catalog.renumber(1, faiss=faiss_info)
+    catalog.journal_mode("DELETE")  # fold the write-ahead log into the file before renaming it
+    catalog.close()
+    os.replace(staging, final_path)
+    os.remove(os.path.join(index_dir, LEGACY_MANIFEST))
+    logger.info("migrated the index in %s from manifest.json to %s", index_dir, os.path.basename(final_path))
 
 
 class IndexMismatchError(ValueError):
@@ -71,8 +133,10 @@ def _stat(path: str) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _chunk_name(paths: list[str]) -> str:
-    return "chunk-" + hashlib.sha1("\n".join(paths).encode()).hexdigest()[:16]
+def _chunk_name(paths: list[str], files: dict[str, list[int]]) -> str:
+    """A name that depends on the chunk's videos and their versions (so re-encoding a changed video never meets the
+    finished chunk of its earlier version)."""
+    return "chunk-" + hashlib.sha1("\n".join(f"{path}\t{files[path]}" for path in paths).encode()).hexdigest()[:16]
 
 
 def _faiss():
@@ -125,7 +189,7 @@ class VideoIndex:
     Args:
         index_dir: the index folder (created by `add` if missing).
         model, processor: the model and processor; an existing index must have been built with the same ones.
-        model_name: how to find the model again (a path or Hub id), recorded in the manifest; `None` for the embedded
+        model_name: how to find the model again (a path or Hub id), recorded in the catalog; `None` for the embedded
             default.
     """
 
@@ -139,31 +203,32 @@ class VideoIndex:
         self.index_dir = os.fspath(index_dir)
         self.model, self.processor = model, processor
         self.fingerprint = {"model": model_fingerprint(model), "processor": processor_fingerprint(processor)}
-        self.manifest = read_manifest(self.index_dir)
-        if self.manifest is not None:
-            self._check(self.manifest)
-        else:
-            self.manifest = {
-                "format_version": FORMAT_VERSION,
-                "model_name": model_name,
-                **self.fingerprint,
-                "videos": {},
-                "skipped": {},
-                "chunks": [],
-                "faiss": None,
-            }
+        catalog_path = IndexCatalog.path_in(self.index_dir)
+        if not os.path.exists(catalog_path) and os.path.exists(os.path.join(self.index_dir, LEGACY_MANIFEST)):
+            self._check(read_index_settings(self.index_dir))
+            migrate_legacy_manifest(self.index_dir)
+        new = not os.path.exists(catalog_path)
+        os.makedirs(self.index_dir, exist_ok=True)
+        self.catalog = IndexCatalog(catalog_path)
+        if new:
+            with self.catalog.transaction() as connection:
+                self.catalog.set_settings(
+                    connection, format_version=FORMAT_VERSION, model_name=model_name, **self.fingerprint, faiss=None,
+                    generation=0,
+                )
+        self._check(self.catalog.settings())
         self._reader = ShardReader(os.path.join(self.index_dir, CHUNKS))
-        self._embeds = None
+        self._generation, self._settings, self._embeds, self._faiss_index = None, None, None, None
 
     @classmethod
     def open(
         cls, index_dir: str | os.PathLike, model: CrossTVRModel | None = None, processor: CrossTVRProcessor | None = None
     ) -> "VideoIndex":
         """Open an existing index, loading the model it was built with unless one is given."""
-        manifest = read_manifest(index_dir)
-        if manifest is None:
-            raise FileNotFoundError(f"{os.fspath(index_dir)} is not a video index (no {MANIFEST}); build one first")
-        model_name = manifest["model_name"]
+        settings = read_index_settings(index_dir)
+        if settings is None:
+            raise FileNotFoundError(f"{os.fspath(index_dir)} is not a video index (no {CATALOG}); build one first")
+        model_name = settings["model_name"]
         if model is None:
             model, processor = load_model(model_name)
         return cls(index_dir, model, processor, model_name)
@@ -183,16 +248,19 @@ class VideoIndex:
         index.last_update = index.add(video_dir, **add_kwargs)
         return index
 
-    def _check(self, manifest: dict) -> None:
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise IndexMismatchError(f"{self.index_dir} has index format {manifest.get('format_version')}; rebuild it")
-        if manifest["processor"] != self.fingerprint["processor"]:
+    def _check(self, settings: dict) -> None:
+        if settings.get("format_version") not in (1, FORMAT_VERSION):  # 1: migrated on opening
+            raise IndexMismatchError(
+                f"{self.index_dir} has index format {settings.get('format_version')}, which this version of crosstvr "
+                "cannot read; rebuild it (a new --index folder) or use the crosstvr version that built it"
+            )
+        if settings["processor"] != self.fingerprint["processor"]:
             raise IndexMismatchError(
                 f"{self.index_dir} was indexed with other frame sampling or preprocessing; rebuild it with this "
                 "processor or use the processor it was built with"
             )
-        if manifest["model"] != self.fingerprint["model"]:
-            recorded = manifest.get("model_name") or "the embedded default model"
+        if settings["model"] != self.fingerprint["model"]:
+            recorded = settings.get("model_name") or "the embedded default model"
             raise IndexMismatchError(
                 f"{self.index_dir} was indexed with another model ({recorded}); search it with that model, or "
                 "rebuild the index (a new --index folder) for this one"
@@ -202,41 +270,56 @@ class VideoIndex:
     # Indexing
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _save(self) -> None:
-        os.makedirs(self.index_dir, exist_ok=True)
-        write_json_atomically(os.path.join(self.index_dir, MANIFEST), self.manifest)
+    def _merge_chunk(self, name: str) -> None:
+        """Record a finished chunk (its JSON) in the catalog; each entry counts when its file is unchanged on disk."""
+        with open(os.path.join(self.index_dir, CHUNKS, f"{name}.json"), encoding="utf-8") as file:
+            record = json.load(file)
+        videos = [(path, stat, row) for row, (path, stat) in enumerate(record["videos"])
+                  if os.path.exists(path) and _stat(path) == stat]
+        skipped = {path: (stat, reason) for path, (stat, reason) in record["skipped"].items()
+                   if os.path.exists(path) and _stat(path) == stat}
+        self.catalog.record_chunk(name, videos, skipped)
 
     def _merge_finished_chunks(self) -> None:
-        """Record every finished chunk that the manifest does not know yet: from an interrupted run, or from the other
-        processes. A chunk's entry wins when the file it describes is unchanged on disk."""
+        """Record every finished chunk that the catalog does not know yet: from an interrupted run, or from the other
+        processes."""
         chunk_dir = os.path.join(self.index_dir, CHUNKS)
         if not os.path.isdir(chunk_dir):
             return
-        known = set(self.manifest["chunks"])
+        known = self.catalog.chunks()
         for name in sorted(os.listdir(chunk_dir)):
-            chunk = name[: -len(".json")]
-            if not name.endswith(".json") or chunk in known:
-                continue
-            with open(os.path.join(chunk_dir, name), encoding="utf-8") as file:
-                record = json.load(file)
-            for row, (path, stat) in enumerate(record["videos"]):
-                if os.path.exists(path) and _stat(path) == stat:
-                    self.manifest["videos"][path] = {"stat": stat, "chunk": chunk, "row": row}
-                    self.manifest["skipped"].pop(path, None)
-            for path, (stat, reason) in record["skipped"].items():
-                if os.path.exists(path) and _stat(path) == stat:
-                    self.manifest["skipped"][path] = [stat, reason]
-            self.manifest["chunks"].append(chunk)
+            if name.endswith(".json") and name[: -len(".json")] not in known:
+                self._merge_chunk(name[: -len(".json")])
 
     def _delete_dead_chunks(self) -> None:
-        live = {entry["chunk"] for entry in self.manifest["videos"].values()}
-        for chunk in [chunk for chunk in self.manifest["chunks"] if chunk not in live]:
+        dead = self.catalog.dead_chunks()
+        for chunk in dead:
             self._reader.close(f"{chunk}.safetensors")
             for suffix in (".json", ".safetensors"):
                 path = os.path.join(self.index_dir, CHUNKS, chunk + suffix)
                 if os.path.exists(path):
                     os.remove(path)
-            self.manifest["chunks"].remove(chunk)
+        self.catalog.drop_chunks(dead)
+
+    def _changes(self, files: dict[str, list[int]], root: str) -> tuple[list[str], list[str], list[str], list[str]]:
+        """Compare the catalog with the library's `files` (path -> [size, mtime_ns]) under `root`: the videos
+        `added` (new, or skipped before and changed since), `updated` (changed), `removed` (deleted, or gone from
+        `root`), and the `stale_skips` (skipped files that changed or went)."""
+        removed, updated, stale_skips, unchanged = [], [], [], set()
+        for path, stat, indexed in self.catalog.stats():
+            current = files.get(path)
+            if indexed and current is None:
+                if path.startswith(root) or not os.path.exists(path):
+                    removed.append(path)
+            elif indexed and current != stat:
+                updated.append(path)
+            elif not indexed and current != stat:
+                stale_skips.append(path)
+            else:
+                unchanged.add(path)
+        changed = set(updated)
+        added = sorted(path for path in files if path not in unchanged and path not in changed)
+        return added, updated, removed, stale_skips
 
     def add(
         self,
@@ -265,19 +348,13 @@ class VideoIndex:
         state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
         files = {os.path.abspath(path): _stat(path) for path in find_videos(video_dir)}
         root = os.path.abspath(video_dir) + os.sep
-        self._merge_finished_chunks()
-        videos, skipped = self.manifest["videos"], self.manifest["skipped"]
-        removed = sorted(
-            path for path in videos if not os.path.exists(path) or (path.startswith(root) and path not in files)
-        )
-        updated = sorted(path for path, stat in files.items() if path in videos and videos[path]["stat"] != stat)
-        added = sorted(
-            path for path, stat in files.items() if path not in videos and (path not in skipped or skipped[path][0] != stat)
-        )
-        for path in removed + updated:
-            del videos[path]
-        for path in [path for path in skipped if path not in files or skipped[path][0] != files[path]]:
-            del skipped[path]
+        if state.is_main_process:  # the catalog's one writer
+            self._merge_finished_chunks()
+        state.wait_for_everyone()
+        added, updated, removed, stale_skips = self._changes(files, root)
+        state.wait_for_everyone()  # every process has read the catalog before the main process changes it
+        if state.is_main_process:
+            self.catalog.forget(videos=removed + updated, skipped=stale_skips)
 
         todo = sorted(added + updated)
         chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
@@ -295,7 +372,7 @@ class VideoIndex:
                 on_progress(done, total)
 
         for chunk in mine:
-            name = _chunk_name(chunk)
+            name = _chunk_name(chunk, files)
             if os.path.exists(os.path.join(self.index_dir, CHUNKS, f"{name}.json")):
                 advance(len(chunk))  # finished before an interruption
                 continue
@@ -316,82 +393,104 @@ class VideoIndex:
                     "skipped": {path: [files[path], reason] for path, reason in failures.items()},
                 },
             )
-            if state.num_processes == 1:
-                self._merge_finished_chunks()
-                self._save()
+            if state.is_main_process:
+                self._merge_chunk(name)
         bar.close()
 
         state.wait_for_everyone()
         if state.is_main_process:
             self._merge_finished_chunks()
             self._delete_dead_chunks()
-            self._build_faiss(faiss_index)
-            self._save()
+            self._rebuild_stage1_structures(faiss_index)
         state.wait_for_everyone()
-        with open(os.path.join(self.index_dir, MANIFEST), encoding="utf-8") as file:
-            self.manifest = json.load(file)
-        self._embeds = None
-        new_skips = {path: self.manifest["skipped"][path][1] for path in todo if path in self.manifest["skipped"]}
+        skipped = self.catalog.skipped()
         return {
-            "added": [path for path in added if path in self.manifest["videos"]],
-            "updated": [path for path in updated if path in self.manifest["videos"]],
+            "added": [path for path in added if path in self.catalog],
+            "updated": [path for path in updated if path in self.catalog],
             "removed": removed,
-            "skipped": new_skips,
-            "total": len(self.manifest["videos"]),
+            "skipped": {path: skipped[path][1] for path in todo if path in skipped},
+            "total": len(self),
         }
 
-    def _build_faiss(self, kind: str | None) -> None:
-        """(Re)build the FAISS index of the stage-1 embeddings, in `self.paths` order."""
-        faiss_path = os.path.join(self.index_dir, FAISS_FILE)
+    def _rebuild_stage1_structures(self, kind: str | None) -> None:
+        """A new generation: the FAISS index of the stage-1 embeddings in path order (its own file), then, in one
+        transaction, the positions renumbered in that order and the FAISS settings; then the old FAISS file goes."""
         faiss = _faiss()
-        if kind is None or faiss is None or not self.manifest["videos"]:
-            if kind is not None and faiss is None:
-                logger.info("FAISS is not installed (pip install faiss-cpu): searches use an exact matrix product")
-            self.manifest["faiss"] = None
-            if os.path.exists(faiss_path):
-                os.remove(faiss_path)
-            return
-        self._embeds = None
-        index, kind, params = build_faiss_index(self.stage1_embeddings().numpy(), kind)
-        staging = faiss_path + ".partial"
-        faiss.write_index(index, staging)
-        os.replace(staging, faiss_path)
-        self.manifest["faiss"] = {"kind": kind, "params": params, "count": index.ntotal}
+        previous = self.catalog.settings().get("faiss")
+        generation = self.catalog.generation() + 1
+        info = None
+        if kind is not None and faiss is None:
+            logger.info("FAISS is not installed (pip install faiss-cpu): searches use an exact matrix product")
+        if kind is not None and faiss is not None and len(self):
+            embeddings = self._gather_stage1(self.catalog.rows_in_order(by_path=True), len(self))
+            index, kind, params = build_faiss_index(embeddings.numpy(), kind)
+            info = {"kind": kind, "params": params, "count": index.ntotal, "file": f"faiss-{generation}.index"}
+            staging = os.path.join(self.index_dir, info["file"] + ".partial")
+            faiss.write_index(index, staging)
+            os.replace(staging, os.path.join(self.index_dir, info["file"]))
+        self.catalog.renumber(generation, faiss=info)
+        if previous is not None and os.path.exists(os.path.join(self.index_dir, previous["file"])):
+            os.remove(os.path.join(self.index_dir, previous["file"]))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Search
     # ----------------------------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self.manifest["videos"])
+        return len(self.catalog)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.catalog
+
+    @property
+    def settings(self) -> dict:
+        """The index's settings: format version, model name and fingerprints, `faiss` (kind, parameters, file or
+        None), `generation`, `updated` (seconds since the epoch)."""
+        return self.catalog.settings()
 
     @property
     def paths(self) -> list[str]:
-        """The indexed videos, sorted: the row order of [`stage1_embeddings`] and of the FAISS index."""
-        return sorted(self.manifest["videos"])
+        """The indexed videos in position order (path order): the rows of [`stage1_embeddings`] and of the FAISS
+        index. Reads every path; searches do not need it."""
+        return [path for path, _, _ in self.catalog.rows_in_order()]
+
+    def entry(self, path: str) -> dict | None:
+        """`{"stat": [size, mtime_ns], "chunk", "row"}` of an indexed video, or None."""
+        return self.catalog.entry(path)
+
+    def _gather_stage1(self, rows, count: int) -> torch.Tensor:
+        """`(count, projection_dim)` stage-1 embeddings of `rows` ((path, chunk, row), in order), chunk by chunk."""
+        embeds = torch.empty(count, self.model.config.projection_dim)
+        by_chunk = {}
+        for position, (_, chunk, row) in enumerate(rows):
+            by_chunk.setdefault(chunk, []).append((position, row))
+        for chunk, pairs in by_chunk.items():
+            chunk_embeds = self._reader.tensor(f"{chunk}.safetensors", "video_embeds")
+            positions, chunk_rows = zip(*pairs)
+            embeds[list(positions)] = chunk_embeds[list(chunk_rows)].float()
+        return embeds
+
+    def _refresh(self) -> None:
+        """Drop what was loaded for an older generation of the stage-1 structures."""
+        generation = self.catalog.generation()
+        if generation != self._generation:
+            self._generation, self._settings = generation, self.catalog.settings()
+            self._embeds, self._faiss_index = None, None
 
     def stage1_embeddings(self) -> torch.Tensor:
         """`(videos, projection_dim)` stage-1 embeddings of the indexed videos, in `paths` order (cached)."""
+        self._refresh()
         if self._embeds is None:
-            rows = [self.manifest["videos"][path] for path in self.paths]
-            by_chunk = {}
-            for position, entry in enumerate(rows):
-                by_chunk.setdefault(entry["chunk"], []).append((position, entry["row"]))
-            embeds = torch.empty(len(rows), self.model.config.projection_dim)
-            for chunk, pairs in by_chunk.items():
-                chunk_embeds = self._reader.tensor(f"{chunk}.safetensors", "video_embeds")
-                positions, chunk_rows = zip(*pairs)
-                embeds[list(positions)] = chunk_embeds[list(chunk_rows)].float()
-            self._embeds = embeds
+            self._embeds = self._gather_stage1(self.catalog.rows_in_order(), len(self))
         return self._embeds
 
     def _stage1_top(self, text_embeds: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The best `n` videos by stage-1 similarity: `(scores (n,), rows (n,))`, FAISS or exact."""
-        faiss_info = self.manifest.get("faiss")
+        """The best `n` videos by stage-1 similarity: `(scores (n,), positions (n,))`, FAISS or exact."""
+        faiss_info = self._settings.get("faiss")
         faiss = _faiss()
         if faiss_info is not None and faiss is not None:
-            if not hasattr(self, "_faiss_index"):
-                self._faiss_index = faiss.read_index(os.path.join(self.index_dir, FAISS_FILE))
+            if self._faiss_index is None:
+                self._faiss_index = faiss.read_index(os.path.join(self.index_dir, faiss_info["file"]))
                 if "nprobe" in faiss_info["params"]:
                     self._faiss_index.nprobe = faiss_info["params"]["nprobe"]
                 if "efSearch" in faiss_info["params"]:
@@ -402,6 +501,18 @@ class VideoIndex:
         similarity = self.stage1_embeddings() @ text_embeds[0].float()  # (videos,)
         order = similarity.sort(descending=True, stable=True).indices[:n]
         return similarity[order], order
+
+    def _candidates(self, text_embeds: torch.Tensor, n: int) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
+        """Stage 1's best `n`: scores and (path, chunk, row), from one generation of the stage-1 structures (an update
+        that renumbers them between ranking and reading the rows makes this rank again)."""
+        for _ in range(3):
+            self._refresh()
+            scores, positions = self._stage1_top(text_embeds, min(n, len(self)))
+            generation, rows = self.catalog.rows_at(positions.tolist())
+            if generation == self._generation:
+                keep = [i for i, row in enumerate(rows) if row is not None]  # videos removed by an update under way
+                return scores[keep], [rows[i] for i in keep]
+        raise RuntimeError(f"the index in {self.index_dir} changed during three searches in a row; search again")
 
     @torch.no_grad()
     def search(self, query: str, k: int = 10, top_k_rerank: int | None = None, rerank: bool = True) -> SearchResult:
@@ -417,17 +528,15 @@ class VideoIndex:
         text_embeds = self.model.get_text_features(
             text["input_ids"].to(self.model.device), text["attention_mask"].to(self.model.device)
         ).cpu()
-        scores, rows = self._stage1_top(text_embeds, min(max(k, top_k if rerank else 0), len(self)))
-        paths = self.paths
-        candidates = [paths[row] for row in rows.tolist()]
+        scores, entries = self._candidates(text_embeds, max(k, top_k if rerank else 0))
+        candidates = [path for path, _, _ in entries]
         stage1_hits = [
             SearchHit(rank=i + 1, path=path, score=score, coarse_score=score, reranked=False)
             for i, (path, score) in enumerate(zip(candidates[:k], scores.tolist()))
         ]
         if not (rerank and top_k > 0):
             return SearchResult(query=query, hits=stage1_hits, stage1_hits=stage1_hits)
-        entries = [self.manifest["videos"][path] for path in candidates]
-        cached = [self._reader.row(f"{e['chunk']}.safetensors", e["row"]) for e in entries]
+        cached = [self._reader.row(f"{chunk}.safetensors", row) for _, chunk, row in entries]
         reranked = self.model.rerank_text_to_video(
             scores[None],
             text["qformer_input_ids"],

@@ -19,7 +19,6 @@ files, is imported when a video file is read.
 
 import bisect
 import os
-from collections.abc import Sequence
 
 import torch
 from transformers import BatchFeature, Pipeline

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .indexing import MANIFEST, IndexMismatchError, VideoIndex, read_manifest
+from .index_catalog import IndexCatalog
+from .indexing import IndexMismatchError, VideoIndex, index_exists, read_index_settings
 from .loading import load_model
 from .modeling_crosstvr import CrossTVRModel
 from .processing_crosstvr import CrossTVRProcessor, read_video
@@ -80,13 +81,15 @@ class LibraryService:
         processor: CrossTVRProcessor | None = None,
     ):
         self.index_dir = os.path.abspath(os.fspath(index_dir))
-        manifest = read_manifest(self.index_dir)
+        settings = read_index_settings(self.index_dir)
         if model is None:
-            model_name = model_name if model_name is not None else (manifest or {}).get("model_name")
+            model_name = model_name if model_name is not None else (settings or {}).get("model_name")
             model, processor = load_model(model_name)
         self.model, self.processor, self.model_name = model, processor, model_name
-        if library_dir is None and manifest and manifest["videos"]:
-            library_dir = os.path.commonpath([os.path.dirname(path) for path in manifest["videos"]])
+        if library_dir is None and os.path.exists(IndexCatalog.path_in(self.index_dir)):
+            catalog = IndexCatalog(IndexCatalog.path_in(self.index_dir))
+            library_dir = catalog.library_root()
+            catalog.close()
         self.library_dir = None if library_dir is None else os.path.realpath(os.fspath(library_dir))
         self._lock = threading.Lock()  # guards the index swap
         self._adding = threading.Lock()  # one update of the index at a time
@@ -101,7 +104,7 @@ class LibraryService:
     def _open(self) -> None:
         """(Re)open the index folder, or record why it cannot be searched."""
         index, problem = None, None
-        if not os.path.exists(os.path.join(self.index_dir, MANIFEST)):
+        if not index_exists(self.index_dir):
             problem = f"There is no video index in {self.index_dir} yet. " + (
                 f"Press \"Index the library\" to build it from {self.library_dir}."
                 if self.library_dir
@@ -128,9 +131,9 @@ class LibraryService:
             index, problem = self.index, self.problem
         if index is None:
             return f"Model: {model}. {problem}"
-        changed = os.path.getmtime(os.path.join(self.index_dir, MANIFEST))
-        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(changed))
-        skipped = len(index.manifest["skipped"])
+        changed = index.settings.get("updated")
+        updated = "never" if changed is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(changed))
+        skipped = index.catalog.skipped_count()
         line = (f"Model: {model} · library: {self.library_dir} · {len(index)} videos indexed, {skipped} skipped · "
                 f"index updated {updated}")
         return line + (f" · {problem}" if problem else "")
@@ -202,7 +205,7 @@ class LibraryService:
     def resolve(self, path: str) -> str:
         """`path` if it is an indexed video inside the library folder (links resolved); otherwise a refusal."""
         index = self._searchable()
-        if self.library_dir is None or not _inside(path, self.library_dir) or path not in index.manifest["videos"]:
+        if self.library_dir is None or not _inside(path, self.library_dir) or path not in index:
             raise LibraryError("Only indexed videos of the library can be shown.")
         return path
 

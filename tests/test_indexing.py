@@ -11,6 +11,7 @@ from PIL import Image
 
 from crosstvr.cli import main
 from crosstvr.default_model import build_tiny_model, load_default_model
+from crosstvr.index_catalog import IndexCatalog
 from crosstvr.indexing import IndexMismatchError, VideoIndex, write_contact_sheet
 from crosstvr.synthetic import write_sample_library
 
@@ -43,7 +44,7 @@ def index_contents(index: VideoIndex) -> dict[str, torch.Tensor]:
     """Every indexed video's stage-1 embedding and stage-2 tokens, by path."""
     contents = {}
     for path, embeds in zip(index.paths, index.stage1_embeddings()):
-        entry = index.manifest["videos"][path]
+        entry = index.entry(path)
         contents[path] = (embeds, index._reader.row(f"{entry['chunk']}.safetensors", entry["row"])["vision_tokens"])
     return contents
 
@@ -71,7 +72,7 @@ def test_index_and_search_round_trip(library, tmp_path):
     stage_one = index.search(query, k=4, rerank=False)
     assert [hit.coarse_score for hit in stage_one.hits] == pytest.approx(sorted(similarity, reverse=True)[:4], abs=1e-5)
 
-    reopened = VideoIndex.open(tmp_path / "index")  # loads the model the manifest names: the embedded default
+    reopened = VideoIndex.open(tmp_path / "index")  # loads the model the catalog names: the embedded default
     assert [hit.path for hit in reopened.search(query, k=5, top_k_rerank=3).hits] == [h.path for h in result.hits[:5]]
 
 
@@ -80,8 +81,8 @@ def test_faiss_and_exact_search_agree(model_and_processor, library, tmp_path):
     model, processor = model_and_processor
     with_faiss = VideoIndex.build(library, tmp_path / "faiss", model, processor, faiss_index="hnsw", num_workers=0)
     exact = VideoIndex.build(library, tmp_path / "exact", model, processor, faiss_index=None, num_workers=0)
-    assert with_faiss.manifest["faiss"]["kind"] == "hnsw" and exact.manifest["faiss"] is None
-    assert os.path.exists(tmp_path / "faiss" / "faiss.index")
+    assert with_faiss.settings["faiss"]["kind"] == "hnsw" and exact.settings["faiss"] is None
+    assert os.path.exists(tmp_path / "faiss" / with_faiss.settings["faiss"]["file"])
     for query in ("a blue square moves up", "a yellow triangle moves right", "a green circle"):
         approximate, reference = with_faiss.search(query, k=9, rerank=False), exact.search(query, k=9, rerank=False)
         assert [h.path for h in approximate.hits] == [h.path for h in reference.hits]
@@ -107,8 +108,9 @@ def test_resume_after_a_kill_gives_the_same_index(model_and_processor, library, 
     monkeypatch.setattr(indexing, "encode_videos", killed_during_the_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         VideoIndex.build(library, tmp_path / "resumed", model, processor, chunk_size=2, num_workers=0)
-    partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
-    assert len(partial["videos"]) == 4 and len(partial["chunks"]) == 2
+    partial = IndexCatalog(IndexCatalog.path_in(tmp_path / "resumed"))  # what a kill leaves: the finished chunks
+    assert len(partial) == 4 and len(partial.chunks()) == 2
+    partial.close()
     assert not [name for name in os.listdir(tmp_path / "resumed" / "chunks") if "partial" in name]
     monkeypatch.setattr(indexing, "encode_videos", original)
     calls.clear()
@@ -138,7 +140,7 @@ def test_incremental_updates(model_and_processor, library, tmp_path):
     os.remove(first[0])
     shutil.copy(first[2], first[1])  # changed content (and size/mtime)
     write_sample_library(library / "c", count=2, seed=5, size=48)
-    chunks_before = set(index.manifest["chunks"])
+    chunks_before = index.catalog.chunks()
     update = index.add(library, chunk_size=3, num_workers=0)
     assert update["removed"] == sorted([first[0], *nested])
     assert update["updated"] == [first[1]]
@@ -147,8 +149,8 @@ def test_incremental_updates(model_and_processor, library, tmp_path):
     after = index_contents(index)
     torch.testing.assert_close(after[first[1]][0], after[first[2]][0])  # re-encoded from its new content
     torch.testing.assert_close(after[first[3]][0], before[first[3]][0])  # untouched videos keep their values
-    # The chunk that held only the nested videos is gone from disk and manifest.
-    gone = chunks_before - set(index.manifest["chunks"])
+    # The chunk that held only the nested videos is gone from disk and catalog.
+    gone = chunks_before - index.catalog.chunks()
     assert gone and not any(name.startswith(tuple(gone)) for name in os.listdir(tmp_path / "index" / "chunks"))
 
 
@@ -241,7 +243,7 @@ def test_two_processes_split_the_indexing(library, tmp_path):
     assert "5/5" in result.stderr and "9/9" not in result.stderr, result.stderr[-3000:]
     two = VideoIndex.open(tmp_path / "two")
     one = VideoIndex.build(library, tmp_path / "one", model, processor, chunk_size=2, num_workers=0)
-    assert len(two) == 9 and len(two.manifest["chunks"]) == 5
+    assert len(two) == 9 and len(two.catalog.chunks()) == 5
     expected, actual = index_contents(one), index_contents(two)
     assert expected.keys() == actual.keys()
     for path in expected:
@@ -262,3 +264,89 @@ def test_ivf_index_trains_on_a_sample_and_finds_every_vector():
     assert (found[:, 0] == np.arange(100)).mean() >= 0.95
     small, kind, _ = build_faiss_index(embeddings[:500], "ivf")  # too few vectors for lists: exact
     assert kind == "flat" and small.ntotal == 500
+
+
+def _as_format_one(index_dir) -> None:
+    """Rewrite a catalog index as the first format wrote it: one manifest.json, the FAISS index as faiss.index."""
+    catalog = IndexCatalog(IndexCatalog.path_in(index_dir))
+    settings = catalog.settings()
+    videos = {path: catalog.entry(path) for path, _, _ in catalog.rows_in_order()}
+    manifest = {
+        "format_version": 1, "model_name": settings["model_name"], "model": settings["model"],
+        "processor": settings["processor"], "videos": videos,
+        "skipped": {path: list(value) for path, value in catalog.skipped().items()},
+        "chunks": sorted(catalog.chunks()),
+        "faiss": {key: value for key, value in settings["faiss"].items() if key != "file"},
+    }
+    catalog.close()
+    os.replace(os.path.join(index_dir, settings["faiss"]["file"]), os.path.join(index_dir, "faiss.index"))
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(IndexCatalog.path_in(index_dir) + suffix):
+            os.remove(IndexCatalog.path_in(index_dir) + suffix)
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_first_format_index_is_migrated_on_open(model_and_processor, media_dir, library, tmp_path):
+    pytest.importorskip("faiss")
+    model, processor = model_and_processor
+    shutil.copy(os.path.join(media_dir, "corrupt.mp4"), library / "corrupt.mp4")
+    index = VideoIndex.build(library, tmp_path / "index", model, processor, chunk_size=4, num_workers=0)
+    queries = ("a red circle moves left", "a blue square")
+    before = [[(h.path, round(h.score, 5)) for h in index.search(q, k=6, top_k_rerank=3).hits] for q in queries]
+    contents = index_contents(index)
+    index.catalog.close()
+    _as_format_one(tmp_path / "index")
+
+    migrated = VideoIndex(tmp_path / "index", model, processor)
+    assert not (tmp_path / "index" / "manifest.json").exists() and not (tmp_path / "index" / "faiss.index").exists()
+    assert migrated.settings["format_version"] == 2 and migrated.settings["faiss"]["kind"] == "flat"
+    assert [os.path.basename(p) for p in migrated.catalog.skipped()] == ["corrupt.mp4"]
+    after = [[(h.path, round(h.score, 5)) for h in migrated.search(q, k=6, top_k_rerank=3).hits] for q in queries]
+    assert after == before
+    assert index_contents(migrated).keys() == contents.keys()
+    # Updating the migrated index works as on any other: the unchanged library adds nothing, a new video is added.
+    assert migrated.add(library, num_workers=0)["added"] == []
+    write_sample_library(library / "new", count=1, seed=9)
+    assert len(migrated.add(library, num_workers=0)["added"]) == 1 and len(migrated) == 10
+
+
+def test_index_of_an_unknown_format_is_refused_with_the_fix(model_and_processor, library, tmp_path):
+    model, processor = model_and_processor
+    index = VideoIndex.build(library, tmp_path / "index", model, processor, num_workers=0)
+    with index.catalog.transaction() as connection:
+        index.catalog.set_settings(connection, format_version=99)
+    with pytest.raises(IndexMismatchError, match="index format 99.*rebuild it"):
+        VideoIndex(tmp_path / "index", model, processor)
+
+
+def test_a_changed_video_alone_in_its_chunk_is_re_encoded(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    library = tmp_path / "one"
+    write_sample_library(library, count=1, seed=3)
+    index = VideoIndex.build(library, tmp_path / "index", model, processor, num_workers=0, faiss_index=None)
+    (path,) = index.paths
+    before = index.stage1_embeddings().clone()
+    write_sample_library(tmp_path / "other", count=1, seed=4, size=48)
+    shutil.copy(tmp_path / "other" / os.path.basename(path), path)  # same name, other content
+    update = index.add(library, num_workers=0, faiss_index=None)
+    assert update["updated"] == [path] and update["total"] == len(index) == 1
+    assert not torch.allclose(index.stage1_embeddings(), before)
+    assert index.search("a red circle", k=1).hits[0].path == path
+
+
+def test_search_follows_an_update_made_by_another_index_object(model_and_processor, library, tmp_path):
+    pytest.importorskip("faiss")
+    model, processor = model_and_processor
+    searcher = VideoIndex.build(library, tmp_path / "index", model, processor, num_workers=0)
+    query = "a green triangle moves down"
+    searcher.search(query, k=3)  # loads generation 1's FAISS index
+    write_sample_library(library / "later", count=3, seed=11)
+    shutil.rmtree(library / "b")
+    updater = VideoIndex(tmp_path / "index", model, processor)
+    updater.add(library, num_workers=0)  # renumbers the positions: the searcher's FAISS rows mean other videos now
+    reference = VideoIndex.build(library, tmp_path / "fresh", model, processor, num_workers=0)
+    for rerank in (False, True):
+        found = searcher.search(query, k=9, rerank=rerank)
+        expected = reference.search(query, k=9, rerank=rerank)
+        assert [(h.path, round(h.score, 5)) for h in found.hits] == [(h.path, round(h.score, 5)) for h in expected.hits]
+    assert [name for name in os.listdir(tmp_path / "index") if name.startswith("faiss")] == ["faiss-2.index"]

@@ -77,8 +77,8 @@ def test_only_indexed_videos_of_the_library_are_resolved(service, built, tmp_pat
     link = library / "link.mp4"  # a link inside the library to a file outside it
     os.symlink(outside, link)
     try:
-        for path in ("/etc/passwd", str(outside), str(link), f"{library}/../index/manifest.json",
-                     str(index / "manifest.json")):
+        for path in ("/etc/passwd", str(outside), str(link), f"{library}/../index/catalog.sqlite",
+                     str(index / "catalog.sqlite")):
             with pytest.raises(LibraryError, match="Only indexed videos"):
                 service.resolve(path)
             with pytest.raises(LibraryError):
@@ -173,7 +173,7 @@ def _status(url: str) -> int:
 def test_files_outside_the_library_are_refused(server, built):
     library, index, _ = built
     assert _status(f"{server}gradio_api/file={library}/000.mp4") == 200
-    for path in ("/etc/passwd", f"{index}/manifest.json", f"{library}/../index/manifest.json", f"{library}/%2e%2e/x"):
+    for path in ("/etc/passwd", f"{index}/catalog.sqlite", f"{library}/../index/catalog.sqlite", f"{library}/%2e%2e/x"):
         assert _status(f"{server}gradio_api/file={path}") in (403, 404), path
 
 

@@ -1,0 +1,229 @@
+"""The bookkeeping of a video index in SQLite: its settings, which videos are indexed in which chunk row, which files
+could not be read and why, and the order of the videos in the stage-1 search structures.
+
+    catalog.sqlite
+      settings(key, value)                  JSON values: format version, model name and fingerprints, FAISS parameters,
+                                            the generation of `positions`, the time of the last update
+      videos(path, size, mtime_ns, chunk, row)
+      skipped(path, size, mtime_ns, reason)
+      chunks(name)                          every chunk recorded (its videos may since have been re-encoded elsewhere)
+      positions(position, path)             row i of the FAISS index / stage-1 matrix is the video at position i
+
+The database runs in WAL mode: readers (searches) never wait for the writer, and every chunk is recorded in one
+transaction, so an index killed at any moment reopens at the last recorded chunk. Memory and disk writes grow with a
+chunk, not with the library: nothing holds the whole library in memory except what a caller asks for.
+"""
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+
+CATALOG = "catalog.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS videos (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, chunk TEXT NOT NULL, row INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS videos_by_chunk ON videos (chunk);
+CREATE TABLE IF NOT EXISTS skipped (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                                    reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS positions (position INTEGER PRIMARY KEY, path TEXT NOT NULL);
+"""
+
+
+class IndexCatalog:
+    """
+    One index's `catalog.sqlite` (see the module docstring). A catalog object may be used from several threads (a
+    search page answers queries in a thread pool); its statements are serialised by a lock, and several catalog
+    objects, in threads or processes, may read while one writes.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints, never corrupt (WAL)
+            self._connection.executescript(SCHEMA)
+
+    @staticmethod
+    def path_in(index_dir: str | os.PathLike) -> str:
+        return os.path.join(os.fspath(index_dir), CATALOG)
+
+    def journal_mode(self, mode: str) -> None:
+        """SQLite's journal mode ("WAL", or "DELETE" to fold the write-ahead log into the file)."""
+        with self._lock:
+            self._connection.execute(f"PRAGMA journal_mode={mode}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction: everything inside it is recorded together or not at all; a read transaction sees one
+        snapshot of the database."""
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    def _query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._connection.execute(sql, parameters).fetchall()
+
+    # -- settings ----------------------------------------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        return {key: json.loads(value) for key, value in self._query("SELECT key, value FROM settings")}
+
+    def set_settings(self, connection: sqlite3.Connection, **values) -> None:
+        """Inside a transaction: store `values` (JSON-serialisable) under their keys."""
+        connection.executemany(
+            "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+            [(key, json.dumps(value)) for key, value in values.items()],
+        )
+
+    # -- videos ------------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._query("SELECT COUNT(*) FROM videos")[0][0]
+
+    def __contains__(self, path: str) -> bool:
+        return bool(self._query("SELECT 1 FROM videos WHERE path = ?", (path,)))
+
+    def entry(self, path: str) -> dict | None:
+        """`{"stat": [size, mtime_ns], "chunk", "row"}` of an indexed video, or None."""
+        found = self._query("SELECT size, mtime_ns, chunk, row FROM videos WHERE path = ?", (path,))
+        return {"stat": list(found[0][:2]), "chunk": found[0][2], "row": found[0][3]} if found else None
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A connection of its own reading one snapshot, for long reads that hand out rows as they go."""
+        connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=60)
+        try:
+            connection.execute("BEGIN")
+            yield connection
+        finally:
+            connection.close()
+
+    def stats(self) -> Iterator[tuple[str, list[int], bool]]:
+        """Every indexed or skipped file: `(path, [size, mtime_ns], indexed)`, read in batches."""
+        with self._snapshot() as connection:
+            for table, indexed in (("videos", True), ("skipped", False)):
+                cursor = connection.execute(f"SELECT path, size, mtime_ns FROM {table} ORDER BY path")
+                while rows := cursor.fetchmany(10_000):
+                    yield from ((path, [size, mtime], indexed) for path, size, mtime in rows)
+
+    def skipped(self) -> dict[str, tuple[list[int], str]]:
+        """Files that could not be indexed: path -> ([size, mtime_ns], reason)."""
+        return {path: ([size, mtime], reason)
+                for path, size, mtime, reason in self._query("SELECT path, size, mtime_ns, reason FROM skipped")}
+
+    def skipped_count(self) -> int:
+        return self._query("SELECT COUNT(*) FROM skipped")[0][0]
+
+    def library_root(self) -> str | None:
+        """The deepest folder holding every indexed video (from the first and last path in sorted order)."""
+        first_last = self._query("SELECT MIN(path), MAX(path) FROM videos")[0]
+        if first_last[0] is None:
+            return None
+        return os.path.commonpath([os.path.dirname(path) for path in first_last])
+
+    def chunks(self) -> set[str]:
+        return {name for (name,) in self._query("SELECT name FROM chunks")}
+
+    def record_chunk(
+        self, name: str, videos: Iterable[tuple[str, list[int], int]], skipped: dict[str, tuple[list[int], str]]
+    ) -> None:
+        """Record a finished chunk in one transaction: its `videos` (path, [size, mtime_ns], row) and the files it
+        could not read, `skipped` (path -> ([size, mtime_ns], reason))."""
+        videos = list(videos)
+        with self.transaction() as connection:
+            connection.executemany("DELETE FROM skipped WHERE path = ?", [(path,) for path, _, _ in videos])
+            connection.executemany(
+                "INSERT OR REPLACE INTO videos (path, size, mtime_ns, chunk, row) VALUES (?, ?, ?, ?, ?)",
+                [(path, stat[0], stat[1], name, row) for path, stat, row in videos],
+            )
+            connection.executemany(
+                "INSERT OR REPLACE INTO skipped (path, size, mtime_ns, reason) VALUES (?, ?, ?, ?)",
+                [(path, stat[0], stat[1], reason) for path, (stat, reason) in skipped.items()],
+            )
+            connection.execute("INSERT OR IGNORE INTO chunks (name) VALUES (?)", (name,))
+
+    def forget(self, videos: Iterable[str] = (), skipped: Iterable[str] = ()) -> None:
+        """Drop `videos` (deleted or about to be re-encoded) and `skipped` entries (their files changed or went)."""
+        with self.transaction() as connection:
+            connection.executemany("DELETE FROM videos WHERE path = ?", [(path,) for path in videos])
+            connection.executemany("DELETE FROM skipped WHERE path = ?", [(path,) for path in skipped])
+
+    def dead_chunks(self) -> list[str]:
+        """Chunks none of whose rows is indexed any more."""
+        return [name for (name,) in self._query(
+            "SELECT name FROM chunks WHERE name NOT IN (SELECT DISTINCT chunk FROM videos) ORDER BY name")]
+
+    def drop_chunks(self, names: Iterable[str]) -> None:
+        with self.transaction() as connection:
+            connection.executemany("DELETE FROM chunks WHERE name = ?", [(name,) for name in names])
+
+    # -- positions: the order of the stage-1 search structures --------------------------------------------------------
+
+    def renumber(self, generation: int, **settings) -> None:
+        """Number the indexed videos 0..N-1 in path order (the order of `rows_by_path`, in which the caller built the
+        search structures of `generation`), and store `generation` and `settings`, in one transaction."""
+        with self.transaction() as connection:
+            connection.execute("DELETE FROM positions")
+            connection.execute(
+                "INSERT INTO positions (position, path) SELECT ROW_NUMBER() OVER (ORDER BY path) - 1, path FROM videos"
+            )
+            self.set_settings(connection, generation=generation, updated=time.time(), **settings)
+
+    def generation(self) -> int:
+        found = self._query("SELECT value FROM settings WHERE key = 'generation'")
+        return json.loads(found[0][0]) if found else 0
+
+    def rows_at(self, positions: list[int]) -> tuple[int, list[tuple[str, str, int]]]:
+        """The generation and, for each position, `(path, chunk, row)` (None where the video has gone since the
+        positions were numbered: an update is under way), read from one snapshot."""
+        with self.transaction(write=False) as connection:
+            generation = json.loads(
+                (connection.execute("SELECT value FROM settings WHERE key = 'generation'").fetchone() or ("0",))[0]
+            )
+            found = {}
+            for start in range(0, len(positions), 500):  # SQLite limits the parameters of one statement
+                batch = positions[start : start + 500]
+                found.update(
+                    (position, (path, chunk, row))
+                    for position, path, chunk, row in connection.execute(
+                        "SELECT positions.position, videos.path, videos.chunk, videos.row FROM positions "
+                        f"JOIN videos ON videos.path = positions.path WHERE position IN ({','.join('?' * len(batch))})",
+                        batch,
+                    )
+                )
+        return generation, [found.get(position) for position in positions]
+
+    def rows_in_order(self, by_path: bool = False, batch: int = 10_000) -> Iterator[tuple[str, str, int]]:
+        """`(path, chunk, row)` of every position in order (`by_path`: of every indexed video in path order, the order
+        the next `renumber` gives them), read in batches from one snapshot."""
+        sql = (
+            "SELECT path, chunk, row FROM videos ORDER BY path"
+            if by_path
+            else "SELECT videos.path, videos.chunk, videos.row FROM positions "
+            "JOIN videos ON videos.path = positions.path ORDER BY positions.position"
+        )
+        with self._snapshot() as connection:
+            cursor = connection.execute(sql)
+            while rows := cursor.fetchmany(batch):
+                yield from rows
