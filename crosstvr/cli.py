@@ -61,7 +61,12 @@ def search(args: argparse.Namespace) -> int:
 
     model, processor = load_model(args.model) if args.model else (None, None)
     video_index = VideoIndex.open(args.index, model, processor)
-    result = video_index.search(args.query, k=args.k, top_k_rerank=args.top_k_rerank, rerank=not args.no_rerank)
+    try:
+        result = video_index.search(args.query, k=args.k, top_k_rerank=args.top_k_rerank, rerank=not args.no_rerank,
+                                    nprobe=args.nprobe, ef_search=args.ef_search)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:
@@ -191,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser_index.add_argument("--decoding", choices=("exact", "reference_frames"),
                               help="exact sampled frames (decord), or the nearest reference frames, about twice as "
                               "fast (PyAV, skips non-reference frames); default: the processor's (exact)")
-    parser_index.add_argument("--faiss", choices=("flat", "ivf", "hnsw", "none"), default="flat",
-                              help="stage-1 ANN index when faiss-cpu is installed (default: flat, exact)")
+    parser_index.add_argument("--faiss", choices=("flat", "ivf", "hnsw", "ivfpq", "none"), default="flat",
+                              help="stage-1 ANN index when faiss-cpu is installed (default: flat, exact; ivfpq: "
+                              "at most 64 bytes a video in memory, for tens of millions of videos)")
     parser_index.set_defaults(handler=index)
 
     parser_search = commands.add_parser("search", help="search an index by text",
@@ -205,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser_search.add_argument("--json", action="store_true", help="print the results as JSON")
     parser_search.add_argument("--contact-sheet", help="write a PNG with a few frames of every result")
     parser_search.add_argument("--model", help="the model (default: the one the index was built with)")
+    parser_search.add_argument("--nprobe", type=int, help="IVF lists probed (ivf/ivfpq indexes; default: the index's)")
+    parser_search.add_argument("--ef-search", type=int, help="HNSW search breadth (hnsw indexes; default: the index's)")
     parser_search.set_defaults(handler=search)
 
     parser_demo = commands.add_parser(

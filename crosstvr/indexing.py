@@ -54,7 +54,11 @@ from .video_store import (
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-FAISS_KINDS = ("flat", "ivf", "hnsw")
+FAISS_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+# IVF-PQ's codes: at most this many bytes per video in memory, the 8-byte id its inverted lists keep included.
+IVFPQ_BYTES_PER_VIDEO = 64
+IVFPQ_MIN_VIDEOS = 10_000  # 256 centroids per sub-quantiser need about 39 x 256 training vectors
+IVFPQ_RESCORE = 4  # the PQ shortlist is this many times the candidates wanted, re-scored with exact embeddings
 LEGACY_MANIFEST = "manifest.json"  # format 1: the whole bookkeeping in one JSON document
 CHUNKS = "chunks"
 HEADER_KEYS = ("format_version", "model_name", "model", "processor", "faiss")
@@ -150,8 +154,11 @@ def _faiss():
 def build_faiss_index(embeddings, kind: str):
     """
     A FAISS inner-product index of `(count, dim)` float32 `embeddings`: "flat" (exact), "ivf" (IVFFlat with
-    4 sqrt(count) lists, 128 probed; flat below 1,024 vectors, too few to train the lists) or "hnsw" (M 32,
-    efConstruction 200, efSearch 128). Returns (index, the kind built, its parameters).
+    4 sqrt(count) lists, 128 probed; flat below 1,024 vectors, too few to train the lists), "hnsw" (M 32,
+    efConstruction 200, efSearch 128) or "ivfpq" (IVF lists as "ivf" holding product-quantised codes of m bytes, m the
+    largest divisor of `dim` with m + 8 <= 64 bytes per video; flat below 10,000 vectors; searches re-score a shortlist
+    4 times the candidates wanted with the exact embeddings the chunks keep). Returns (index, the kind built, its
+    parameters).
 
     128 probes: on a million clustered 512-d embeddings, recall of the exact top 15 is 0.996 at 9 ms per query on two
     CPU cores (32 probes: 0.954 at 3 ms); see `benchmarks/bench_performance.py --sections search`.
@@ -159,7 +166,14 @@ def build_faiss_index(embeddings, kind: str):
     faiss = _faiss()
     count, dim = embeddings.shape
     params = {}
-    if kind == "ivf" and count >= 1024:
+    if kind == "ivfpq" and count >= IVFPQ_MIN_VIDEOS:
+        m = max(m for m in range(1, dim + 1) if dim % m == 0 and m + 8 <= IVFPQ_BYTES_PER_VIDEO)
+        params = {"nlist": int(4 * count**0.5), "m": m, "nbits": 8, "nprobe": 128, "rescore": IVFPQ_RESCORE}
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], m, 8, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(count, min(count, max(40 * params["nlist"], 64 * 256)), replace=False)
+        index.train(embeddings[np.sort(sample)])
+        index.nprobe = params["nprobe"]
+    elif kind == "ivf" and count >= 1024:
         params = {"nlist": int(4 * count**0.5), "nprobe": 128}
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
         # k-means on a sample of 40 vectors per list (FAISS asks for 39 to 256 per list): on all of a million
@@ -173,8 +187,8 @@ def build_faiss_index(embeddings, kind: str):
         index.hnsw.efConstruction = params["efConstruction"]
         index.hnsw.efSearch = params["efSearch"]
     else:
-        if kind == "ivf":
-            logger.info("%d videos are too few to train IVF lists: using an exact (flat) FAISS index", count)
+        if kind in ("ivf", "ivfpq"):
+            logger.info("%d videos are too few to train %s: using an exact (flat) FAISS index", count, kind.upper())
         kind = "flat"
         index = faiss.IndexFlatIP(dim)
     index.add(embeddings)
@@ -484,42 +498,74 @@ class VideoIndex:
             self._embeds = self._gather_stage1(self.catalog.rows_in_order(), len(self))
         return self._embeds
 
-    def _stage1_top(self, text_embeds: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The best `n` videos by stage-1 similarity: `(scores (n,), positions (n,))`, FAISS or exact."""
+    def _stage1_top(
+        self, text_embeds: torch.Tensor, n: int, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best `n` videos by stage-1 similarity: `(scores (n,), positions (n,))`, FAISS (with `nprobe` lists
+        probed or `ef_search` for this query instead of the index's settings) or exact."""
         faiss_info = self._settings.get("faiss")
         faiss = _faiss()
         if faiss_info is not None and faiss is not None:
             if self._faiss_index is None:
                 self._faiss_index = faiss.read_index(os.path.join(self.index_dir, faiss_info["file"]))
-                if "nprobe" in faiss_info["params"]:
-                    self._faiss_index.nprobe = faiss_info["params"]["nprobe"]
-                if "efSearch" in faiss_info["params"]:
-                    self._faiss_index.hnsw.efSearch = faiss_info["params"]["efSearch"]
+            params = faiss_info["params"]
+            if nprobe is not None and "nprobe" not in params:
+                raise ValueError(f"nprobe applies to IVF indexes; the index in {self.index_dir} is {faiss_info['kind']}")
+            if ef_search is not None and "efSearch" not in params:
+                raise ValueError(f"ef_search applies to HNSW indexes; the index in {self.index_dir} is "
+                                 f"{faiss_info['kind']}")
+            if "nprobe" in params:
+                self._faiss_index.nprobe = params["nprobe"] if nprobe is None else nprobe
+            if "efSearch" in params:
+                self._faiss_index.hnsw.efSearch = params["efSearch"] if ef_search is None else ef_search
             scores, rows = self._faiss_index.search(text_embeds.float().numpy(), n)
             keep = rows[0] >= 0
             return torch.from_numpy(scores[0][keep]), torch.from_numpy(rows[0][keep]).long()
+        if nprobe is not None or ef_search is not None:
+            raise ValueError(f"nprobe and ef_search apply to FAISS IVF / HNSW indexes; {self.index_dir} has none")
         similarity = self.stage1_embeddings() @ text_embeds[0].float()  # (videos,)
         order = similarity.sort(descending=True, stable=True).indices[:n]
         return similarity[order], order
 
-    def _candidates(self, text_embeds: torch.Tensor, n: int) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
+    def _candidates(
+        self, text_embeds: torch.Tensor, n: int, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
         """Stage 1's best `n`: scores and (path, chunk, row), from one generation of the stage-1 structures (an update
-        that renumbers them between ranking and reading the rows makes this rank again)."""
+        that renumbers them between ranking and reading the rows makes this rank again). A product-quantised index's
+        shortlist (`rescore` times `n`) is re-scored with the exact embeddings of the chunks."""
         for _ in range(3):
             self._refresh()
-            scores, positions = self._stage1_top(text_embeds, min(n, len(self)))
+            rescore = ((self._settings.get("faiss") or {}).get("params") or {}).get("rescore", 1)
+            scores, positions = self._stage1_top(text_embeds, min(n * rescore, len(self)), nprobe, ef_search)
             generation, rows = self.catalog.rows_at(positions.tolist())
-            if generation == self._generation:
-                keep = [i for i, row in enumerate(rows) if row is not None]  # videos removed by an update under way
-                return scores[keep], [rows[i] for i in keep]
+            if generation != self._generation:
+                continue
+            keep = [i for i, row in enumerate(rows) if row is not None]  # videos removed by an update under way
+            scores, rows = scores[keep], [rows[i] for i in keep]
+            if rescore > 1:
+                exact = torch.stack(
+                    [self._reader.value(f"{chunk}.safetensors", "video_embeds", row) for _, chunk, row in rows]
+                ).float() @ text_embeds[0].float()  # (shortlist,)
+                order = exact.sort(descending=True, stable=True).indices[:n]
+                scores, rows = exact[order], [rows[i] for i in order.tolist()]
+            return scores, rows
         raise RuntimeError(f"the index in {self.index_dir} changed during three searches in a row; search again")
 
     @torch.no_grad()
-    def search(self, query: str, k: int = 10, top_k_rerank: int | None = None, rerank: bool = True) -> SearchResult:
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        top_k_rerank: int | None = None,
+        rerank: bool = True,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> SearchResult:
         """
         The `k` best videos for `query`: the stage-1 top K (`top_k_rerank`, default the model's `rerank_top_k`)
         re-ranked by s_coarse + w * s_fine, then the next ones in stage-1 order. `rerank=False` gives stage 1 alone.
-        The result's `stage1_hits` are stage 1's own top `k`, from the same pass.
+        The result's `stage1_hits` are stage 1's own top `k`, from the same pass. `nprobe` (IVF, IVF-PQ) and
+        `ef_search` (HNSW) trade speed for recall in this search (default: the index's, in its settings).
         """
         if not len(self):
             raise ValueError(f"the index in {self.index_dir} holds no video")
@@ -528,7 +574,7 @@ class VideoIndex:
         text_embeds = self.model.get_text_features(
             text["input_ids"].to(self.model.device), text["attention_mask"].to(self.model.device)
         ).cpu()
-        scores, entries = self._candidates(text_embeds, max(k, top_k if rerank else 0))
+        scores, entries = self._candidates(text_embeds, max(k, top_k if rerank else 0), nprobe, ef_search)
         candidates = [path for path, _, _ in entries]
         stage1_hits = [
             SearchHit(rank=i + 1, path=path, score=score, coarse_score=score, reranked=False)

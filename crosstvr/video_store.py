@@ -176,13 +176,16 @@ class ShardReader:
         """A whole tensor of a shard (memory-mapped)."""
         return self._file(name).get_tensor(key)
 
+    def value(self, name: str, key: str, row: int) -> torch.Tensor:
+        """One video's value of `key` (reads that row only)."""
+        return self._file(name).get_slice(key)[row : row + 1][0]
+
     def row(self, name: str, row: int) -> dict[str, torch.Tensor]:
         """The values of one video: `vision_tokens` (T, N, D), `video_embeds` (P,), `video_mask` (T,) as long."""
-        file = self._file(name)
         return {
-            "vision_tokens": file.get_slice("vision_tokens")[row : row + 1][0],
-            "video_embeds": file.get_slice("video_embeds")[row : row + 1][0],
-            "video_mask": file.get_slice("video_mask")[row : row + 1][0].long(),
+            "vision_tokens": self.value(name, "vision_tokens", row),
+            "video_embeds": self.value(name, "video_embeds", row),
+            "video_mask": self.value(name, "video_mask", row).long(),
         }
 
     def close(self, name: str) -> None:

@@ -350,3 +350,62 @@ def test_search_follows_an_update_made_by_another_index_object(model_and_process
         expected = reference.search(query, k=9, rerank=rerank)
         assert [(h.path, round(h.score, 5)) for h in found.hits] == [(h.path, round(h.score, 5)) for h in expected.hits]
     assert [name for name in os.listdir(tmp_path / "index") if name.startswith("faiss")] == ["faiss-2.index"]
+
+
+def test_ivfpq_fits_its_byte_budget_and_finds_neighbours():
+    faiss = pytest.importorskip("faiss")
+    from crosstvr.indexing import build_faiss_index
+
+    generator = np.random.default_rng(0)
+    centres = generator.standard_normal((50, 64)).astype(np.float32)
+    embeddings = centres[generator.integers(0, 50, 12_000)] + 0.3 * generator.standard_normal((12_000, 64),
+                                                                                             dtype=np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    index, kind, params = build_faiss_index(embeddings, "ivfpq")
+    assert kind == "ivfpq" and params["m"] == 32 and params["rescore"] == 4  # 32 bytes of code + an 8-byte id
+    assert index.code_size + 8 <= 64 and isinstance(index, faiss.IndexIVFPQ)
+    _, found = index.search(embeddings[:50], 4 * 15)
+    assert np.mean([row in hits for row, hits in zip(range(50), found)]) >= 0.9
+    small, kind, _ = build_faiss_index(embeddings[:5000], "ivfpq")  # too few to train 256 centroids per code: exact
+    assert kind == "flat"
+
+
+def test_product_quantised_shortlist_is_re_scored_exactly(model_and_processor, library, tmp_path):
+    """An IVF-PQ index's scores are approximate; search re-scores its shortlist with the chunks' exact embeddings."""
+    faiss = pytest.importorskip("faiss")
+    model, processor = model_and_processor
+    exact = VideoIndex.build(library, tmp_path / "exact", model, processor, faiss_index=None, num_workers=0)
+    index = VideoIndex.build(library, tmp_path / "pq", model, processor, num_workers=0)
+    embeddings = index.stage1_embeddings().numpy()
+    dim = embeddings.shape[1]
+    coarse = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, 1, dim // 4, 2, faiss.METRIC_INNER_PRODUCT)  # 4 centroids
+    coarse.train(embeddings)
+    coarse.add(embeddings)
+    faiss.write_index(coarse, str(tmp_path / "pq" / "faiss-9.index"))
+    info = {"kind": "ivfpq", "params": {"nlist": 1, "m": dim // 4, "nbits": 2, "nprobe": 1, "rescore": 4},
+            "count": 9, "file": "faiss-9.index"}
+    index.catalog.renumber(9, faiss=info)
+    for query in ("a blue square moves up", "a yellow triangle moves right"):
+        for rerank in (False, True):
+            found, expected = index.search(query, k=3, rerank=rerank), exact.search(query, k=3, rerank=rerank)
+            assert [(h.path, round(h.score, 5)) for h in found.hits] == [
+                (h.path, round(h.score, 5)) for h in expected.hits]
+    assert [h.path for h in index.search(query, k=3, nprobe=1).hits] == [h.path for h in found.hits]
+
+
+def test_search_knobs_per_query(library, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    model, processor = load_default_model()  # what the command line searches with
+    hnsw = VideoIndex.build(library, tmp_path / "hnsw", model, processor, faiss_index="hnsw", num_workers=0)
+    query = "a red square moves left"
+    reference = [h.path for h in hnsw.search(query, k=5, rerank=False).hits]
+    assert [h.path for h in hnsw.search(query, k=5, rerank=False, ef_search=16).hits] == reference
+    assert hnsw._faiss_index.hnsw.efSearch == 16
+    hnsw.search(query, k=5)  # the next search without the knob is back at the index's setting
+    assert hnsw._faiss_index.hnsw.efSearch == 128
+    with pytest.raises(ValueError, match="nprobe applies to IVF indexes.*is hnsw"):
+        hnsw.search(query, nprobe=8)
+    assert main(["search", str(tmp_path / "hnsw"), query, "--nprobe", "8"]) == 2
+    assert "nprobe applies to IVF indexes" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "hnsw"), query, "--ef-search", "32", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 9
