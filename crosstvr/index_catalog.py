@@ -214,13 +214,17 @@ class IndexCatalog:
                 )
         return generation, [found.get(position) for position in positions]
 
-    def rows_in_order(self, by_path: bool = False, batch: int = 10_000) -> Iterator[tuple[str, str, int]]:
-        """`(path, chunk, row)` of every position in order (`by_path`: of every indexed video in path order, the order
-        the next `renumber` gives them), read in batches from one snapshot."""
+    def position_count(self) -> int:
+        return self._query("SELECT COUNT(*) FROM positions")[0][0]
+
+    def rows_in_order(self, by_path: bool = False, batch: int = 10_000) -> Iterator[tuple[int, str, str, int]]:
+        """`(position, path, chunk, row)` of every numbered video in position order (`by_path`: of every indexed
+        video in path order, numbered as the next `renumber` numbers them), read in batches from one snapshot. While
+        an update is under way, positions whose video has gone are left out."""
         sql = (
-            "SELECT path, chunk, row FROM videos ORDER BY path"
+            "SELECT ROW_NUMBER() OVER (ORDER BY path) - 1, path, chunk, row FROM videos ORDER BY path"
             if by_path
-            else "SELECT videos.path, videos.chunk, videos.row FROM positions "
+            else "SELECT positions.position, videos.path, videos.chunk, videos.row FROM positions "
             "JOIN videos ON videos.path = positions.path ORDER BY positions.position"
         )
         with self._snapshot() as connection:

@@ -466,17 +466,18 @@ class VideoIndex:
     def paths(self) -> list[str]:
         """The indexed videos in position order (path order): the rows of [`stage1_embeddings`] and of the FAISS
         index. Reads every path; searches do not need it."""
-        return [path for path, _, _ in self.catalog.rows_in_order()]
+        return [path for _, path, _, _ in self.catalog.rows_in_order()]
 
     def entry(self, path: str) -> dict | None:
         """`{"stat": [size, mtime_ns], "chunk", "row"}` of an indexed video, or None."""
         return self.catalog.entry(path)
 
     def _gather_stage1(self, rows, count: int) -> torch.Tensor:
-        """`(count, projection_dim)` stage-1 embeddings of `rows` ((path, chunk, row), in order), chunk by chunk."""
-        embeds = torch.empty(count, self.model.config.projection_dim)
+        """`(count, projection_dim)` stage-1 embeddings of `rows` ((position, path, chunk, row)), chunk by chunk; zeros
+        where a position has no row (its video went while an update is under way)."""
+        embeds = torch.zeros(count, self.model.config.projection_dim)
         by_chunk = {}
-        for position, (_, chunk, row) in enumerate(rows):
+        for position, _, chunk, row in rows:
             by_chunk.setdefault(chunk, []).append((position, row))
         for chunk, pairs in by_chunk.items():
             chunk_embeds = self._reader.tensor(f"{chunk}.safetensors", "video_embeds")
@@ -495,7 +496,7 @@ class VideoIndex:
         """`(videos, projection_dim)` stage-1 embeddings of the indexed videos, in `paths` order (cached)."""
         self._refresh()
         if self._embeds is None:
-            self._embeds = self._gather_stage1(self.catalog.rows_in_order(), len(self))
+            self._embeds = self._gather_stage1(self.catalog.rows_in_order(), self.catalog.position_count())
         return self._embeds
 
     def _stage1_top(

@@ -270,7 +270,7 @@ def _as_format_one(index_dir) -> None:
     """Rewrite a catalog index as the first format wrote it: one manifest.json, the FAISS index as faiss.index."""
     catalog = IndexCatalog(IndexCatalog.path_in(index_dir))
     settings = catalog.settings()
-    videos = {path: catalog.entry(path) for path, _, _ in catalog.rows_in_order()}
+    videos = {path: catalog.entry(path) for _, path, _, _ in catalog.rows_in_order()}
     manifest = {
         "format_version": 1, "model_name": settings["model_name"], "model": settings["model"],
         "processor": settings["processor"], "videos": videos,
@@ -409,3 +409,20 @@ def test_search_knobs_per_query(library, tmp_path, capsys):
     assert "nprobe applies to IVF indexes" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "hnsw"), query, "--ef-search", "32", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["hits"]) == 9
+
+
+def test_exact_search_during_another_objects_update_sees_the_last_generation(model_and_processor, library, tmp_path):
+    model, processor = model_and_processor
+    searcher = VideoIndex.build(library, tmp_path / "index", model, processor, num_workers=0, faiss_index=None)
+    query = "a blue circle moves up"
+    before = [(h.path, round(h.score, 5)) for h in searcher.search(query, k=9, rerank=False).hits]
+    write_sample_library(library / "later", count=3, seed=12)
+    seen = []
+
+    def search_meanwhile(done, total):  # called as the updater encodes; earlier chunks are recorded by then
+        seen.append([(h.path, round(h.score, 5)) for h in searcher.search(query, k=9, rerank=False).hits])
+
+    updater = VideoIndex(tmp_path / "index", model, processor)
+    updater.add(library, num_workers=0, chunk_size=1, faiss_index=None, on_progress=search_meanwhile)
+    assert len(seen) == 3 and all(hits == before for hits in seen)  # new videos are recorded but not numbered yet
+    assert len(searcher.search(query, k=12, rerank=False).hits) == 12  # the new generation, after the update
