@@ -32,10 +32,9 @@ Every seed reruns steps 2-5 (the data and the pre-trained parts are fixed); the 
 deviation over seeds and go to `<output>/results.md`, `results.json` and `depth_sweep.png`. `--ship-default` copies the
 full model of the seed that gains most T2V R@1 on the validation split, with its test results and a model card, to
 `crosstvr/default_checkpoint/` (the embedded default); `--ship-from RUN` does the same for a finished run without
-training. `--budget long`
-trains longer (pre-training and 1,200 stage-2 steps; 136 min measured on 2 cores with other work beside it). `--smoke` runs the whole recipe at toy
-sizes. Runs are reproducible: every step is seeded, runs single-threaded work in a fixed number
-of threads, and reads no state from the environment (see the README).
+training. `--budget long` trains longer (pre-training and 1,200 stage-2 steps; 136 min measured on 2 cores with other
+work beside it). `--smoke` runs the whole recipe at toy sizes. Runs are reproducible: every step is seeded, runs
+single-threaded work in a fixed number of threads, and reads no state from the environment (see the README).
 """
 
 import argparse
@@ -77,34 +76,30 @@ DEPTHS = list(range(2, 20))
 EVAL_TOP_K = 5
 FUSION_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
-# Sizes and schedules: the full recipe and the smoke test's.
+# Sizes and schedules: the full recipe, the longer budget and the smoke test's.
+FULL_SETTINGS = {
+    "groups": (150, 25, 50),
+    "clip_steps": 500,
+    "tower_steps": 900,
+    "qformer_steps": 900,
+    "qformer_uniform_steps": 225,
+    "pretrain_batch": 64,
+    "images_per_group": 16,
+    "stage1_epochs": 4,
+    "stage2_steps": 250,
+    "stage2_learning_rate": 5e-4,
+    "batch": 32,
+}
 SETTINGS = {
-    "full": {
-        "groups": (150, 25, 50),
-        "clip_steps": 500,
-        "tower_steps": 900,
-        "qformer_steps": 900,
-        "qformer_uniform_steps": 225,
-        "pretrain_batch": 64,
-        "images_per_group": 16,
-        "stage1_epochs": 4,
-        "stage2_steps": 250,
-        "stage2_learning_rate": 5e-4,
-        "batch": 32,
-    },
+    "full": FULL_SETTINGS,
     # The budget the earlier exploration found stage 2 needs (README): longer pre-training, 1,200 stage-2 steps.
     "long": {
-        "groups": (150, 25, 50),
+        **FULL_SETTINGS,
         "clip_steps": 600,
         "tower_steps": 1000,
         "qformer_steps": 1000,
         "qformer_uniform_steps": 250,
-        "pretrain_batch": 64,
-        "images_per_group": 16,
-        "stage1_epochs": 4,
         "stage2_steps": 1200,
-        "stage2_learning_rate": 5e-4,
-        "batch": 32,
     },
     "smoke": {
         "groups": (4, 1, 2),
@@ -409,6 +404,7 @@ def run_seed(output: str, data: str, parts: tuple[str, str], seed: int, settings
             results["depths"] = {str(depth): values for depth, values in tested["depths"].items()}
             results["val_fusion"] = validated["fusion"]
             results["final_model"] = final
+            results["evaluation"] = tested["evaluation"]
     if ablations:
         started = time.perf_counter()
         results["val_ablations"] = run_ablations(work, data, parts, stage1, seed, settings, encoded)
@@ -571,12 +567,12 @@ def seed_to_ship(per_seed: dict) -> int:
     return max(per_seed, key=validation_gain)
 
 
-def ship_default(model_dir: str, data: str, output: str, seed: int, budget: str) -> str:
-    """Copy the full model `model_dir` into crosstvr/default_checkpoint with its test-split results and model card."""
+def ship_default(model_dir: str, evaluation, output: str, seed: int, budget: str) -> str:
+    """Copy the full model `model_dir` into crosstvr/default_checkpoint with its test-split `evaluation` and a model
+    card."""
     from crosstvr.default_model import DEFAULT_CHECKPOINT
     from crosstvr.evaluation.report import write_results
 
-    evaluation = evaluate(model_dir, data, "test")["evaluation"]
     staging = DEFAULT_CHECKPOINT + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     # The model code is not copied: its one source is the package, and saving the loaded default writes it.
@@ -639,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "minutes": minutes,
         "summary": summary,
-        "per_seed": {seed: {k: v for k, v in r.items() if k != "final_model"}
+        "per_seed": {seed: {k: v for k, v in r.items() if k not in ("evaluation", "final_model")}
                      for seed, r in per_seed.items()},
     }
     with open(os.path.join(args.output, "results.json"), "w") as file:
@@ -652,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                       "t2v_R1_gain": summary["t2v_R1_gain"], "seed_spread": summary["seed_spread"]}))
     if args.ship_default:
         seed = seed_to_ship(per_seed)
-        shipped = ship_default(per_seed[seed]["final_model"], data, args.output, seed, budget)
+        shipped = ship_default(per_seed[seed]["final_model"], per_seed[seed]["evaluation"], args.output, seed, budget)
         print(f"embedded default (seed {seed}) written to {shipped}")
     return 0
 
@@ -668,7 +664,8 @@ def ship_finished_run(run: str, budget: str) -> int:
         raise SystemExit(f"--ship-from {run}: that run used other settings than {budget!r}; pass its --budget (or --smoke)")
     seed = seed_to_ship({int(seed): result for seed, result in report["per_seed"].items()})
     model_dir = os.path.join(run, f"seed-{seed}", "shared", "final")
-    shipped = ship_default(model_dir, os.path.join(run, "data"), run, seed, budget)
+    evaluation = evaluate(model_dir, os.path.join(run, "data"), "test")["evaluation"]  # not kept in results.json
+    shipped = ship_default(model_dir, evaluation, run, seed, budget)
     print(f"embedded default (seed {seed}) written to {shipped}")
     return 0
 

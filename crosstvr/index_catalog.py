@@ -190,17 +190,20 @@ class IndexCatalog:
             )
             self.set_settings(connection, generation=generation, updated=time.time(), **settings)
 
+    @staticmethod
+    def _generation(connection: sqlite3.Connection) -> int:
+        found = connection.execute("SELECT value FROM settings WHERE key = 'generation'").fetchone()
+        return json.loads(found[0]) if found else 0
+
     def generation(self) -> int:
-        found = self._query("SELECT value FROM settings WHERE key = 'generation'")
-        return json.loads(found[0][0]) if found else 0
+        with self._lock:
+            return self._generation(self._connection)
 
     def rows_at(self, positions: list[int]) -> tuple[int, list[tuple[str, str, int]]]:
         """The generation and, for each position, `(path, chunk, row)` (None where the video has gone since the
         positions were numbered: an update is under way), read from one snapshot."""
         with self.transaction(write=False) as connection:
-            generation = json.loads(
-                (connection.execute("SELECT value FROM settings WHERE key = 'generation'").fetchone() or ("0",))[0]
-            )
+            generation = self._generation(connection)
             found = {}
             for start in range(0, len(positions), 500):  # SQLite limits the parameters of one statement
                 batch = positions[start : start + 500]

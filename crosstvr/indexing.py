@@ -108,18 +108,15 @@ def migrate_legacy_manifest(index_dir: str) -> None:
     with catalog.transaction() as connection:
         catalog.set_settings(connection, format_version=FORMAT_VERSION, model_name=manifest["model_name"],
                              model=manifest["model"], processor=manifest["processor"])
-        connection.executemany("INSERT INTO chunks (name) VALUES (?)", [(name,) for name in manifest["chunks"]])
-    for name in manifest["chunks"]:
-        catalog.record_chunk(
-            name,
-            [(path, e["stat"], e["row"]) for path, e in manifest["videos"].items() if e["chunk"] == name],
-            {},
-        )
-    with catalog.transaction() as connection:
         connection.executemany(
-            "INSERT OR REPLACE INTO skipped (path, size, mtime_ns, reason) VALUES (?, ?, ?, ?)",
+            "INSERT INTO skipped (path, size, mtime_ns, reason) VALUES (?, ?, ?, ?)",
             [(path, stat[0], stat[1], reason) for path, (stat, reason) in manifest["skipped"].items()],
         )
+    by_chunk = {name: [] for name in manifest["chunks"]}  # one pass over the videos, not one per chunk
+    for path, entry in manifest["videos"].items():
+        by_chunk[entry["chunk"]].append((path, entry["stat"], entry["row"]))
+    for name, videos in by_chunk.items():
+        catalog.record_chunk(name, videos, {})
     catalog.renumber(1, faiss=faiss_info)
     catalog.journal_mode("DELETE")  # fold the write-ahead log into the file before renaming it
     catalog.close()
@@ -536,7 +533,8 @@ class VideoIndex:
         shortlist (`rescore` times `n`) is re-scored with the exact embeddings of the chunks."""
         for _ in range(3):
             self._refresh()
-            rescore = ((self._settings.get("faiss") or {}).get("params") or {}).get("rescore", 1)
+            faiss_info = self._settings.get("faiss")
+            rescore = faiss_info["params"].get("rescore", 1) if faiss_info else 1
             scores, positions = self._stage1_top(text_embeds, min(n * rescore, len(self)), nprobe, ef_search)
             generation, rows = self.catalog.rows_at(positions.tolist())
             if generation != self._generation:
