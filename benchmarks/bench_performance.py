@@ -1,6 +1,7 @@
 """Speed and memory of every stage of the pipeline, against the machine's limit and the peer approach.
 
-    python benchmarks/bench_performance.py [--sections limit encode rerank decode index search train memory catalog ivfpq]
+    python benchmarks/bench_performance.py [--sections limit encode rerank decode index search train memory catalog ivfpq
+                                            tokens]
                                            [--geometry base|tiny] [--device cpu|cuda] [--quick]
 
 Measured at the paper's Base geometry (ViT-B/32 at 224 px, 12 frames of 50 tokens, a BLIP-2-size Q-Former: 12 layers,
@@ -26,6 +27,12 @@ Sections (each prints its rows; the end prints the table and one JSON line):
           process: every chunk of 256 entries recorded as indexing records it (one transaction), then the positions
           numbered; peak RSS above the process's baseline, bytes written (write system calls) per video, and opening
           the catalog in another fresh process and looking up a query's 15 hits.
+- tokens: the index's stage-2 token storage (`crosstvr index --token-storage`): float16, int8 (a scale per token) and
+          none (no tokens; a search re-encodes its K candidates from their files). Bytes of tokens per video on disk and
+          ms per query at K = 15 (an index of 16 clips at the chosen geometry); and T2V R@1 of search with the embedded
+          default (stage 1 + re-ranking at its K) on a synthetic test split of 200 videos the recipe never used
+          (`write_benchmark(seed=2026, groups=(1, 1, 50))`, the set of the README's check of the default), with the
+          change from float16 (target: at most 0.2 points for int8).
 - ivfpq:  `crosstvr index --faiss ivfpq` at 2M clustered embeddings: bytes per video in memory, and per query the
           PQ shortlist re-scored with the exact embeddings as search does, ms and recall of the exact top 15.
 """
@@ -47,7 +54,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("limit", "encode", "rerank", "decode", "index", "search", "train", "memory", "catalog", "ivfpq")
+SECTIONS = (
+    "limit", "encode", "rerank", "decode", "index", "search", "train", "memory", "catalog", "ivfpq", "tokens"
+)
 TOP_K = 15
 # Re-ranking is measured with texts of the processor's full length (32 tokens, the issue's geometry) and with a caption
 # of this many real tokens padded to that length (a 10-word caption is about 14 WordPiece tokens with [CLS]/[SEP]).
@@ -295,6 +304,61 @@ def bench_index(model, processor, encode: dict, workdir: str, count: int) -> dic
             "fraction_of_encoder_only": frames_per_s / encode["frames_per_s"]}
 
 
+def _token_bytes(index_dir: str) -> int:
+    """Bytes of the stage-2 tokens (and their scales) in an index's chunk files, from the safetensors headers."""
+    from safetensors import safe_open
+
+    total = 0
+    chunks = os.path.join(index_dir, "chunks")
+    for name in os.listdir(chunks):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(chunks, name), framework="pt") as file:
+                for key in set(file.keys()) & {"vision_tokens", "vision_token_scales"}:
+                    tensor = file.get_tensor(key)
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def bench_tokens(model, processor, workdir: str, count: int, groups: int) -> dict:
+    from crosstvr.default_model import load_default_model
+    from crosstvr.indexing import VideoIndex
+    from crosstvr.synthetic import write_benchmark
+    from crosstvr.video_store import TOKEN_STORAGES
+
+    videos = os.path.join(workdir, f"clips{count}")
+    write_clips(videos, count, model.config.vision_config.image_size)
+    data = os.path.join(workdir, "synthetic-2026")
+    write_benchmark(data, seed=2026, groups=(1, 1, groups))
+    with open(os.path.join(data, "annotations", "test_list.txt")) as file:
+        test_ids = file.read().split()
+    with open(os.path.join(data, "annotations", "raw-captions.json")) as file:
+        captions = json.load(file)
+    test_videos = os.path.join(workdir, "synthetic-2026-test")
+    os.makedirs(test_videos, exist_ok=True)
+    for video_id in test_ids:
+        shutil.copy(os.path.join(data, "videos", f"{video_id}.mp4"), test_videos)
+    default_model, default_processor = load_default_model()
+
+    results = {}
+    for storage in TOKEN_STORAGES:
+        index = VideoIndex.build(videos, tempfile.mkdtemp(dir=workdir), model, processor, token_storage=storage,
+                                 batch_size=4, num_workers=1, faiss_index=None, progress=False)
+        results[f"{storage} bytes_per_video"] = _token_bytes(index.index_dir) / len(index)
+        index.search("warm up", k=TOP_K, top_k_rerank=TOP_K)
+        start = time.perf_counter()
+        for query in ("a red circle moves left", "a blue square goes up, then a circle goes down"):
+            index.search(query, k=TOP_K, top_k_rerank=TOP_K)
+        results[f"{storage} ms_per_query"] = (time.perf_counter() - start) / 2 * 1000
+
+        library = VideoIndex.build(test_videos, tempfile.mkdtemp(dir=workdir), default_model, default_processor,
+                                   token_storage=storage, num_workers=1, faiss_index=None, progress=False)
+        hits = [library.search(captions[video_id][0], k=1).hits[0].path for video_id in test_ids]
+        recall = 100 * float(np.mean([os.path.basename(hit) == f"{video_id}.mp4" for hit, video_id in zip(hits, test_ids)]))
+        results[f"{storage} synthetic_t2v_R1"] = recall
+        results[f"{storage} synthetic_R1_change"] = abs(recall - results["float16 synthetic_t2v_R1"])
+    return results
+
+
 def clustered_embeddings(count: int, dim: int, seed: int) -> np.ndarray:
     """Unit vectors around 1,000 random centres: the neighbourhood structure of real video embeddings."""
     generator = np.random.default_rng(seed)
@@ -526,6 +590,9 @@ TARGETS = {
     ("rerank", "fraction_of_encoding_1000_videos"): ("<=", 0.01),
     ("train", "speedup"): (">=", 5.0),
     ("ivfpq", "bytes_per_video"): ("<=", 64),
+    ("tokens", "int8 bytes_per_video"): ("<=", 500_000),
+    ("tokens", "int8 synthetic_R1_change"): ("<=", 0.2),
+    ("tokens", "none bytes_per_video"): ("<=", 0),
     ("ivfpq", "recall_at_15"): (">=", 0.95),
     ("ivfpq", "ms_per_query"): ("<=", 20),
     ("catalog", "1000000 open_and_first_lookup_ms"): ("<=", 2000),
@@ -592,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         if "ivfpq" in args.sections:
             results["ivfpq"] = bench_ivfpq(12_000 if args.quick else 2_000_000, model.config.projection_dim,
                                            20 if args.quick else 200)
+        if "tokens" in args.sections:
+            results["tokens"] = bench_tokens(model, processor, workdir, 4 if args.quick else 16, 2 if args.quick else 50)
         if "catalog" in args.sections:
             results["catalog"] = bench_catalog([10_000] if args.quick else [10_000, 100_000, 1_000_000], workdir)
     print(table(results))

@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 
 from .loading import load_model
+from .video_store import TOKEN_STORAGES
 
 
 # The benchmark names, without importing `datasets` for `--help`.
@@ -33,22 +34,27 @@ def _report_update(update: dict, index) -> None:
 
 
 def index(args: argparse.Namespace) -> int:
-    from .indexing import VideoIndex
+    from .indexing import IndexMismatchError, VideoIndex
 
     model, processor = load_model(args.model)
     if args.decoding:
         processor.decoding = args.decoding
-    video_index = VideoIndex.build(
-        args.video_dir,
-        args.index,
-        model,
-        processor,
-        model_name=args.model,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        chunk_size=args.chunk_size,
-        faiss_index=None if args.faiss == "none" else args.faiss,
-    )
+    try:
+        video_index = VideoIndex.build(
+            args.video_dir,
+            args.index,
+            model,
+            processor,
+            model_name=args.model,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            chunk_size=args.chunk_size,
+            faiss_index=None if args.faiss == "none" else args.faiss,
+            token_storage=args.token_storage,
+        )
+    except IndexMismatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     _report_update(video_index.last_update, video_index)
     if not len(video_index):
         print(f"error: nothing could be indexed under {args.video_dir}", file=sys.stderr)
@@ -64,7 +70,7 @@ def search(args: argparse.Namespace) -> int:
     try:
         result = video_index.search(args.query, k=args.k, top_k_rerank=args.top_k_rerank, rerank=not args.no_rerank,
                                     nprobe=args.nprobe, ef_search=args.ef_search)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
@@ -199,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser_index.add_argument("--faiss", choices=("flat", "ivf", "hnsw", "ivfpq", "none"), default="flat",
                               help="stage-1 ANN index when faiss-cpu is installed (default: flat, exact; ivfpq: "
                               "at most 64 bytes a video in memory, for tens of millions of videos)")
+    parser_index.add_argument("--token-storage", choices=TOKEN_STORAGES,
+                              help="how the stage-2 tokens are kept, fixed when the index is created: float16 (the "
+                              "default), int8 (half the disk, a scale per token), or none (0 bytes; each search "
+                              "re-encodes the K videos it re-ranks from their files)")
     parser_index.set_defaults(handler=index)
 
     parser_search = commands.add_parser("search", help="search an index by text",

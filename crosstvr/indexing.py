@@ -4,7 +4,9 @@
       catalog.sqlite                 settings (model and frame-sampling fingerprints, FAISS parameters) and the
                                      bookkeeping of every video: path, size, mtime, chunk, row; files that could not
                                      be read, with why; the videos' order in the stage-1 structures (`index_catalog`)
-      chunks/chunk-<hash>.safetensors   stage-1 embeddings and stage-2 tokens of a group of videos (video_store)
+      chunks/chunk-<hash>.safetensors   stage-1 embeddings and stage-2 tokens of a group of videos (video_store), the
+                                     tokens as the index's token storage says: float16, int8 with a scale per
+                                     token, or none (recomputed from the K videos a search re-ranks)
       chunks/chunk-<hash>.json          the group's videos and failures; written last, so its presence = done
       faiss-<generation>.index       the stage-1 ANN index, when FAISS is installed
 
@@ -42,6 +44,7 @@ from .modeling_crosstvr import CrossTVRModel
 from .processing_crosstvr import CrossTVRProcessor
 from .search import SearchHit, SearchResult, find_videos
 from .video_store import (
+    TOKEN_STORAGES,
     ShardReader,
     encode_videos,
     model_fingerprint,
@@ -202,6 +205,11 @@ class VideoIndex:
         model, processor: the model and processor; an existing index must have been built with the same ones.
         model_name: how to find the model again (a path or Hub id), recorded in the catalog; `None` for the embedded
             default.
+        token_storage: how the chunks keep the stage-2 tokens, fixed when the index is created (one of
+            `TOKEN_STORAGES`; None: the existing index's, or "float16" for a new one). "float16" keeps them as the
+            tower computes them (0.92 MB a video for CLIP ViT-B/32 at 12 frames); "int8" with a scale per token
+            (`video_store.quantize_tokens`, about half); "none" keeps none: indexing skips the stage-2 tower, and each
+            search decodes and encodes the K videos it re-ranks (their files must still be there, unchanged).
     """
 
     def __init__(
@@ -210,7 +218,10 @@ class VideoIndex:
         model: CrossTVRModel,
         processor: CrossTVRProcessor,
         model_name: str | None = None,
+        token_storage: str | None = None,
     ):
+        if token_storage is not None and token_storage not in TOKEN_STORAGES:
+            raise ValueError(f"token_storage={token_storage!r} is not one of {TOKEN_STORAGES}")
         self.index_dir = os.fspath(index_dir)
         self.model, self.processor = model, processor
         self.fingerprint = {"model": model_fingerprint(model), "processor": processor_fingerprint(processor)}
@@ -225,9 +236,16 @@ class VideoIndex:
             with self.catalog.transaction() as connection:
                 self.catalog.set_settings(
                     connection, format_version=FORMAT_VERSION, model_name=model_name, **self.fingerprint, faiss=None,
-                    generation=0,
+                    generation=0, token_storage=token_storage or "float16",
                 )
-        self._check(self.catalog.settings())
+        settings = self.catalog.settings()
+        self._check(settings)
+        self.token_storage = settings.get("token_storage", "float16")  # indexes from before the option: float16
+        if token_storage is not None and token_storage != self.token_storage:
+            raise IndexMismatchError(
+                f"{self.index_dir} keeps its stage-2 tokens as {self.token_storage}, not {token_storage}; leave the "
+                f"option out (or pass {self.token_storage}) to update it, or build a new index (a new --index folder)"
+            )
         self._reader = ShardReader(os.path.join(self.index_dir, CHUNKS))
         self._generation, self._settings, self._embeds, self._faiss_index = None, None, None, None
 
@@ -252,10 +270,12 @@ class VideoIndex:
         model: CrossTVRModel,
         processor: CrossTVRProcessor,
         model_name: str | None = None,
+        token_storage: str | None = None,
         **add_kwargs,
     ) -> "VideoIndex":
-        """Create (or update) the index of `video_dir` in `index_dir`; `add_kwargs` go to [`VideoIndex.add`]."""
-        index = cls(index_dir, model, processor, model_name)
+        """Create (or update) the index of `video_dir` in `index_dir` (`token_storage`: see the class); `add_kwargs`
+        go to [`VideoIndex.add`]."""
+        index = cls(index_dir, model, processor, model_name, token_storage)
         index.last_update = index.add(video_dir, **add_kwargs)
         return index
 
@@ -388,7 +408,7 @@ class VideoIndex:
                 advance(len(chunk))  # finished before an interruption
                 continue
             batches = []
-            for batch in encode_videos(self.model, self.processor, chunk, batch_size, num_workers):
+            for batch in encode_videos(self.model, self.processor, chunk, batch_size, num_workers, self.token_storage):
                 batches.append(batch)
                 advance(len(batch.paths) + len(batch.errors))
             failures = {path: reason for batch in batches for path, reason in batch.errors.items()}
@@ -550,6 +570,24 @@ class VideoIndex:
             return scores, rows
         raise RuntimeError(f"the index in {self.index_dir} changed during three searches in a row; search again")
 
+    def _stage2_tokens(self, entries: list[tuple[str, str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(vision_tokens (n, T, N, D), video_mask (n, T))` of `entries` ((path, chunk, row)): read from the chunks,
+        or, with token storage "none", computed from the video files, which must be the ones that were indexed."""
+        if self.token_storage != "none":
+            cached = [self._reader.row(f"{chunk}.safetensors", row) for _, chunk, row in entries]
+            return torch.stack([c["vision_tokens"] for c in cached]), torch.stack([c["video_mask"] for c in cached])
+        paths = [path for path, _, _ in entries]
+        for path in paths:
+            entry = self.catalog.entry(path)
+            if not os.path.exists(path) or entry is None or _stat(path) != entry["stat"]:
+                raise FileNotFoundError(
+                    f"{path} is gone or changed since it was indexed, and this index keeps no stage-2 tokens "
+                    "(token storage none) to re-rank it with; run `crosstvr index` on the library again"
+                )
+        inputs = self.processor(videos=paths)
+        pixel_values, video_mask = inputs["pixel_values"].to(self.model.device), inputs["video_mask"]
+        return self.model.get_vision_tokens(pixel_values, video_mask.to(self.model.device)).cpu(), video_mask
+
     @torch.no_grad()
     def search(
         self,
@@ -581,16 +619,18 @@ class VideoIndex:
         ]
         if not (rerank and top_k > 0):
             return SearchResult(query=query, hits=stage1_hits, stage1_hits=stage1_hits)
-        cached = [self._reader.row(f"{chunk}.safetensors", row) for _, chunk, row in entries]
+        # The candidates come in stage-1 order, so the K re-ranked are the first K; the rest follow them unchanged.
+        head = entries[:top_k]
+        vision_tokens, video_mask = self._stage2_tokens(head)
         reranked = self.model.rerank_text_to_video(
-            scores[None],
+            scores[None, : len(head)],
             text["qformer_input_ids"],
             text["qformer_attention_mask"],
-            torch.stack([c["vision_tokens"] for c in cached]),
-            torch.stack([c["video_mask"] for c in cached]),
+            vision_tokens,
+            video_mask,
             top_k=top_k,
         )
-        ranking = reranked.ranking[0].tolist()
+        ranking = reranked.ranking[0].tolist() + list(range(len(head), len(entries)))
         top = reranked.top_k_indices[0].tolist()
         fused = dict(zip(top, reranked.fused_scores[0].tolist()))
         fine = dict(zip(top, reranked.fine_scores[0].tolist()))

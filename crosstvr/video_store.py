@@ -2,9 +2,10 @@
 
 A shard is a safetensors file with the values the frozen parts of CrossTVR compute for a group of videos:
 
-    vision_tokens  (n, T, N, D)  float16   stage-2 tokens
-    video_embeds   (n, P)        float32   stage-1 embeddings
-    video_mask     (n, T)        int8      real (1) and padding (0) frames
+    vision_tokens        (n, T, N, D)  float16 or int8   stage-2 tokens (absent with token storage "none")
+    vision_token_scales  (n, T, N)     float16           with int8 tokens: each token's scale (`quantize_tokens`)
+    video_embeds         (n, P)        float32           stage-1 embeddings
+    video_mask           (n, T)        int8              real (1) and padding (0) frames
 
 and, in its header metadata, whatever its writer needs to describe the rows. Shards are written to a temporary name and
 renamed, so a file under a shard's name is always complete; they are read memory-mapped.
@@ -28,6 +29,38 @@ from .processing_crosstvr import CrossTVRProcessor, VideoDecodeError
 
 
 logger = logging.getLogger(__name__)
+
+# How a shard keeps the stage-2 tokens: "float16" (0.92 MB a video for CLIP ViT-B/32 at 12 frames), "int8" with a
+# scale per token (half of that), or "none" (no tokens: whoever needs them recomputes them from the video).
+TOKEN_STORAGES = ("float16", "int8", "none")
+
+
+def quantize_tokens(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Symmetric int8 quantisation with one scale per token (per row of the last dimension):
+
+        s_n = max_d |v_{n,d}| / 127,   q_{n,d} = round(v_{n,d} / s_n) in [-127, 127],   v_{n,d} ~ s_n q_{n,d}
+
+    A scale per token rather than per channel: a token's scale depends on that token alone, so a video's codes do not
+    depend on which videos were indexed before it (per-channel scales would be fixed from the library when the index
+    is created, and clip a later video's larger values), and each token's error stays within s_n / 2 per channel,
+    relative to its own norm. The scales are kept in float16.
+
+    Args:
+        tokens: `(..., D)` float tensor.
+
+    Returns:
+        `(q, s)`: `(..., D)` int8 and `(...)` float16.
+    """
+    scales = tokens.float().abs().amax(dim=-1) / 127  # (...)
+    scales = scales.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    quantized = (tokens.float() / scales.float().unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    return quantized, scales
+
+
+def dequantize_tokens(quantized: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The inverse of [`quantize_tokens`] up to rounding: `s_n q_{n,d}` as float32."""
+    return quantized.float() * scales.float().unsqueeze(-1)
 
 
 def write_json_atomically(path: str, payload) -> None:
@@ -104,10 +137,11 @@ class _DecodedVideos(Dataset):
 @dataclass
 class EncodedBatch:
     paths: list[str]
-    vision_tokens: torch.Tensor  # (n, T, N, D) float16, CPU
+    vision_tokens: torch.Tensor | None  # (n, T, N, D) float16 or int8, CPU; None with token storage "none"
     video_embeds: torch.Tensor  # (n, P) float32, CPU
     video_mask: torch.Tensor  # (n, T) int8, CPU
     errors: dict[str, str]
+    vision_token_scales: torch.Tensor | None = None  # (n, T, N) float16 with int8 tokens
 
 
 @torch.no_grad()
@@ -117,8 +151,12 @@ def encode_videos(
     paths: list[str],
     batch_size: int = 8,
     num_workers: int = 0,
+    token_storage: str = "float16",
 ) -> Iterator[EncodedBatch]:
-    """Decode `paths` in DataLoader workers (overlapping the encoding) and encode them in batches, in order."""
+    """Decode `paths` in DataLoader workers (overlapping the encoding) and encode them in batches, in order, with the
+    stage-2 tokens as `token_storage` says (one of `TOKEN_STORAGES`; "none" runs the stage-1 tower only)."""
+    if token_storage not in TOKEN_STORAGES:
+        raise ValueError(f"token_storage={token_storage!r} is not one of {TOKEN_STORAGES}")
     videos = _DecodedVideos(paths, processor)
     loader = DataLoader(
         videos,
@@ -129,15 +167,23 @@ def encode_videos(
     model.eval()
     for batch in loader:
         if not batch["paths"]:
-            yield EncodedBatch([], torch.empty(0), torch.empty(0), torch.empty(0), batch["errors"])
+            yield EncodedBatch([], None, torch.empty(0), torch.empty(0), batch["errors"])
             continue
-        video = model.encode_video(batch["pixel_values"].to(model.device), batch["video_mask"].to(model.device))
+        pixel_values, video_mask = batch["pixel_values"].to(model.device), batch["video_mask"].to(model.device)
+        scales = None
+        if token_storage == "none":
+            video_embeds, tokens = model.get_video_features(pixel_values, video_mask), None
+        else:
+            video = model.encode_video(pixel_values, video_mask)
+            video_embeds, tokens = video.video_embeds, video.vision_tokens.to("cpu", torch.float32)
+            tokens, scales = quantize_tokens(tokens) if token_storage == "int8" else (tokens.half(), None)
         yield EncodedBatch(
             batch["paths"],
-            video.vision_tokens.to("cpu", torch.float16),
-            video.video_embeds.to("cpu", torch.float32),
+            tokens,
+            video_embeds.to("cpu", torch.float32),
             batch["video_mask"].to(torch.int8),
             batch["errors"],
+            scales,
         )
 
 
@@ -145,15 +191,12 @@ def write_shard(path: str, batches: list[EncodedBatch], metadata: dict[str, str]
     """Concatenate encoded batches into one shard file at `path`, atomically, with `metadata` in its header."""
     batches = [batch for batch in batches if batch.paths]
     staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    save_file(
-        {
-            "vision_tokens": torch.cat([b.vision_tokens for b in batches]).contiguous(),
-            "video_embeds": torch.cat([b.video_embeds for b in batches]).contiguous(),
-            "video_mask": torch.cat([b.video_mask for b in batches]).contiguous(),
-        },
-        staging,
-        metadata=metadata,
-    )
+    tensors = {}
+    for key in ("vision_tokens", "vision_token_scales", "video_embeds", "video_mask"):
+        values = [getattr(batch, key) for batch in batches]
+        if values[0] is not None:
+            tensors[key] = torch.cat(values).contiguous()
+    save_file(tensors, staging, metadata=metadata)
     os.replace(staging, path)
 
 
@@ -181,12 +224,20 @@ class ShardReader:
         return self._file(name).get_slice(key)[row : row + 1][0]
 
     def row(self, name: str, row: int) -> dict[str, torch.Tensor]:
-        """The values of one video: `vision_tokens` (T, N, D), `video_embeds` (P,), `video_mask` (T,) as long."""
-        return {
-            "vision_tokens": self.value(name, "vision_tokens", row),
+        """The values of one video: `vision_tokens` (T, N, D; float16, or float32 dequantised from int8; absent when
+        the shard keeps no tokens), `video_embeds` (P,), `video_mask` (T,) as long."""
+        values = {
             "video_embeds": self.value(name, "video_embeds", row),
             "video_mask": self.value(name, "video_mask", row).long(),
         }
+        keys = self._file(name).keys()
+        if "vision_token_scales" in keys:
+            values["vision_tokens"] = dequantize_tokens(
+                self.value(name, "vision_tokens", row), self.value(name, "vision_token_scales", row)
+            )
+        elif "vision_tokens" in keys:
+            values["vision_tokens"] = self.value(name, "vision_tokens", row)
+        return values
 
     def close(self, name: str) -> None:
         self._open.pop(name, None)

@@ -13,7 +13,7 @@ def test_performance_benchmark_prints_its_table_and_json(tmp_path, capsys):
                                                   os.path.join(ROOT, "benchmarks", "bench_performance.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sections = ["encode", "rerank", "decode", "index", "search", "train", "catalog", "ivfpq"]
+    sections = ["encode", "rerank", "decode", "index", "search", "train", "catalog", "ivfpq", "tokens"]
     argv = ["--geometry", "tiny", "--quick", "--device", "cpu", "--workdir", str(tmp_path), "--sections", *sections]
     assert module.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -24,3 +24,6 @@ def test_performance_benchmark_prints_its_table_and_json(tmp_path, capsys):
     assert 0 <= report["search"]["10000"]["ivf128_recall_at_15"] <= 1
     assert report["ivfpq"]["kind"] == "ivfpq" and 0 <= report["ivfpq"]["recall_at_15"] <= 1
     assert report["catalog"]["10000 bytes_written_per_video"] > 0 and report["catalog"]["10000 open_and_first_lookup_ms"] > 0
+    tokens = report["tokens"]
+    assert tokens["none bytes_per_video"] == 0 < tokens["int8 bytes_per_video"] < tokens["float16 bytes_per_video"]
+    assert 0 <= tokens["int8 synthetic_t2v_R1"] <= 100 and tokens["none ms_per_query"] > 0

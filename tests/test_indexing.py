@@ -426,3 +426,83 @@ def test_exact_search_during_another_objects_update_sees_the_last_generation(mod
     updater.add(library, num_workers=0, chunk_size=1, faiss_index=None, on_progress=search_meanwhile)
     assert len(seen) == 3 and all(hits == before for hits in seen)  # new videos are recorded but not numbered yet
     assert len(searcher.search(query, k=12, rerank=False).hits) == 12  # the new generation, after the update
+
+
+def test_int8_tokens_round_trip_within_half_a_step_per_token():
+    from crosstvr.video_store import dequantize_tokens, quantize_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 3, 5, 16, generator=generator) * torch.tensor([0.01, 1.0, 30.0, 1.0, 1.0])[:, None]
+    tokens[0, 0, 0] = 0.0  # an all-zero token must not divide by zero
+    quantized, scales = quantize_tokens(tokens)
+    assert quantized.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (2, 3, 5)
+    assert quantized.abs().max() == 127  # the largest channel of every non-zero token uses the whole range
+    restored = dequantize_tokens(quantized, scales)
+    assert torch.isfinite(restored).all() and (restored[0, 0, 0] == 0).all()
+    # Per channel at most half a step of that token's own scale (plus float16's rounding of the scale).
+    error = (restored - tokens).abs()
+    assert (error <= scales.float().unsqueeze(-1) * 0.51 + 1e-3 * tokens.abs()).all()
+
+
+def test_token_storage_int8_and_none(library, tmp_path):
+    from safetensors import safe_open
+
+    model, processor = load_default_model()  # trained: a random fine module magnifies small changes of its input
+    indexes = {
+        storage: VideoIndex.build(library, tmp_path / storage, model, processor, token_storage=storage,
+                                  faiss_index=None, num_workers=0)
+        for storage in ("float16", "int8", "none")
+    }
+
+    def chunk_keys(index):
+        chunk_dir = os.path.join(index.index_dir, "chunks")
+        keys = set()
+        for name in os.listdir(chunk_dir):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(chunk_dir, name), framework="pt") as file:
+                    keys |= {(key, str(file.get_slice(key).get_dtype())) for key in file.keys()}
+        return keys
+
+    assert ("vision_tokens", "F16") in chunk_keys(indexes["float16"])
+    assert {("vision_tokens", "I8"), ("vision_token_scales", "F16")} <= chunk_keys(indexes["int8"])
+    assert not {key for key, _ in chunk_keys(indexes["none"])} & {"vision_tokens", "vision_token_scales"}
+    assert indexes["int8"].settings["token_storage"] == "int8"
+
+    reference = index_contents(indexes["float16"])
+    for path, (embeds, tokens) in index_contents(indexes["int8"]).items():
+        assert torch.equal(embeds, reference[path][0])
+        step = tokens.abs().amax(dim=-1, keepdim=True) / 127
+        assert ((tokens - reference[path][1].float()).abs() <= step * 0.51 + 1e-3).all()
+
+    # Every storage re-ranks the same K candidates to (nearly) the same scores: "none" recomputes the tokens.
+    for query in ("a red circle moves left", "big blue square goes up, then small red circle goes down"):
+        results = {storage: index.search(query, k=6, top_k_rerank=4) for storage, index in indexes.items()}
+        for storage in ("int8", "none"):
+            assert [h.path for h in results[storage].stage1_hits] == [h.path for h in results["float16"].stage1_hits]
+            fine = {h.path: h.fine_score for h in results[storage].hits if h.reranked}
+            expected = {h.path: h.fine_score for h in results["float16"].hits if h.reranked}
+            assert fine.keys() == expected.keys()
+            for path, score in expected.items():
+                assert fine[path] == pytest.approx(score, abs=2e-3), (storage, fine[path] - score)
+
+    # "none" needs the files it re-ranks: a changed one is refused with the fix, from the API and the CLI.
+    victim = results["none"].hits[0].path
+    with open(victim, "ab") as file:
+        file.write(b"\0")
+    with pytest.raises(FileNotFoundError, match="run `crosstvr index` on the library again"):
+        indexes["none"].search("a red circle moves left", k=6, top_k_rerank=9)
+    assert indexes["none"].search("a red circle moves left", k=3, rerank=False).hits  # stage 1 still answers
+
+
+def test_token_storage_is_fixed_when_the_index_is_created(model_and_processor, library, tmp_path, capsys):
+    model, processor = model_and_processor
+    VideoIndex.build(library, tmp_path / "index", model, processor, token_storage="int8", num_workers=0)
+    assert VideoIndex(tmp_path / "index", model, processor).token_storage == "int8"  # left out: the index's
+    with pytest.raises(IndexMismatchError, match="keeps its stage-2 tokens as int8, not none"):
+        VideoIndex(tmp_path / "index", model, processor, token_storage="none")
+    argv = ["index", str(library), "--index", str(tmp_path / "cli"), "--num-workers", "0", "--token-storage", "none"]
+    assert main(argv) == 0
+    assert VideoIndex.open(tmp_path / "cli").token_storage == "none"
+    capsys.readouterr()
+    assert main([*argv[:-1], "float16"]) == 2
+    assert "keeps its stage-2 tokens as none, not float16" in capsys.readouterr().err
