@@ -10,14 +10,18 @@ on them. `--geometry tiny` runs the same code on the embedded default's toy geom
 
 Sections (each prints its rows; the end prints the table and one JSON line):
 
-- limit:  fp32 matrix-multiply throughput (GFLOP/s), the yardstick for the rest.
+- limit:  fp32 matrix-multiply throughput (GFLOP/s), the yardstick for the rest. Every ratio to it is measured
+          interleaved: the limit is taken again right before and after each timed run of encoding and re-ranking
+          (the higher of the two counts), and each ratio is printed as the median over the repeats (at least 3) with
+          its minimum and maximum (`_min`, `_max`), so that it does not depend on when the limit was measured.
 - encode: stage-1 + stage-2 video encoding, frames/s and counted FLOPs as a fraction of the limit.
 - rerank: stage 2 for one query at K = 15, batched (all K x T spatial sequences in one call) against a naive loop
           of one call per pair; its FLOP efficiency; and its cost as a fraction of encoding the 1,000 videos searched,
           for a text of the full 32 tokens and for a 16-token caption padded to 32.
 - decode: our sampler (12 uniformly spaced frames; decoding="exact" with decord, and "reference_frames", which skips
           non-reference frames and jumps to keyframes) against the CLIP4Clip way (OpenCV decodes every frame, keeps one
-          per second, subsamples) on generated 30 s H.264 videos with 250-frame keyframe intervals.
+          per second, subsamples) on generated 30 s H.264 videos with 250-frame keyframe intervals; the three readers
+          take turns in each repeat, and the speed-ups are medians of per-repeat ratios with their spread.
 - index:  `VideoIndex.build` end to end (decode + preprocess + encode + write) against encoding alone.
 - search: stage-1 search, ms per query, exact (one matrix product) against FAISS IVF, with recall of the exact top 15,
           over 10k / 100k / 1M clustered embeddings.
@@ -65,6 +69,7 @@ SHORT_CAPTION_TOKENS = 16
 # with the library shows that indexing streams (it holds one chunk's tokens, about 0.9 MB a video at Base geometry).
 MEMORY_CHUNK_SIZE = 4
 NPROBES = (8, 32, 128)  # IVF lists probed per query (the index default is 128)
+LIMIT_REPEATS = 5  # matrix products per limit measurement taken around each timed run (the best counts)
 
 
 def build_model(geometry: str, device: str):
@@ -109,6 +114,28 @@ def timed(function, device: str, repeats: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
+def interleaved_with_limit(function, device: str, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of each of `repeats` runs of `function()` (after one warm-up run), each run between two measurements
+    of the matrix-product limit; returns the seconds and, per run, the higher of its two limits (GFLOP/s). A ratio to
+    the limit then compares what ran within seconds of each other, not a limit taken minutes before."""
+    function()
+    _sync(device)
+    seconds, limits = [], []
+    for _ in range(repeats):
+        before = matmul_limit(device, LIMIT_REPEATS)
+        start = time.perf_counter()
+        function()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+        limits.append(max(before, matmul_limit(device, LIMIT_REPEATS)))
+    return seconds, limits
+
+
+def with_spread(name: str, values: list[float]) -> dict:
+    """`name` = the median of `values`, with their minimum and maximum as `name_min`, `name_max`."""
+    return {name: float(np.median(values)), f"{name}_min": min(values), f"{name}_max": max(values)}
+
+
 def counted_flops(function) -> int:
     with FlopCounterMode(display=False) as counter:
         function()
@@ -149,22 +176,22 @@ def pixels(model, count: int, device: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def bench_encode(model, device: str, limit: float, repeats: int) -> dict:
+def bench_encode(model, device: str, repeats: int) -> dict:
     batch = 2
     pixel_values = pixels(model, batch, device)
     with torch.no_grad():
         flops = counted_flops(lambda: model.encode_video(pixel_values[:1]))
-        seconds = timed(lambda: model.encode_video(pixel_values), device, repeats)
-    videos_per_s = batch / seconds
+        runs, limits = interleaved_with_limit(lambda: model.encode_video(pixel_values), device, repeats)
+    videos_per_s = batch / float(np.median(runs))
     return {
         "frames_per_s": videos_per_s * model.config.num_frames,
         "videos_per_s": videos_per_s,
         "gflop_per_video": flops / 1e9,
-        "fraction_of_limit": flops * videos_per_s / 1e9 / limit,
+        **with_spread("fraction_of_limit", [flops * batch / s / 1e9 / limit for s, limit in zip(runs, limits)]),
     }
 
 
-def bench_rerank(model, processor, device: str, limit: float, encode: dict, repeats: int) -> dict:
+def bench_rerank(model, processor, device: str, encode: dict, repeats: int) -> dict:
     config = model.config
     tokens_per_frame = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
     generator = torch.Generator().manual_seed(2)
@@ -189,7 +216,8 @@ def bench_rerank(model, processor, device: str, limit: float, encode: dict, repe
                                           top_k=TOP_K, batch_size=TOP_K)
 
     flops = counted_flops(batched)
-    seconds = timed(batched, device, repeats)
+    runs, limits = interleaved_with_limit(batched, device, repeats)
+    seconds = float(np.median(runs))
     loop_seconds = timed(per_pair, device, max(1, repeats // 2))
     short_seconds = timed(short_caption, device, repeats)
     encoding_1000_videos = 1000 / encode["videos_per_s"]
@@ -198,7 +226,7 @@ def bench_rerank(model, processor, device: str, limit: float, encode: dict, repe
         "per_pair_loop_ms": loop_seconds * 1e3,
         "speedup_over_loop": loop_seconds / seconds,
         "gflop_per_query": flops / 1e9,
-        "fraction_of_limit": flops / seconds / 1e9 / limit,
+        **with_spread("fraction_of_limit", [flops / s / 1e9 / limit for s, limit in zip(runs, limits)]),
         "fraction_of_encoding_1000_videos": seconds / encoding_1000_videos,
         # The same ratio in counted FLOPs: what the timed ratio is when both stages run equally close to the limit.
         "flop_fraction_of_encoding_1000_videos": flops / (1000 * encode["gflop_per_video"] * 1e9),
@@ -249,9 +277,10 @@ def peer_read_video(path: str, num_frames: int) -> np.ndarray:
     return np.stack([kept[i] for i in positions])
 
 
-def bench_decode(num_frames: int, workdir: str, count: int) -> dict:
-    """Seconds per video of our sampler in both decoding modes and of the peer reader; the speed-up is that of the
-    faster mode (`reference_frames`)."""
+def bench_decode(num_frames: int, workdir: str, count: int, repeats: int) -> dict:
+    """Seconds per video of our sampler in both decoding modes and of the peer reader, interleaved (each repeat times
+    the three readers one after the other, after a warm-up of each); the speed-up is that of the faster mode
+    (`reference_frames`): the median over repeats of each repeat's ratio, with its spread."""
     from crosstvr.processing_crosstvr import read_video
 
     paths = []
@@ -261,21 +290,30 @@ def bench_decode(num_frames: int, workdir: str, count: int) -> dict:
             write_long_video(path)
         paths.append(path)
     result = {"videos": count}
-    for decoding in ("exact", "reference_frames"):
-        seconds = timed(lambda: [read_video(path, num_frames, decoding=decoding) for path in paths], "cpu", 3) / count
-        result[f"{decoding}_s_per_video"] = seconds
-        result[f"{decoding}_frames_per_s"] = num_frames / seconds
+    readers = {
+        decoding: (lambda decoding=decoding: [read_video(path, num_frames, decoding=decoding) for path in paths])
+        for decoding in ("exact", "reference_frames")
+    }
     try:
-        peer = timed(lambda: [peer_read_video(path, num_frames) for path in paths], "cpu", 3) / count
+        import cv2  # noqa: F401
+
+        readers["peer"] = lambda: [peer_read_video(path, num_frames) for path in paths]
     except ImportError:
         result["peer"] = "OpenCV is not installed (pip install -e .[benchmarks])"
-        return result
-    result.update({
-        "peer_s_per_video": peer,
-        "peer_frames_per_s": num_frames / peer,
-        "exact_speedup_over_peer": peer / result["exact_s_per_video"],
-        "speedup_over_peer": peer / result["reference_frames_s_per_video"],
-    })
+    runs = {name: [] for name in readers}
+    for reader in readers.values():
+        reader()
+    for _ in range(repeats):
+        for name, reader in readers.items():
+            start = time.perf_counter()
+            reader()
+            runs[name].append((time.perf_counter() - start) / count)
+    for name, seconds in runs.items():
+        result[f"{name}_s_per_video"] = float(np.median(seconds))
+        result[f"{name}_frames_per_s"] = num_frames / result[f"{name}_s_per_video"]
+    if "peer" in runs:
+        for decoding, key in (("exact", "exact_speedup_over_peer"), ("reference_frames", "speedup_over_peer")):
+            result.update(with_spread(key, [peer / ours for peer, ours in zip(runs["peer"], runs[decoding])]))
     return result
 
 
@@ -638,14 +676,13 @@ def main(argv: list[str] | None = None) -> int:
         results["limit"] = {"matmul_gflop_per_s": matmul_limit(args.device, 10),
                             "device": torch.cuda.get_device_name() if args.device == "cuda" else
                             f"cpu x{torch.get_num_threads()} threads"}
-        limit = results["limit"]["matmul_gflop_per_s"]
-        encode = bench_encode(model, args.device, limit, repeats)
+        encode = bench_encode(model, args.device, repeats)
         if "encode" in args.sections:
             results["encode"] = encode
         if "rerank" in args.sections:
-            results["rerank"] = bench_rerank(model, processor, args.device, limit, encode, repeats)
+            results["rerank"] = bench_rerank(model, processor, args.device, encode, repeats)
         if "decode" in args.sections:
-            results["decode"] = bench_decode(model.config.num_frames, workdir, 1 if args.quick else 3)
+            results["decode"] = bench_decode(model.config.num_frames, workdir, 1 if args.quick else 3, max(repeats, 3))
         if "index" in args.sections:
             results["index"] = bench_index(model, processor, encode, workdir, 4 if args.quick else 16)
         if "search" in args.sections:
