@@ -70,6 +70,7 @@ ROW_NAMES = {
 ABLATIONS = {
     "text_in_temporal_pass": ({"temporal_text_input": True}, {}),
     "no_frame_positions": ({"use_frame_position_embeddings": False}, {}),
+    "token_frame_embeddings": ({"use_token_frame_embeddings": True}, {}),
     "in_batch_negatives_only": ({}, {"hard_negatives": "in_batch"}),
 }
 DEPTHS = list(range(2, 20))

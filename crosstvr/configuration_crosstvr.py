@@ -113,6 +113,12 @@ class CrossTVRConfig(PreTrainedConfig):
             Add a learnable, zero-initialised frame position embedding to X_spatial(t) before the temporal pass. The
             paper's equations leave the temporal pass without any notion of frame order; at initialisation this is
             exactly the paper's module, and training can learn order ("A, then B").
+        use_token_frame_embeddings (`bool`, *optional*, defaults to `False`):
+            Add a learnable, zero-initialised embedding E_t of the frame index to the M selected tokens of frame t
+            before the temporal pass (keys and values V_select(t) + E_t), as TimeSformer and ViViT add temporal
+            embeddings to their tokens. In the paper's Eqs. 5-6 the M x T keys carry no frame index, so the temporal
+            pass sees the selected tokens as a set: only the queries (with `use_frame_position_embeddings`) know the
+            order. At initialisation this is exactly the paper's module.
         temporal_text_input (`bool`, *optional*, defaults to `False`):
             Whether the caption's tokens join X_spatial(t) as inputs of the temporal text attention of
             `"spatial_temporal"`. The paper's Eq. 5 (`False`) makes the T spatial outputs alone the queries: the text
@@ -185,6 +191,7 @@ class CrossTVRConfig(PreTrainedConfig):
     fine_vision_projection: bool = False
     share_vision_tower: bool = False
     use_frame_position_embeddings: bool = True
+    use_token_frame_embeddings: bool = False
     temporal_text_input: bool = False
     rerank_top_k: int = 15
     fine_score: str = "probability"

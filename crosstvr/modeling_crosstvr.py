@@ -62,6 +62,7 @@ STAGE_TWO_TRAINABLE_MODULES = (
     "fine_vision_projection",
     "token_selector",
     "frame_position_embeddings",
+    "token_frame_embeddings",
     "matching_head",
 )
 
@@ -772,8 +773,9 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
             init.normal_(module.text_projection.weight, std=config.text_config.hidden_size**-0.5)
             init.normal_(module.visual_projection.weight, std=config.vision_config.hidden_size**-0.5)
             init.normal_(module.query_tokens, std=config.initializer_range)
-            if module.frame_position_embeddings is not None:
-                init.zeros_(module.frame_position_embeddings)
+            for embeddings in (module.frame_position_embeddings, module.token_frame_embeddings):
+                if embeddings is not None:
+                    init.zeros_(embeddings)
             if module.fine_vision_projection is not None:
                 # Orthogonal, scaled to keep each coordinate's variance (orthonormal columns when widening spread a
                 # token's norm over more coordinates): layer-normalised tower tokens arrive at the scale of the
@@ -850,6 +852,10 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             self.frame_position_embeddings = nn.Parameter(torch.zeros(config.num_frames, qformer_config.hidden_size))
         else:
             self.frame_position_embeddings = None
+        if config.fine_attention != "spatial" and config.use_token_frame_embeddings:
+            self.token_frame_embeddings = nn.Parameter(torch.zeros(config.num_frames, config.fine_token_hidden_size))
+        else:
+            self.token_frame_embeddings = None
         self.matching_head = nn.Linear(qformer_config.hidden_size, 2)
 
         self.post_init()
@@ -909,6 +915,14 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         if not video_mask.bool().any(dim=1).all():
             raise ValueError("video_mask marks a video with no real frame; every video needs at least one frame.")
         return video_mask
+
+    @staticmethod
+    def _check_num_frames(embeddings: torch.Tensor, num_frames: int) -> None:
+        if num_frames > embeddings.shape[0]:
+            raise ValueError(
+                f"The fine module has frame embeddings for {embeddings.shape[0]} frames (config.num_frames) but got "
+                f"{num_frames} frames."
+            )
 
     @staticmethod
     def _check_text_length(input_ids: torch.Tensor, max_length: int, name: str) -> None:
@@ -1211,6 +1225,9 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         selected = self.token_selector(frame_tokens)  # (F, M, D_v)
         selected_tokens = selected.new_zeros(num_pairs, num_frames, *selected.shape[1:])
         selected_tokens[valid] = selected  # (pairs, T, M, D_v)
+        if self.token_frame_embeddings is not None:
+            self._check_num_frames(self.token_frame_embeddings, num_frames)
+            selected_tokens = selected_tokens + self.token_frame_embeddings[:num_frames, None]  # V_select(t) + E_t
         token_mask = video_mask.repeat_interleave(selected.shape[1], dim=1)  # (pairs, T * M)
         if fine_attention == "temporal":
             queries = self.query_tokens.expand(num_pairs, -1, -1)  # (pairs, N_Q, hidden)
@@ -1218,11 +1235,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         else:
             queries, query_mask = spatial_embeds, video_mask
             if self.frame_position_embeddings is not None:
-                if num_frames > self.frame_position_embeddings.shape[0]:
-                    raise ValueError(
-                        f"The fine module has frame position embeddings for {self.frame_position_embeddings.shape[0]} "
-                        f"frames (config.num_frames) but got {num_frames} frames."
-                    )
+                self._check_num_frames(self.frame_position_embeddings, num_frames)
                 queries = queries + self.frame_position_embeddings[:num_frames]
         with_text = fine_attention == "temporal" or self.config.temporal_text_input
         pooled = self.temporal_text_attention(

@@ -549,7 +549,9 @@ def test_fine_module_gradients_are_reproducible_with_several_threads(tester):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_loading_keeps_stage_two_in_float32(tester, tmp_path, dtype):
-    tester.get_model(share_spatial_temporal=False, fine_vision_projection=True).save_pretrained(tmp_path)
+    tester.get_model(
+        share_spatial_temporal=False, fine_vision_projection=True, use_token_frame_embeddings=True
+    ).save_pretrained(tmp_path)
     model = CrossTVRModel.from_pretrained(tmp_path, dtype=dtype).eval()
     for name, parameter in model.named_parameters():
         stage_two = name.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES
@@ -649,3 +651,29 @@ def test_forward_supports_return_dict_and_the_output_switches(tester):
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[1], outputs.loss_contrastive)  # loss, loss_contrastive, ...
     assert model(**inputs).text_model_output.hidden_states is None
+
+
+@pytest.mark.parametrize("fine_attention", ["temporal", "spatial_temporal"])
+def test_token_frame_embeddings_tell_the_temporal_pass_the_frame_order(tester, fine_attention):
+    # Eqs. 5-6's keys carry no frame index: without frame positions on the queries the temporal-only module scores a
+    # video and its frames reversed alike. E_t on the selected tokens breaks that; zero-initialised, it changes nothing.
+    paper = tester.get_model(fine_attention=fine_attention, use_frame_position_embeddings=False).eval()
+    model = tester.get_model(fine_attention=fine_attention, use_frame_position_embeddings=False,
+                             use_token_frame_embeddings=True).eval()
+    assert model.load_state_dict(paper.state_dict(), strict=False).missing_keys == ["token_frame_embeddings"]
+    ids, mask, tokens, _ = fine_inputs(model, tester.get_inputs())
+    video_mask = torch.ones(tokens.shape[:2], dtype=torch.long)
+    reversed_tokens = tokens.flip(1)
+    torch.testing.assert_close(model.get_fine_logits(ids, mask, tokens, video_mask),
+                               paper.get_fine_logits(ids, mask, tokens, video_mask))
+    blind = paper.get_fine_logits(ids, mask, reversed_tokens, video_mask) - paper.get_fine_logits(
+        ids, mask, tokens, video_mask
+    )
+    with torch.no_grad():
+        model.token_frame_embeddings.normal_(std=tokens.std().item(), generator=torch.Generator().manual_seed(0))
+    changed = model.get_fine_logits(ids, mask, reversed_tokens, video_mask) - model.get_fine_logits(
+        ids, mask, tokens, video_mask
+    )
+    assert blind.abs().max() < 1e-6 and changed.abs().max() > 100 * max(blind.abs().max(), 1e-8)
+    with pytest.raises(ValueError, match="frame embeddings for"):
+        model.get_fine_logits(ids, mask, torch.cat([tokens, tokens], dim=1), torch.cat([video_mask, video_mask], 1))
