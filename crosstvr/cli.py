@@ -34,6 +34,8 @@ def _report_update(update: dict, index) -> None:
 
 
 def index(args: argparse.Namespace) -> int:
+    import torch
+
     from .indexing import IndexMismatchError, VideoIndex
 
     model, processor = load_model(args.model)
@@ -55,6 +57,11 @@ def index(args: argparse.Namespace) -> int:
     except IndexMismatchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun, leaving with the process group alive lets gloo's threads abort the process at exit
+        # ("terminate called without an active exception"): tear it down while every rank is still here.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     _report_update(video_index.last_update, video_index)
     if not len(video_index):
         print(f"error: nothing could be indexed under {args.video_dir}", file=sys.stderr)

@@ -63,6 +63,7 @@ def main(output: str, stage: int, micro_batches: int) -> None:
                    if p.grad is not None and p.grad.abs().sum() > 0}
         tensors["loss"] = loss.reshape(1)
         save_file(tensors, output)
+    accelerator.end_training()  # destroys the process group: exiting with it alive can abort in gloo's threads
 
 
 if __name__ == "__main__":
