@@ -72,6 +72,7 @@ ABLATIONS = {
     "no_frame_positions": ({"use_frame_position_embeddings": False}, {}),
     "token_frame_embeddings": ({"use_token_frame_embeddings": True}, {}),
     "in_batch_negatives_only": ({}, {"hard_negatives": "in_batch"}),
+    "listwise_loss": ({}, {"negatives_per_caption": 3, "listwise_loss_weight": 3.0}),
 }
 DEPTHS = list(range(2, 20))
 EVAL_TOP_K = 5

@@ -87,11 +87,14 @@ class CrossTVROutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
             Sum of the losses that were computed: `loss_contrastive` always, `loss_matching` when Q-Former inputs were
-            given.
+            given, and `listwise_loss_weight * loss_listwise` when negative videos were given too.
         loss_contrastive (`torch.FloatTensor` of shape `()`, *optional*):
             Stage-1 symmetric InfoNCE loss.
         loss_matching (`torch.FloatTensor` of shape `()`, *optional*):
             Stage-2 video-text matching loss on the positives and the ALBEF hard negatives.
+        loss_listwise (`torch.FloatTensor` of shape `()`, *optional*):
+            Stage-2 listwise loss of every text over its video and its given negative videos (see
+            [`listwise_matching_loss`]); computed when `negative_vision_tokens` were given.
         logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
             Temperature-scaled stage-1 similarities, texts x videos.
         logits_per_video (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
@@ -100,10 +103,11 @@ class CrossTVROutput(ModelOutput):
             L2-normalised stage-1 text embeddings.
         video_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
             L2-normalised stage-1 video embeddings.
-        matching_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`, *optional*):
+        matching_logits (`torch.FloatTensor` of shape `((3 + n) * batch_size, 2)`, *optional*):
             Matching-head logits of the positive pairs, then (text, hard negative video), then (hard negative text,
-            video), then (text, the given negative video) when `negative_vision_tokens` were given (4 * batch_size).
-        matching_labels (`torch.LongTensor` of shape `(3 * batch_size,)`, *optional*):
+            video), then (text_i, its j-th given negative video), row-major over i and j, when n negative videos per
+            text were given in `negative_vision_tokens`.
+        matching_labels (`torch.LongTensor` of shape `((3 + n) * batch_size,)`, *optional*):
             1 for the positive pairs, 0 for the negatives.
         text_model_output (`BaseModelOutputWithPooling`):
             The output of the CLIP text tower, with its hidden states and attentions when `output_hidden_states` and
@@ -116,6 +120,7 @@ class CrossTVROutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     loss_contrastive: torch.FloatTensor | None = None
     loss_matching: torch.FloatTensor | None = None
+    loss_listwise: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
     logits_per_video: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
@@ -268,6 +273,31 @@ def sample_hard_negatives(
     return negative_video, negative_text
 
 
+def listwise_matching_loss(
+    positive_logits: torch.Tensor, negative_logits: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    r"""
+    The localized contrastive estimation loss of a re-ranker (LCE; Gao, Dai and Callan, "Rethink Training of BERT
+    Rerankers in Multi-Stage Retrieval Pipeline", ECIR 2021): every text ranks its own video above n negative videos
+    drawn from the candidates the first stage returns for it,
+
+        L = -log( exp s(t, v+) / (exp s(t, v+) + sum_j exp s(t, v-_j)) ),   s = z_match - z_no_match
+
+    where s is the matching head's log-odds, the score re-ranking orders candidates by (up to the monotone p or
+    log p). The matching loss asks each pair's probability to be right on its own; this one asks only for the order
+    within a caption's candidates, which is what re-ranking uses.
+
+    Args:
+        positive_logits: `(texts, 2)` matching logits of (text_i, its video).
+        negative_logits: `(texts, n, 2)` matching logits of (text_i, its j-th negative video).
+        reduction: "mean" or "sum" over the texts.
+    """
+    positive_scores = positive_logits[:, 1] - positive_logits[:, 0]  # (texts,)
+    negative_scores = negative_logits[..., 1] - negative_logits[..., 0]  # (texts, n)
+    scores = torch.cat([positive_scores.unsqueeze(1), negative_scores], dim=1).float()  # (texts, 1 + n)
+    return F.cross_entropy(scores, scores.new_zeros(len(scores), dtype=torch.long), reduction=reduction)
+
+
 def fuse_reranking(
     similarity: torch.Tensor,
     coarse_ranking: torch.Tensor,
@@ -341,7 +371,8 @@ def matching_pair_inputs(
     """
     The inputs of [`CrossTVRModel.get_fine_logits`] for the matching pairs of the batch rows `rows` (see
     [`matching_pairs`]; the first four arguments hold the whole, possibly gathered, batch), followed, when
-    `negative_vision_tokens` (one video per row of `rows`) are given, by (text_i, its given negative) with label 0.
+    `negative_vision_tokens` `(rows, n, frames, tokens, width)` (n videos per row of `rows`) are given, by
+    (text_i, its j-th given negative) with label 0, row-major over i and j.
 
     Returns:
         `(qformer_input_ids, qformer_attention_mask, vision_tokens, video_mask, labels)` of the pairs.
@@ -350,13 +381,21 @@ def matching_pair_inputs(
     pair_input_ids, pair_attention_mask = qformer_input_ids[text_index], qformer_attention_mask[text_index]
     pair_tokens, pair_video_mask = vision_tokens[video_index], video_mask[video_index]
     if negative_vision_tokens is not None:
+        if negative_vision_tokens.dim() != 5:
+            raise ValueError(
+                "negative_vision_tokens must be shaped (rows, negatives per row, frames, tokens, width), got "
+                f"{tuple(negative_vision_tokens.shape)}"
+            )
+        per_row = negative_vision_tokens.shape[1]
         if negative_video_mask is None:
-            negative_video_mask = torch.ones_like(video_mask[rows])
-        pair_input_ids = torch.cat([pair_input_ids, qformer_input_ids[rows]])
-        pair_attention_mask = torch.cat([pair_attention_mask, qformer_attention_mask[rows]])
-        pair_tokens = torch.cat([pair_tokens, negative_vision_tokens.to(pair_tokens.dtype)])
-        pair_video_mask = torch.cat([pair_video_mask, negative_video_mask])
-        labels = torch.cat([labels, torch.zeros_like(labels[: len(negative_vision_tokens)])])
+            negative_video_mask = video_mask.new_ones(negative_vision_tokens.shape[:3])
+        pair_input_ids = torch.cat([pair_input_ids, qformer_input_ids[rows].repeat_interleave(per_row, dim=0)])
+        pair_attention_mask = torch.cat(
+            [pair_attention_mask, qformer_attention_mask[rows].repeat_interleave(per_row, dim=0)]
+        )
+        pair_tokens = torch.cat([pair_tokens, negative_vision_tokens.flatten(0, 1).to(pair_tokens.dtype)])
+        pair_video_mask = torch.cat([pair_video_mask, negative_video_mask.flatten(0, 1)])
+        labels = torch.cat([labels, labels.new_zeros(len(negative_vision_tokens) * per_row)])
     return pair_input_ids, pair_attention_mask, pair_tokens, pair_video_mask, labels
 
 
@@ -1441,6 +1480,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         video_ids: torch.Tensor | None = None,
         negative_vision_tokens: torch.Tensor | None = None,
         negative_video_mask: torch.Tensor | None = None,
+        listwise_loss_weight: float = 0.0,
         process_group=None,
         generator: torch.Generator | None = None,
         output_attentions: bool | None = None,
@@ -1453,6 +1493,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         - Stage 2, when `qformer_input_ids` is given: for every text a hard negative video and for every video a hard
           negative text are sampled from the stage-1 similarities (see [`sample_hard_negatives`]), and the matching
           head is trained with cross-entropy on the B positive and 2B negative pairs (see [`matching_pairs`]).
+        - Stage 2 with `negative_vision_tokens`: the n given negatives of every text join the matching loss's pairs,
+          and the listwise loss ranks each text's video above them (see [`listwise_matching_loss`]).
 
         `loss` is the sum of the computed losses; freeze the parameters of the stage you do not train.
 
@@ -1473,10 +1515,11 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             vision_tokens (`(batch, frames, tokens, width)`, *optional*): precomputed stage-2 tokens (a token cache).
             video_ids (`(batch,)`, *optional*): video identities; captions of the same video are then not used as each
                 other's negatives.
-            negative_vision_tokens (`(batch, frames, tokens, width)`, *optional*): stage 2: one more negative video for
-                every text, chosen by the caller (e.g. among the text's stage-1 top K, as re-ranking will face), scored
-                as (text_i, negative_i) with label 0 beside the in-batch pairs; `negative_video_mask` is its frame
-                mask.
+            negative_vision_tokens (`(batch, n, frames, tokens, width)`, *optional*): stage 2: n more negative videos
+                for every text, chosen by the caller (e.g. among the text's stage-1 top K, as re-ranking will face),
+                scored as (text_i, negative_ij) with label 0 beside the in-batch pairs; `negative_video_mask`
+                `(batch, n, frames)` is their frame mask.
+            listwise_loss_weight (`float`, *optional*, defaults to 0): the weight of `loss_listwise` in `loss`.
             process_group (`torch.distributed.ProcessGroup`, *optional*): compute the losses over the global batch of
                 this group's processes (e.g. `torch.distributed.group.WORLD`); every process must pass the same batch
                 size.
@@ -1519,7 +1562,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             all_video_ids = gather_data(video_ids)
             positive_mask = all_video_ids.unsqueeze(1) == all_video_ids.unsqueeze(0)
         loss_contrastive = contrastive_loss(logits_per_text, positive_mask)
-        loss, loss_matching, matching_logits, matching_labels = loss_contrastive, None, None, None
+        loss, loss_matching, loss_listwise, matching_logits, matching_labels = loss_contrastive, None, None, None, None
 
         if qformer_input_ids is not None:
             if qformer_attention_mask is None:
@@ -1541,11 +1584,17 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             matching_logits = self.get_fine_logits(*pair_inputs)
             loss_matching = F.cross_entropy(matching_logits, matching_labels)
             loss = loss + loss_matching
+            if negative_vision_tokens is not None:
+                loss_listwise = listwise_matching_loss(
+                    matching_logits[:batch_size], matching_logits[3 * batch_size :].unflatten(0, (batch_size, -1))
+                )
+                loss = loss + listwise_loss_weight * loss_listwise
 
         return CrossTVROutput(
             loss=loss,
             loss_contrastive=loss_contrastive,
             loss_matching=loss_matching,
+            loss_listwise=loss_listwise,
             logits_per_text=logits_per_text,
             logits_per_video=logits_per_text.t(),
             text_embeds=text_embeds,

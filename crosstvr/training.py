@@ -41,6 +41,7 @@ from .modeling_crosstvr import (
     CrossTVRModel,
     all_gather_no_grad,
     contrastive_loss,
+    listwise_matching_loss,
     matching_pair_inputs,
     sample_hard_negatives,
 )
@@ -98,6 +99,17 @@ class TrainingArguments:
         },
     )
     hard_negatives_top_k: int = field(default=15, metadata={"help": "K of --hard_negatives stage1_top_k"})
+    negatives_per_caption: int = field(
+        default=1, metadata={"help": "--hard_negatives stage1_top_k: how many of the caption's top K, drawn without "
+                             "replacement, join its pairs"}
+    )
+    listwise_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "--hard_negatives stage1_top_k: weight of the listwise loss that ranks each caption's video above "
+            "its stage-1 negatives (localized contrastive estimation; 0: the paper's matching loss only)"
+        },
+    )
     num_train_epochs: float = field(default=5.0, metadata={"help": "epochs (TS2-Net: 5)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs when > 0"})
     batch_size: int = field(default=128, metadata={"help": "global batch per optimizer step (paper: 128)"})
@@ -148,6 +160,13 @@ class TrainingArguments:
             raise ValueError(f"lora_targets {sorted(unknown)} unknown; choose from {sorted(LORA_TARGETS)}")
         if self.hard_negatives not in HARD_NEGATIVES:
             raise ValueError(f"hard_negatives must be one of {HARD_NEGATIVES}, got {self.hard_negatives!r}")
+        if self.hard_negatives != "stage1_top_k" and self.listwise_loss_weight:
+            raise ValueError("listwise_loss_weight needs --hard_negatives stage1_top_k (the negatives it ranks against)")
+        if not 1 <= self.negatives_per_caption <= self.hard_negatives_top_k:
+            raise ValueError(
+                f"negatives_per_caption must be between 1 and hard_negatives_top_k={self.hard_negatives_top_k}, got "
+                f"{self.negatives_per_caption}"
+            )
         if self.train_frame_sampling not in ("random", "center"):
             raise ValueError("train_frame_sampling must be 'random' or 'center'")
         self.train_split = self.train_split or FORMATS[self.dataset].splits[0]
@@ -192,13 +211,15 @@ class JSONLinesTracker(GeneralTracker):
 class CachedVideoTextCollator:
     """
     Stage-2 batches from the token cache: tokenized captions with the cached tokens and embeddings of their videos (no
-    video is decoded). Rows with `negative_candidates` (cache indices, see [`stage_one_neighbours`]) also get one of
-    them, drawn uniformly, as `negative_vision_tokens` / `negative_video_mask`; the draw is seeded by `seed`, the
-    epoch and the batch's content.
+    video is decoded). Rows with `negative_candidates` (cache indices, see [`stage_one_neighbours`]) also get
+    `negatives_per_caption` of them, drawn uniformly without replacement, as `negative_vision_tokens`
+    `(rows, negatives_per_caption, frames, tokens, width)` and `negative_video_mask`; the draw is seeded by `seed`,
+    the epoch and the batch's content.
     """
 
-    def __init__(self, processor: CrossTVRProcessor, cache: TokenCache, seed: int = 0):
+    def __init__(self, processor: CrossTVRProcessor, cache: TokenCache, seed: int = 0, negatives_per_caption: int = 1):
         self.processor, self.cache, self.seed, self.epoch = processor, cache, seed, 0
+        self.negatives_per_caption = negatives_per_caption
 
     def set_epoch(self, epoch: int) -> None:
         """Only the negatives' draw varies between epochs: the cache holds one fixed sampling per video."""
@@ -217,12 +238,14 @@ class CachedVideoTextCollator:
         }
         if "negative_candidates" in columns:
             generator = content_generator(self.seed, self.epoch, columns)
-            negatives = [
-                candidates[int(torch.randint(len(candidates), (), generator=generator))]
-                for candidates in columns["negative_candidates"]
-            ]
-            entries = [self.cache[video] for video in negatives]
-            batch.update(self._stack([{k: e[k] for k in ("vision_tokens", "video_mask")} for e in entries], "negative_"))
+            rows_of_entries = []
+            for candidates in columns["negative_candidates"]:
+                remaining, drawn = list(candidates), []
+                for _ in range(self.negatives_per_caption):  # one at a time, without replacement
+                    drawn.append(remaining.pop(int(torch.randint(len(remaining), (), generator=generator))))
+                entries = [self.cache[video] for video in drawn]
+                rows_of_entries.append(self._stack([{k: e[k] for k in ("vision_tokens", "video_mask")} for e in entries]))
+            batch.update(self._stack(rows_of_entries, "negative_"))  # (rows, negatives, ...)
         return batch
 
 
@@ -431,7 +454,12 @@ def _sum_gradients_over_processes(parameters: list[torch.Tensor]) -> None:
 
 
 def global_batch_backward(
-    accelerator, model, micro_batches: list[dict[str, torch.Tensor]], stage: int, generator: torch.Generator
+    accelerator,
+    model,
+    micro_batches: list[dict[str, torch.Tensor]],
+    stage: int,
+    generator: torch.Generator,
+    listwise_loss_weight: float = 0.0,
 ) -> torch.Tensor:
     r"""
     Back-propagate the losses of the whole global batch — every process's micro-batches of one optimizer step — so
@@ -443,7 +471,8 @@ def global_batch_backward(
       (token selection draws noise), and dL/dE of its rows is back-propagated through it.
     - Stage 2: stage 1 is frozen, so only the negatives need the global batch: they are drawn from the stage-1
       similarities of all rows, and each process scores the matching pairs of its own rows one micro-batch at a time,
-      each chunk's loss normalised by the number of pairs of the global batch.
+      each chunk's loss normalised by the number of pairs of the global batch (and its listwise loss, with given
+      negatives, by the number of rows).
 
     The gradients of all processes are then summed by hand (the DDP wrapper's reducer expects one forward per
     backward, which gradient caching does not do). Returns the step's loss.
@@ -502,7 +531,8 @@ def global_batch_backward(
             negative_video, negative_text = sample_hard_negatives(logits_per_text, positive_mask, generator)
             keys = ("qformer_input_ids", "qformer_attention_mask", "vision_tokens", "video_mask")
             columns = [_gather(torch.cat([b[key] for b in inputs]), num_processes) for key in keys]
-            total_pairs = len(video_ids) * (4 if "negative_vision_tokens" in inputs[0] else 3)
+            given = inputs[0]["negative_vision_tokens"].shape[1] if "negative_vision_tokens" in inputs[0] else 0
+            total_pairs = len(video_ids) * (3 + given)
             loss, start = 0.0, offset
             for batch in inputs:
                 *pair_inputs, labels = matching_pair_inputs(
@@ -516,6 +546,12 @@ def global_batch_backward(
                 with accelerator.autocast():
                     logits = unwrapped.get_fine_logits(*pair_inputs)
                 chunk_loss = F.cross_entropy(logits.float(), labels, reduction="sum") / total_pairs
+                if given:
+                    rows_here = len(batch["input_ids"])
+                    listwise = listwise_matching_loss(
+                        logits[:rows_here], logits[3 * rows_here :].unflatten(0, (rows_here, given)), reduction="sum"
+                    )
+                    chunk_loss = chunk_loss + listwise_loss_weight * listwise / len(video_ids)
                 accelerator.backward(chunk_loss)
                 loss = loss + chunk_loss.detach()
                 start += len(batch["input_ids"])
@@ -579,8 +615,15 @@ def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], Non
         cache = TokenCache(args.token_cache_dir).check(model, processor)
         if args.hard_negatives == "stage1_top_k":
             neighbours = stage_one_neighbours(model, processor, rows, cache, args.hard_negatives_top_k)
+            if neighbours.shape[1] < args.negatives_per_caption:
+                raise ValueError(
+                    f"negatives_per_caption={args.negatives_per_caption}, but the {args.train_split} split has only "
+                    f"{neighbours.shape[1]} other videos per caption to draw from; lower negatives_per_caption"
+                )
             rows = rows.add_column("negative_candidates", neighbours.tolist())
-        collator = CachedVideoTextCollator(processor, cache, seed=args.seed)
+        collator = CachedVideoTextCollator(
+            processor, cache, seed=args.seed, negatives_per_caption=args.negatives_per_caption
+        )
     else:
         collator = VideoTextCollator(processor, sampling=args.train_frame_sampling, seed=args.seed)
 
@@ -643,14 +686,19 @@ def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], Non
                 continue
             generator = _negatives_generator(args.seed, micro_step)
             if accumulation > 1:
-                loss = global_batch_backward(accelerator, model, pending, args.stage, generator)
+                loss = global_batch_backward(
+                    accelerator, model, pending, args.stage, generator, args.listwise_loss_weight
+                )
             else:
                 outputs = model(
                     **_model_inputs(batch, args.stage),
+                    listwise_loss_weight=args.listwise_loss_weight,
                     process_group=torch.distributed.group.WORLD if num_processes > 1 else None,
                     generator=generator,
                 )
-                loss = outputs.loss_matching if args.stage == 2 else outputs.loss_contrastive
+                loss = outputs.loss_contrastive if args.stage == 1 else outputs.loss_matching
+                if outputs.loss_listwise is not None:
+                    loss = loss + args.listwise_loss_weight * outputs.loss_listwise
                 accelerator.backward(loss)
             pending = []
             if args.max_grad_norm > 0:

@@ -405,22 +405,39 @@ def test_stage_one_top_k_negatives_are_neighbours_and_never_the_own_video(worksp
     torch.testing.assert_close(neighbours, similarity.topk(3, dim=1).indices)
 
     picked = [{**rows[i], "negative_candidates": neighbours[i].tolist()} for i in (0, 21, 42, 63)]
-    collator = CachedVideoTextCollator(processor, cache, seed=3)
+    collator = CachedVideoTextCollator(processor, cache, seed=3, negatives_per_caption=2)
     batch = collator(picked)
-    assert batch["negative_vision_tokens"].shape == batch["vision_tokens"].shape
-    for row, tokens in zip(picked, batch["negative_vision_tokens"]):
-        drawn = [video for video in row["negative_candidates"] if torch.equal(cache[video]["vision_tokens"], tokens)]
-        assert drawn and cache.index[row["video_path"]] not in drawn
+    assert batch["negative_vision_tokens"].shape == (4, 2, *batch["vision_tokens"].shape[1:])
+    assert batch["negative_video_mask"].shape == (4, 2, batch["video_mask"].shape[1])
+    for row, row_tokens in zip(picked, batch["negative_vision_tokens"]):
+        drawn = [video for tokens in row_tokens for video in row["negative_candidates"]
+                 if torch.equal(cache[video]["vision_tokens"], tokens)]
+        assert len(set(drawn)) == 2 and cache.index[row["video_path"]] not in drawn  # two different neighbours
     torch.testing.assert_close(collator(picked)["negative_vision_tokens"], batch["negative_vision_tokens"])  # seeded
-    # The model scores the extra pairs as negatives beside the in-batch ones.
+    # The model scores the extra pairs as negatives beside the in-batch ones, and ranks each caption's video above them.
     inputs = {key: value for key, value in batch.items() if key != "video_index"}
-    outputs = model(**inputs, video_ids=batch["video_index"])
-    assert outputs.matching_labels.tolist() == [1] * 4 + [0] * 12
+    outputs = model(**inputs, video_ids=batch["video_index"], listwise_loss_weight=0.5)
+    assert outputs.matching_labels.tolist() == [1] * 4 + [0] * 16
+    torch.testing.assert_close(outputs.loss, outputs.loss_contrastive + outputs.loss_matching + 0.5 * outputs.loss_listwise)
+    scores = outputs.matching_logits[:, 1] - outputs.matching_logits[:, 0]
+    positive, negatives = scores[:4], scores[12:].reshape(4, 2)  # text i's own video, then its two negatives
+    by_hand = -(positive - torch.logsumexp(torch.cat([positive[:, None], negatives], dim=1), dim=1)).mean()
+    torch.testing.assert_close(outputs.loss_listwise, by_hand)
+    with pytest.raises(ValueError, match="listwise_loss_weight needs"):
+        arguments(workspace, tmp_path / "bad", stage=2, listwise_loss_weight=1.0)
 
 
-def test_stage_two_trains_with_stage_one_top_k_negatives(workspace, tmp_path):
-    final = train(arguments(workspace, tmp_path / "run", stage=2, max_steps=2, hard_negatives="stage1_top_k",
-                            hard_negatives_top_k=3))
-    assert os.path.exists(os.path.join(final, "model.safetensors"))
+@pytest.mark.parametrize("per_device_batch_size", [4, 8])  # accumulated micro-batches; one forward
+def test_stage_two_trains_with_stage_one_top_k_negatives(workspace, tmp_path, per_device_batch_size):
+    def first_loss(name: str, listwise_loss_weight: float) -> float:
+        final = train(arguments(workspace, tmp_path / name, stage=2, max_steps=2, hard_negatives="stage1_top_k",
+                                hard_negatives_top_k=3, negatives_per_caption=2, per_device_batch_size=per_device_batch_size,
+                                listwise_loss_weight=listwise_loss_weight))
+        assert os.path.exists(os.path.join(final, "model.safetensors"))
+        with open(tmp_path / name / "logs.jsonl", encoding="utf-8") as file:
+            return [record for record in map(json.loads, file) if record.get("step") == 1][0]["train/loss"]
+
+    # Same seed, same draws: the listwise term is added to the matching loss of the first step.
+    assert first_loss("listwise", 1.0) > first_loss("matching", 0.0)
     with pytest.raises(ValueError, match="hard_negatives"):
         arguments(workspace, tmp_path, hard_negatives="group")

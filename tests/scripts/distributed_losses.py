@@ -7,7 +7,7 @@ accumulated micro-batches.
 Each process takes its contiguous share of the global batch. With one micro-batch it runs `forward(process_group=...)`
 through the DDP-wrapped model and backpropagates; with several, `crosstvr.training.global_batch_backward` runs them as
 one step. Rank 0 writes the step's loss and the gradients. Stage 2 reads precomputed stage-1 embeddings and stage-2
-tokens, as from the token cache. The model is in eval mode (hard token selection, no dropout) so that every split
+tokens, as from the token cache, with two given negative videos per caption and the listwise loss. The model is in eval mode (hard token selection, no dropout) so that every split
 computes exactly the same function.
 """
 
@@ -26,6 +26,7 @@ from crosstvr.training import global_batch_backward  # noqa: E402
 
 
 GLOBAL_BATCH = 8
+LISTWISE_LOSS_WEIGHT = 0.5
 
 
 def main(output: str, stage: int, micro_batches: int) -> None:
@@ -41,6 +42,9 @@ def main(output: str, stage: int, micro_batches: int) -> None:
         with torch.no_grad():
             video = model.encode_video(inputs.pop("pixel_values"), inputs["video_mask"])
         inputs.update(video_embeds=video.video_embeds, vision_tokens=video.vision_tokens)
+        rows = torch.arange(GLOBAL_BATCH).unsqueeze(1)
+        negatives = torch.cat([(rows + 2) % GLOBAL_BATCH, (rows + 5) % GLOBAL_BATCH], dim=1)  # (batch, 2)
+        inputs.update(negative_vision_tokens=video.vision_tokens[negatives], negative_video_mask=inputs["video_mask"][negatives])
     share = GLOBAL_BATCH // accelerator.num_processes
     local = {key: value[accelerator.process_index * share : (accelerator.process_index + 1) * share]
              for key, value in inputs.items()}
@@ -49,14 +53,16 @@ def main(output: str, stage: int, micro_batches: int) -> None:
     if micro_batches == 1:
         group = torch.distributed.group.WORLD if accelerator.num_processes > 1 else None
         outputs = model(**{k: v for k, v in local.items() if k != "video_index"}, video_ids=local["video_index"],
-                        process_group=group, generator=generator)
-        loss = outputs.loss_contrastive if stage == 1 else outputs.loss_matching
+                        listwise_loss_weight=LISTWISE_LOSS_WEIGHT, process_group=group, generator=generator)
+        loss = outputs.loss_contrastive
+        if stage == 2:
+            loss = outputs.loss_matching + LISTWISE_LOSS_WEIGHT * outputs.loss_listwise
         accelerator.backward(loss)
         loss = accelerator.reduce(loss.detach(), reduction="mean")  # a process's matching loss covers its own pairs
     else:
         rows = share // micro_batches
         batches = [{key: value[i * rows : (i + 1) * rows] for key, value in local.items()} for i in range(micro_batches)]
-        loss = global_batch_backward(accelerator, model, batches, stage, generator)
+        loss = global_batch_backward(accelerator, model, batches, stage, generator, LISTWISE_LOSS_WEIGHT)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         tensors = {f"grad/{name}": p.grad.detach().clone() for name, p in unwrapped.named_parameters()
