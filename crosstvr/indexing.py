@@ -61,7 +61,10 @@ FAISS_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 # IVF-PQ's codes: at most this many bytes per video in memory, the 8-byte id its inverted lists keep included.
 IVFPQ_BYTES_PER_VIDEO = 64
 IVFPQ_MIN_VIDEOS = 10_000  # 256 centroids per sub-quantiser need about 39 x 256 training vectors
-IVFPQ_RESCORE = 4  # the PQ shortlist is this many times the candidates wanted, re-scored with exact embeddings
+# IVF-PQ searches take this many candidates from the codes and re-score them with the exact embeddings, which a
+# float32 matrix file beside the FAISS file holds (read, not loaded): at 2M clustered videos 2,048 reach recall@15
+# 0.925 and 4,096 reach 0.973 at 7.6 ms per query (benchmarks/bench_performance.py --sections ivfpq).
+IVFPQ_SHORTLIST = 4096
 LEGACY_MANIFEST = "manifest.json"  # format 1: the whole bookkeeping in one JSON document
 CHUNKS = "chunks"
 HEADER_KEYS = ("format_version", "model_name", "model", "processor", "faiss")
@@ -157,8 +160,8 @@ def build_faiss_index(embeddings, kind: str):
     4 sqrt(count) lists, 128 probed; flat below 1,024 vectors, too few to train the lists), "hnsw" (M 32,
     efConstruction 200, efSearch 128) or "ivfpq" (IVF lists as "ivf" holding product-quantised codes of m bytes, m the
     largest divisor of `dim` with m + 8 <= 64 bytes per video; flat below 10,000 vectors; searches re-score a shortlist
-    4 times the candidates wanted with the exact embeddings the chunks keep). Returns (index, the kind built, its
-    parameters).
+    of `IVFPQ_SHORTLIST` candidates with the exact embeddings, see [`rescore_exactly`]). Returns (index, the kind
+    built, its parameters).
 
     128 probes: on a million clustered 512-d embeddings, recall of the exact top 15 is 0.996 at 9 ms per query on two
     CPU cores (32 probes: 0.954 at 3 ms); see `benchmarks/bench_performance.py --sections search`.
@@ -168,7 +171,7 @@ def build_faiss_index(embeddings, kind: str):
     params = {}
     if kind == "ivfpq" and count >= IVFPQ_MIN_VIDEOS:
         m = max(m for m in range(1, dim + 1) if dim % m == 0 and m + 8 <= IVFPQ_BYTES_PER_VIDEO)
-        params = {"nlist": int(4 * count**0.5), "m": m, "nbits": 8, "nprobe": 128, "rescore": IVFPQ_RESCORE}
+        params = {"nlist": int(4 * count**0.5), "m": m, "nbits": 8, "nprobe": 128, "shortlist": IVFPQ_SHORTLIST}
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], m, 8, faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(0).choice(count, min(count, max(40 * params["nlist"], 64 * 256)), replace=False)
         index.train(embeddings[np.sort(sample)])
@@ -193,6 +196,20 @@ def build_faiss_index(embeddings, kind: str):
         index = faiss.IndexFlatIP(dim)
     index.add(embeddings)
     return index, kind, params
+
+
+def rescore_exactly(
+    embeddings: np.ndarray, shortlist: np.ndarray, query: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """
+    The best `n` of the `shortlist` positions by the exact inner product with `query` `(dim,)`: `(scores, positions)`,
+    best first (ties by position). `embeddings` `(videos, dim)` may be a memory-mapped file: only the shortlist's rows
+    are read, in file order.
+    """
+    positions = np.unique(shortlist)  # sorted: the rows are read front to back
+    scores = embeddings[positions].astype(np.float32) @ query.astype(np.float32)
+    order = np.argsort(-scores, kind="stable")[:n]
+    return scores[order], positions[order]
 
 
 class VideoIndex:
@@ -459,9 +476,15 @@ class VideoIndex:
             staging = os.path.join(self.index_dir, info["file"] + ".partial")
             faiss.write_index(index, staging)
             os.replace(staging, os.path.join(self.index_dir, info["file"]))
+            if "shortlist" in params:  # the exact embeddings that IVF-PQ's shortlist is re-scored with
+                info["embeddings_file"] = f"stage1-{generation}.f32"
+                staging = os.path.join(self.index_dir, info["embeddings_file"] + ".partial")
+                embeddings.float().numpy().tofile(staging)
+                os.replace(staging, os.path.join(self.index_dir, info["embeddings_file"]))
         self.catalog.renumber(generation, faiss=info)
-        if previous is not None and os.path.exists(os.path.join(self.index_dir, previous["file"])):
-            os.remove(os.path.join(self.index_dir, previous["file"]))
+        for key in ("file", "embeddings_file"):
+            if previous is not None and key in previous and os.path.exists(os.path.join(self.index_dir, previous[key])):
+                os.remove(os.path.join(self.index_dir, previous[key]))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Search
@@ -536,9 +559,14 @@ class VideoIndex:
                 self._faiss_index.nprobe = params["nprobe"] if nprobe is None else nprobe
             if "efSearch" in params:
                 self._faiss_index.hnsw.efSearch = params["efSearch"] if ef_search is None else ef_search
-            scores, rows = self._faiss_index.search(text_embeds.float().numpy(), n)
-            keep = rows[0] >= 0
-            return torch.from_numpy(scores[0][keep]), torch.from_numpy(rows[0][keep]).long()
+            query = text_embeds.float().numpy()
+            scores, rows = self._faiss_index.search(query, max(n, params.get("shortlist", n)))
+            scores, rows = scores[0][rows[0] >= 0], rows[0][rows[0] >= 0]
+            if "embeddings_file" in faiss_info:
+                embeddings = np.memmap(os.path.join(self.index_dir, faiss_info["embeddings_file"]), dtype=np.float32,
+                                       mode="r", shape=(faiss_info["count"], query.shape[1]))
+                scores, rows = rescore_exactly(embeddings, rows, query[0], n)
+            return torch.from_numpy(scores), torch.from_numpy(rows).long()
         if nprobe is not None or ef_search is not None:
             raise ValueError(f"nprobe and ef_search apply to FAISS IVF / HNSW indexes; {self.index_dir} has none")
         similarity = self.stage1_embeddings() @ text_embeds[0].float()  # (videos,)
@@ -549,8 +577,9 @@ class VideoIndex:
         self, text_embeds: torch.Tensor, n: int, nprobe: int | None = None, ef_search: int | None = None
     ) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
         """Stage 1's best `n`: scores and (path, chunk, row), from one generation of the stage-1 structures (an update
-        that renumbers them between ranking and reading the rows makes this rank again). A product-quantised index's
-        shortlist (`rescore` times `n`) is re-scored with the exact embeddings of the chunks."""
+        that renumbers them between ranking and reading the rows makes this rank again). An IVF-PQ index built before
+        the embeddings file existed (parameter `rescore`) has its shortlist (`rescore` times `n`) re-scored with the
+        exact embeddings of the chunks."""
         for _ in range(3):
             self._refresh()
             faiss_info = self._settings.get("faiss")

@@ -354,7 +354,7 @@ def test_search_follows_an_update_made_by_another_index_object(model_and_process
 
 def test_ivfpq_fits_its_byte_budget_and_finds_neighbours():
     faiss = pytest.importorskip("faiss")
-    from crosstvr.indexing import build_faiss_index
+    from crosstvr.indexing import IVFPQ_SHORTLIST, build_faiss_index
 
     generator = np.random.default_rng(0)
     centres = generator.standard_normal((50, 64)).astype(np.float32)
@@ -362,7 +362,7 @@ def test_ivfpq_fits_its_byte_budget_and_finds_neighbours():
                                                                                              dtype=np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     index, kind, params = build_faiss_index(embeddings, "ivfpq")
-    assert kind == "ivfpq" and params["m"] == 32 and params["rescore"] == 4  # 32 bytes of code + an 8-byte id
+    assert kind == "ivfpq" and params["m"] == 32 and params["shortlist"] == IVFPQ_SHORTLIST  # 32 B codes + 8 B ids
     assert index.code_size + 8 <= 64 and isinstance(index, faiss.IndexIVFPQ)
     _, found = index.search(embeddings[:50], 4 * 15)
     assert np.mean([row in hits for row, hits in zip(range(50), found)]) >= 0.9
@@ -370,27 +370,66 @@ def test_ivfpq_fits_its_byte_budget_and_finds_neighbours():
     assert kind == "flat"
 
 
-def test_product_quantised_shortlist_is_re_scored_exactly(model_and_processor, library, tmp_path):
-    """An IVF-PQ index's scores are approximate; search re-scores its shortlist with the chunks' exact embeddings."""
-    faiss = pytest.importorskip("faiss")
+def test_rescore_exactly_ranks_the_shortlist_by_inner_product():
+    from crosstvr.indexing import rescore_exactly
+
+    embeddings = np.array([[1, 0], [0, 1], [0.6, 0.8], [0.6, 0.8], [-1, 0]], dtype=np.float16)
+    scores, positions = rescore_exactly(embeddings, np.array([4, 3, 0, 2, 3]), np.array([0.0, 1.0]), 3)
+    assert positions.tolist() == [2, 3, 0]  # 0.8 twice (ties by position, the repeated candidate once), then 0
+    np.testing.assert_allclose(scores, [0.8, 0.8, 0.0], atol=1e-3)
+
+
+def _coarse_ivfpq(embeddings, kind, shortlist: int | None = 16):
+    """A deliberately coarse IVF-PQ (2-bit codes) over a library too small for the real one; its shortlist holds the
+    whole library, so that search must find exactly what exact search finds."""
+    import faiss
+
+    dim = embeddings.shape[1]
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, 1, dim // 4, 2, faiss.METRIC_INNER_PRODUCT)  # 4 centroids
+    index.train(embeddings)
+    index.add(embeddings)
+    params = {"nlist": 1, "m": dim // 4, "nbits": 2, "nprobe": 1}
+    return index, "ivfpq", {**params, "shortlist": shortlist} if shortlist else {**params, "rescore": 4}
+
+
+def test_product_quantised_shortlist_is_re_scored_exactly(model_and_processor, library, tmp_path, monkeypatch):
+    """An IVF-PQ index's scores are approximate; search re-scores its shortlist with the exact embeddings, which the
+    index writes beside the FAISS file (and replaces with each generation)."""
+    pytest.importorskip("faiss")
+    import crosstvr.indexing
+
     model, processor = model_and_processor
     exact = VideoIndex.build(library, tmp_path / "exact", model, processor, faiss_index=None, num_workers=0)
-    index = VideoIndex.build(library, tmp_path / "pq", model, processor, num_workers=0)
-    embeddings = index.stage1_embeddings().numpy()
-    dim = embeddings.shape[1]
-    coarse = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, 1, dim // 4, 2, faiss.METRIC_INNER_PRODUCT)  # 4 centroids
-    coarse.train(embeddings)
-    coarse.add(embeddings)
-    faiss.write_index(coarse, str(tmp_path / "pq" / "faiss-9.index"))
-    info = {"kind": "ivfpq", "params": {"nlist": 1, "m": dim // 4, "nbits": 2, "nprobe": 1, "rescore": 4},
-            "count": 9, "file": "faiss-9.index"}
-    index.catalog.renumber(9, faiss=info)
+    monkeypatch.setattr(crosstvr.indexing, "build_faiss_index", _coarse_ivfpq)
+    index = VideoIndex.build(library, tmp_path / "pq", model, processor, faiss_index="ivfpq", num_workers=0)
+    info = index.settings["faiss"]
+    assert info["embeddings_file"] == "stage1-1.f32"
+    stored = np.fromfile(tmp_path / "pq" / info["embeddings_file"], dtype=np.float32).reshape(9, -1)
+    np.testing.assert_array_equal(stored, index.stage1_embeddings().numpy())
     for query in ("a blue square moves up", "a yellow triangle moves right"):
         for rerank in (False, True):
             found, expected = index.search(query, k=3, rerank=rerank), exact.search(query, k=3, rerank=rerank)
             assert [(h.path, round(h.score, 5)) for h in found.hits] == [
                 (h.path, round(h.score, 5)) for h in expected.hits]
     assert [h.path for h in index.search(query, k=3, nprobe=1).hits] == [h.path for h in found.hits]
+    write_sample_library(library / "later", count=1, seed=12)
+    index.add(library, faiss_index="ivfpq", num_workers=0)
+    assert sorted(name for name in os.listdir(tmp_path / "pq") if name.startswith(("faiss", "stage1"))) == [
+        "faiss-2.index", "stage1-2.f32"]
+
+
+def test_ivfpq_index_from_before_the_embeddings_file_re_scores_from_the_chunks(model_and_processor, library, tmp_path):
+    faiss = pytest.importorskip("faiss")
+    model, processor = model_and_processor
+    exact = VideoIndex.build(library, tmp_path / "exact", model, processor, faiss_index=None, num_workers=0)
+    index = VideoIndex.build(library, tmp_path / "pq", model, processor, num_workers=0)
+    coarse, _, params = _coarse_ivfpq(index.stage1_embeddings().numpy(), "ivfpq", shortlist=None)
+    faiss.write_index(coarse, str(tmp_path / "pq" / "faiss-9.index"))
+    index.catalog.renumber(9, faiss={"kind": "ivfpq", "params": params, "count": 9, "file": "faiss-9.index"})
+    for rerank in (False, True):
+        query = "a blue square moves up"
+        found, expected = index.search(query, k=3, rerank=rerank), exact.search(query, k=3, rerank=rerank)
+        assert [(h.path, round(h.score, 5)) for h in found.hits] == [(h.path, round(h.score, 5)) for h in expected.hits]
 
 
 def test_search_knobs_per_query(library, tmp_path, capsys):
