@@ -265,6 +265,7 @@ class VideoIndex:
             )
         self._reader = ShardReader(os.path.join(self.index_dir, CHUNKS))
         self._generation, self._settings, self._embeds, self._faiss_index = None, None, None, None
+        self._exact_embeddings = None  # IVF-PQ's memory-mapped float32 file
 
     @classmethod
     def open(
@@ -530,7 +531,7 @@ class VideoIndex:
         generation = self.catalog.generation()
         if generation != self._generation:
             self._generation, self._settings = generation, self.catalog.settings()
-            self._embeds, self._faiss_index = None, None
+            self._embeds, self._faiss_index, self._exact_embeddings = None, None, None
 
     def stage1_embeddings(self) -> torch.Tensor:
         """`(videos, projection_dim)` stage-1 embeddings of the indexed videos, in `paths` order (cached)."""
@@ -563,9 +564,14 @@ class VideoIndex:
             scores, rows = self._faiss_index.search(query, max(n, params.get("shortlist", n)))
             scores, rows = scores[0][rows[0] >= 0], rows[0][rows[0] >= 0]
             if "embeddings_file" in faiss_info:
-                embeddings = np.memmap(os.path.join(self.index_dir, faiss_info["embeddings_file"]), dtype=np.float32,
-                                       mode="r", shape=(faiss_info["count"], query.shape[1]))
-                scores, rows = rescore_exactly(embeddings, rows, query[0], n)
+                if self._exact_embeddings is None:
+                    self._exact_embeddings = np.memmap(
+                        os.path.join(self.index_dir, faiss_info["embeddings_file"]),
+                        dtype=np.float32,
+                        mode="r",
+                        shape=(faiss_info["count"], query.shape[1]),
+                    )
+                scores, rows = rescore_exactly(self._exact_embeddings, rows, query[0], n)
             return torch.from_numpy(scores), torch.from_numpy(rows).long()
         if nprobe is not None or ef_search is not None:
             raise ValueError(f"nprobe and ef_search apply to FAISS IVF / HNSW indexes; {self.index_dir} has none")

@@ -273,9 +273,7 @@ def sample_hard_negatives(
     return negative_video, negative_text
 
 
-def listwise_matching_loss(
-    positive_logits: torch.Tensor, negative_logits: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
+def listwise_matching_loss(matching_logits: torch.Tensor, num_rows: int, reduction: str = "mean") -> torch.Tensor:
     r"""
     The localized contrastive estimation loss of a re-ranker (LCE; Gao, Dai and Callan, "Rethink Training of BERT
     Rerankers in Multi-Stage Retrieval Pipeline", ECIR 2021): every text ranks its own video above n negative videos
@@ -288,13 +286,15 @@ def listwise_matching_loss(
     within a caption's candidates, which is what re-ranking uses.
 
     Args:
-        positive_logits: `(texts, 2)` matching logits of (text_i, its video).
-        negative_logits: `(texts, n, 2)` matching logits of (text_i, its j-th negative video).
+        matching_logits: `((3 + n) * num_rows, 2)` logits of the pairs of [`matching_pair_inputs`] for `num_rows`
+            texts with n given negatives each: the positives first, the given negatives last.
+        num_rows: the number of texts.
         reduction: "mean" or "sum" over the texts.
     """
-    positive_scores = positive_logits[:, 1] - positive_logits[:, 0]  # (texts,)
-    negative_scores = negative_logits[..., 1] - negative_logits[..., 0]  # (texts, n)
-    scores = torch.cat([positive_scores.unsqueeze(1), negative_scores], dim=1).float()  # (texts, 1 + n)
+    log_odds = matching_logits[:, 1] - matching_logits[:, 0]  # ((3 + n) * rows,)
+    positive_scores = log_odds[:num_rows]  # (rows,)
+    negative_scores = log_odds[3 * num_rows :].unflatten(0, (num_rows, -1))  # (rows, n)
+    scores = torch.cat([positive_scores.unsqueeze(1), negative_scores], dim=1).float()  # (rows, 1 + n)
     return F.cross_entropy(scores, scores.new_zeros(len(scores), dtype=torch.long), reduction=reduction)
 
 
@@ -1585,9 +1585,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             loss_matching = F.cross_entropy(matching_logits, matching_labels)
             loss = loss + loss_matching
             if negative_vision_tokens is not None:
-                loss_listwise = listwise_matching_loss(
-                    matching_logits[:batch_size], matching_logits[3 * batch_size :].unflatten(0, (batch_size, -1))
-                )
+                loss_listwise = listwise_matching_loss(matching_logits, batch_size)
                 loss = loss + listwise_loss_weight * loss_listwise
 
         return CrossTVROutput(

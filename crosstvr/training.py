@@ -547,10 +547,7 @@ def global_batch_backward(
                     logits = unwrapped.get_fine_logits(*pair_inputs)
                 chunk_loss = F.cross_entropy(logits.float(), labels, reduction="sum") / total_pairs
                 if given:
-                    rows_here = len(batch["input_ids"])
-                    listwise = listwise_matching_loss(
-                        logits[:rows_here], logits[3 * rows_here :].unflatten(0, (rows_here, given)), reduction="sum"
-                    )
+                    listwise = listwise_matching_loss(logits, len(batch["input_ids"]), reduction="sum")
                     chunk_loss = chunk_loss + listwise_loss_weight * listwise / len(video_ids)
                 accelerator.backward(chunk_loss)
                 loss = loss + chunk_loss.detach()
