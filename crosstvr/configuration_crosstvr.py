@@ -26,6 +26,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 TEMPORAL_AGGREGATORS = ("mean", "transformer", "token_shift_select")
+FINE_MODULES = ("crosstvr", "t2v2t")
 FINE_ATTENTIONS = ("spatial_temporal", "spatial", "temporal")
 FINE_VISION_MODEL_TYPES = ("clip_vision_model", "blip_2_vision_model")
 FINE_SCORES = ("probability", "log_probability", "logit")
@@ -94,6 +95,17 @@ class CrossTVRConfig(PreTrainedConfig):
             Noise samples of the perturbed-maximum top-k used by both token selectors in training.
         token_selection_sigma (`float`, *optional*, defaults to 0.05):
             Noise scale of the perturbed-maximum top-k.
+        fine_module (`str`, *optional*, defaults to `"crosstvr"`):
+            How stage 2 turns a (text, video tokens) pair into a matching logit: `"crosstvr"`, the paper's decoupled
+            spatial/temporal text attention (the options from `num_query_tokens` to `temporal_text_input` configure
+            it), or `"t2v2t"`, T2V2T fusion (Kim et al., "Text-to-Video-to-Text Fusion"): each frame's tokens attend to
+            the caption (bypass cross-attention), then the caption's positions run through the Q-Former cross-attending
+            to the fused tokens of all frames, and the matching head reads the first position. Both train with the same
+            matching loss and re-rank the same top K.
+        t2v2t_bypass (`bool`, *optional*, defaults to `True`):
+            With `fine_module="t2v2t"`: the keys and values of the text-to-video fusion are the caption *and the
+            frame's own tokens* (bypass cross-attention, so that a frame the caption does not describe can attend to
+            itself); `False` keeps the caption only (the poster's "naive T2V2T" ablation).
         fine_attention (`str`, *optional*, defaults to `"spatial_temporal"`):
             The decoupled cross attention of stage 2 (`"spatial_temporal"`, the paper's) or one of its halves, for the
             paper's ablation: `"spatial"` pools X_spatial(t) over frames into the matching head; `"temporal"` lets the
@@ -186,6 +198,8 @@ class CrossTVRConfig(PreTrainedConfig):
     num_selected_tokens: int = 4
     token_selection_num_samples: int = 500
     token_selection_sigma: float = 0.05
+    fine_module: str = "crosstvr"
+    t2v2t_bypass: bool = True
     fine_attention: str = "spatial_temporal"
     share_spatial_temporal: bool = True
     fine_vision_projection: bool = False
@@ -229,6 +243,20 @@ class CrossTVRConfig(PreTrainedConfig):
             raise ValueError(
                 f"temporal_aggregator={self.temporal_aggregator!r} is not one of {TEMPORAL_AGGREGATORS}."
             )
+        if self.fine_module not in FINE_MODULES:
+            raise ValueError(f"fine_module={self.fine_module!r} is not one of {FINE_MODULES}.")
+        if self.fine_module == "t2v2t":
+            if self.fine_attention != "spatial_temporal":
+                raise ValueError(
+                    f"fine_attention={self.fine_attention!r} ablates CrossTVR's fine module; T2V2T has no spatial and "
+                    "temporal passes. Leave fine_attention at 'spatial_temporal' with fine_module='t2v2t'."
+                )
+            if self.fine_token_hidden_size % self.qformer_config.num_attention_heads:
+                raise ValueError(
+                    f"T2V2T's text-to-video fusion attends at the width of the stage-2 tokens "
+                    f"({self.fine_token_hidden_size}) with qformer_config.num_attention_heads="
+                    f"{self.qformer_config.num_attention_heads} heads; choose a number of heads that divides it."
+                )
         if self.fine_attention not in FINE_ATTENTIONS:
             raise ValueError(f"fine_attention={self.fine_attention!r} is not one of {FINE_ATTENTIONS}.")
         if self.fine_score not in FINE_SCORES:

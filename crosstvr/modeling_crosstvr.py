@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    Blip2QFormerConfig,
     Blip2QFormerModel,
     Blip2VisionModel,
     CLIPTextConfig,
@@ -38,7 +39,12 @@ from transformers import (
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+from transformers.models.blip_2.modeling_blip_2 import (
+    Blip2QFormerAttention,
+    Blip2QFormerIntermediate,
+    Blip2QFormerOutput,
+    Blip2TextEmbeddings,
+)
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoder, CLIPPreTrainedModel
 from transformers.pytorch_utils import apply_chunking_to_forward
 from transformers.utils import ModelOutput, can_return_tuple, logging
@@ -63,6 +69,7 @@ STAGE_TWO_TRAINABLE_MODULES = (
     "token_selector",
     "frame_position_embeddings",
     "token_frame_embeddings",
+    "text_to_video_fusion",
     "matching_head",
 )
 
@@ -677,6 +684,81 @@ class CrossTVRTokenSelector(nn.Module):
         return selected
 
 
+class CrossTVRTextToVideoFusion(nn.Module):
+    r"""
+    T2V2T's text-to-video fusion (Kim et al., "Text-to-Video-to-Text Fusion for Text-to-Video Retrieval"): the tokens
+    F_V[t] of each frame t attend to the caption's features F_T, with the frame's own tokens beside them as keys and
+    values (bypass cross-attention: a frame the caption does not describe can attend to itself instead of being
+    modulated by it):
+
+        F_T2V[t] = X-Attn(F_V[t], Concat(F_T W_T, F_V[t])) + E_t      (bypass; the poster's Eq. for F_T2V[i])
+        F_T2V[t] = X-Attn(F_V[t], F_T W_T) + E_t                       (`bypass=False`: "naive T2V2T")
+
+    X-Attn is a BERT cross-attention block at the width of the stage-2 tokens (multi-head attention, then residual and
+    layer norm, then a feed-forward with residual and layer norm; transformers' Q-Former blocks, sized by
+    `qformer_config` but at that width). W_T maps the Q-Former's text features to that width, and E_t is a learned,
+    zero-initialised embedding of the frame index, the temporal embedding VindLU (T2V2T's base) adds to its frame
+    features, so that the video-to-text pass over all frames' tokens knows their order.
+    """
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__()
+        qformer_config, width = config.qformer_config, config.fine_token_hidden_size
+        self.bypass = config.t2v2t_bypass
+        self.config = Blip2QFormerConfig(
+            hidden_size=width,
+            encoder_hidden_size=width,
+            num_attention_heads=qformer_config.num_attention_heads,
+            intermediate_size=qformer_config.intermediate_size,
+            hidden_act=qformer_config.hidden_act,
+            hidden_dropout_prob=qformer_config.hidden_dropout_prob,
+            attention_probs_dropout_prob=qformer_config.attention_probs_dropout_prob,
+            layer_norm_eps=qformer_config.layer_norm_eps,
+        )
+        self.config._attn_implementation = "sdpa"
+        self.text_projection = nn.Linear(qformer_config.hidden_size, width)
+        self.crossattention = Blip2QFormerAttention(self.config, is_cross_attention=True)
+        self.intermediate = Blip2QFormerIntermediate(self.config)
+        self.output = Blip2QFormerOutput(self.config)
+        self.frame_embeddings = nn.Parameter(torch.zeros(config.num_frames, width))
+
+    def forward(
+        self,
+        frame_tokens: torch.Tensor,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+        frame_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            frame_tokens: `(frames, tokens, width)`, F_V[t] of every real frame.
+            text_features: `(frames, text_length, qformer_hidden_size)`, F_T of the caption each frame is paired with.
+            text_mask: `(frames, text_length)`, 1 for real text tokens.
+            frame_index: `(frames,)`, t of each frame within its video.
+
+        Returns:
+            F_T2V: `(frames, tokens, width)`.
+        """
+        if int(frame_index.max()) >= self.frame_embeddings.shape[0]:
+            raise ValueError(
+                f"T2V2T has frame embeddings for {self.frame_embeddings.shape[0]} frames (config.num_frames) but got "
+                f"{int(frame_index.max()) + 1} frames."
+            )
+        keys = self.text_projection(text_features)  # (frames, L, width)
+        key_mask = text_mask
+        if self.bypass:
+            keys = torch.cat([keys, frame_tokens], dim=1)  # (frames, L + N, width)
+            key_mask = torch.cat([text_mask, text_mask.new_ones(frame_tokens.shape[:2])], dim=1)
+        encoder_attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=frame_tokens, attention_mask=key_mask, encoder_hidden_states=keys
+        )
+        attention_output = self.crossattention(
+            frame_tokens, encoder_hidden_states=keys, encoder_attention_mask=encoder_attention_mask
+        )
+        fused = self.output(self.intermediate(attention_output), attention_output)  # (frames, N, width)
+        return fused + self.frame_embeddings[frame_index].unsqueeze(1)
+
+
 class CrossTVRTemporalTransformer(CLIPPreTrainedModel):
     r"""
     CLIP4Clip's "seqTransf" temporal transformer over a sequence of embeddings e_1..e_S (frames, or selected tokens of
@@ -811,7 +893,8 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, config.logit_scale_init_value)
             init.normal_(module.text_projection.weight, std=config.text_config.hidden_size**-0.5)
             init.normal_(module.visual_projection.weight, std=config.vision_config.hidden_size**-0.5)
-            init.normal_(module.query_tokens, std=config.initializer_range)
+            if module.query_tokens is not None:
+                init.normal_(module.query_tokens, std=config.initializer_range)
             for embeddings in (module.frame_position_embeddings, module.token_frame_embeddings):
                 if embeddings is not None:
                     init.zeros_(embeddings)
@@ -823,6 +906,8 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
                 widening = max(projection.out_features / projection.in_features, 1.0)
                 init.orthogonal_(projection.weight, gain=widening**0.5)
                 init.zeros_(projection.bias)
+        elif isinstance(module, CrossTVRTextToVideoFusion):
+            init.zeros_(module.frame_embeddings)
         elif isinstance(module, Blip2TextEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 
@@ -867,17 +952,23 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             self.fine_vision_projection = nn.Linear(config.fine_vision_hidden_size, config.fine_token_hidden_size)
         else:
             self.fine_vision_projection = None
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.qformer_embeddings = Blip2TextEmbeddings(qformer_config)
         self.qformer = Blip2QFormerModel._from_config(qformer_config)
-        both_passes = config.fine_attention == "spatial_temporal"
+        crosstvr = config.fine_module == "crosstvr"
+        if crosstvr:
+            self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
+            self.text_to_video_fusion = None
+        else:
+            self.query_tokens = None
+            self.text_to_video_fusion = CrossTVRTextToVideoFusion(config)
+        both_passes = crosstvr and config.fine_attention == "spatial_temporal"
         if both_passes and not config.share_spatial_temporal:
             self.temporal_qformer_embeddings = Blip2TextEmbeddings(qformer_config)
             self.temporal_qformer = Blip2QFormerModel._from_config(qformer_config)
         else:
             self.temporal_qformer_embeddings = None
             self.temporal_qformer = None
-        if config.fine_attention == "spatial":
+        if not crosstvr or config.fine_attention == "spatial":
             self.token_selector = None
         else:
             self.token_selector = CrossTVRTokenSelector(
@@ -891,7 +982,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             self.frame_position_embeddings = nn.Parameter(torch.zeros(config.num_frames, qformer_config.hidden_size))
         else:
             self.frame_position_embeddings = None
-        if config.fine_attention != "spatial" and config.use_token_frame_embeddings:
+        if self.token_selector is not None and config.use_token_frame_embeddings:
             self.token_frame_embeddings = nn.Parameter(torch.zeros(config.num_frames, config.fine_token_hidden_size))
         else:
             self.token_frame_embeddings = None
@@ -917,8 +1008,11 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         positions of the last layer are read, see [`qformer_query_outputs`]) and, when a separate temporal Q-Former
         reads no text (Eq. 5), its text embeddings and all its text feed-forwards. They stay in checkpoints, as in
         BLIP-2's; training freezes them, since distributed data parallel expects a gradient for every trainable
-        parameter.
+        parameter. T2V2T (`fine_module="t2v2t"`) uses every parameter it has: its text pass runs all text
+        feed-forwards.
         """
+        if self.config.fine_module == "t2v2t":
+            return []
         last_layer = self.config.qformer_config.num_hidden_layers - 1
         unused = [f"qformer.encoder.layer.{last_layer}.{module}." for module in ("intermediate", "output")]
         if self.temporal_qformer is not None:
@@ -1205,10 +1299,14 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         video_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
-        Matching-head logits of (text_i, video_i) pairs: spatial text attention on every real frame, token selection
-        on every real frame, temporal text attention with X_spatial(t) (plus the frame position P_t) as queries, then
-        `matching_head` (a linear layer to {no match, match}). The `fine_attention` ablations keep one pass: `"spatial"`
-        feeds the masked mean of X_spatial(t) to the head, `"temporal"` uses the query tokens as temporal queries.
+        Matching-head logits of (text_i, video_i) pairs from the fine module `config.fine_module` names, then
+        `matching_head` (a linear layer to {no match, match}):
+
+        - `"crosstvr"`: spatial text attention on every real frame, token selection on every real frame, temporal text
+          attention with X_spatial(t) (plus the frame position P_t) as queries. The `fine_attention` ablations keep one
+          pass: `"spatial"` feeds the masked mean of X_spatial(t) to the head, `"temporal"` uses the query tokens as
+          temporal queries.
+        - `"t2v2t"`: T2V2T fusion, see [`t2v2t_fusion`].
 
         Args:
             qformer_input_ids (`torch.LongTensor` of shape `(pairs, text_length)`): Q-Former (BERT) token ids.
@@ -1234,32 +1332,49 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         if qformer_attention_mask is None:
             qformer_attention_mask = torch.ones_like(qformer_input_ids)
         video_mask = self._video_mask(video_mask, num_pairs, num_frames, vision_tokens.device)
-        vision_tokens = vision_tokens.to(self.query_tokens.dtype)
+        vision_tokens = vision_tokens.to(self.matching_head.weight.dtype)
         if self.fine_vision_projection is not None:
             vision_tokens = self.fine_vision_projection(vision_tokens)  # (pairs, T, N, fine_token_hidden_size)
-        fine_attention = self.config.fine_attention
-
         qformer_input_ids, qformer_attention_mask = trim_text_padding(qformer_input_ids, qformer_attention_mask)
+        # Each distinct text goes through the text-side computation once (re-ranking pairs one text with K videos).
+        text_length = qformer_input_ids.shape[1]
+        texts, text_of_pair = torch.unique(
+            torch.cat([qformer_input_ids, qformer_attention_mask], dim=1), dim=0, return_inverse=True
+        )  # (texts, 2 L), (pairs,)
+        texts = (texts[:, :text_length], texts[:, text_length:])
+        if self.config.fine_module == "t2v2t":
+            pooled = self.t2v2t_fusion(*texts, text_of_pair, vision_tokens, video_mask)
+        else:
+            pooled = self._decoupled_text_attention(*texts, text_of_pair, vision_tokens, video_mask)
+        return self.matching_head(pooled)
 
+    def _decoupled_text_attention(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        text_of_pair: torch.Tensor,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        CrossTVR's fine module up to the matching head (see [`get_fine_logits`]): distinct texts `(texts, L)`, the text
+        of each pair `(pairs,)`, tokens `(pairs, T, N, D_v)` and `video_mask` `(pairs, T)` -> `(pairs, hidden)`.
+        """
+        num_pairs, num_frames = vision_tokens.shape[:2]
+        fine_attention = self.config.fine_attention
         # Only real frames go through the per-frame passes; padding frames stay zero and are masked later.
         valid = video_mask.bool()  # (pairs, T)
         pair_of_frame = torch.arange(num_pairs, device=valid.device).unsqueeze(1).expand_as(valid)[valid]  # (F,)
         frame_tokens = vision_tokens[valid]  # (F, N, D_v)
         if fine_attention != "temporal":
-            # Each distinct text goes through the spatial pass's first self-attention once (re-ranking pairs one text
-            # with K videos of T frames each).
-            text_length = qformer_input_ids.shape[1]
-            texts, text_of_pair = torch.unique(
-                torch.cat([qformer_input_ids, qformer_attention_mask], dim=1), dim=0, return_inverse=True
-            )  # (texts, 2 L), (pairs,)
             spatial = self.spatial_text_attention(
-                texts[:, :text_length], texts[:, text_length:], frame_tokens, text_of_pair[pair_of_frame]
+                qformer_input_ids, qformer_attention_mask, frame_tokens, text_of_pair[pair_of_frame]
             )  # (F, hidden)
             spatial_embeds = spatial.new_zeros(num_pairs, num_frames, spatial.shape[-1])
             spatial_embeds[valid] = spatial  # (pairs, T, hidden)
         if fine_attention == "spatial":
             weights = video_mask.to(spatial_embeds.dtype).unsqueeze(-1)
-            return self.matching_head((spatial_embeds * weights).sum(dim=1) / weights.sum(dim=1))
+            return (spatial_embeds * weights).sum(dim=1) / weights.sum(dim=1)
 
         selected = self.token_selector(frame_tokens)  # (F, M, D_v)
         selected_tokens = selected.new_zeros(num_pairs, num_frames, *selected.shape[1:])
@@ -1277,15 +1392,81 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
                 self._check_num_frames(self.frame_position_embeddings, num_frames)
                 queries = queries + self.frame_position_embeddings[:num_frames]
         with_text = fine_attention == "temporal" or self.config.temporal_text_input
-        pooled = self.temporal_text_attention(
+        return self.temporal_text_attention(
             queries,
             query_mask,
             selected_tokens.flatten(1, 2),  # (pairs, T * M, D_v)
             token_mask,
-            qformer_input_ids if with_text else None,
-            qformer_attention_mask if with_text else None,
+            qformer_input_ids[text_of_pair] if with_text else None,
+            qformer_attention_mask[text_of_pair] if with_text else None,
         )
-        return self.matching_head(pooled)
+
+    def t2v2t_fusion(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        text_of_pair: torch.Tensor,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        r"""
+        T2V2T fusion (`fine_module="t2v2t"`) of (text, video) pairs up to the matching head:
+
+            F_T = Q-Former(Emb(text))                                   the caption alone (BLIP-2's text path)
+            F_T2V[t] = X-Attn(F_V[t], Concat(F_T W_T, F_V[t])) + E_t      every real frame, [`CrossTVRTextToVideoFusion`]
+            F_T2V2T = Q-Former(Emb(text), cross-attending to Concat_t F_T2V[t])     video-to-text fusion
+
+        and the first position of F_T2V2T goes to the matching head (VindLU's and ALBEF's matching heads read [CLS]).
+        The video-to-text pass runs the caption's embeddings as the Q-Former's query rows, so that one stack plays
+        VindLU's text encoder and its fusion layers at once: every layer's self-attention over the caption, the
+        cross-attention (in the layers that have it) to the fused tokens of all real frames, and the query
+        feed-forward. All of a BLIP-2 Q-Former's weights initialise both passes and the matching head; only W_T, the
+        fusion block and E_t are new. The poster's V2T fusion is cross-attention then self-attention; the Q-Former
+        alternates the two, self-attention first.
+
+        Args:
+            qformer_input_ids, qformer_attention_mask: `(texts, L)`, the distinct captions.
+            text_of_pair: `(pairs,)`, the caption of each pair.
+            vision_tokens: `(pairs, T, N, D_v)`, F_V; video_mask: `(pairs, T)`.
+
+        Returns:
+            `(pairs, qformer_hidden_size)`.
+        """
+        num_pairs, num_frames, num_tokens = vision_tokens.shape[:3]
+        text_embeds = self.qformer_embeddings(input_ids=qformer_input_ids)  # (texts, L, hidden)
+        text_features = self.qformer(
+            query_embeds=text_embeds, query_length=0, attention_mask=qformer_attention_mask
+        ).last_hidden_state  # (texts, L, hidden): F_T
+        valid = video_mask.bool()  # (pairs, T)
+        pair_of_frame = torch.arange(num_pairs, device=valid.device).unsqueeze(1).expand_as(valid)[valid]  # (F,)
+        frame_index = torch.arange(num_frames, device=valid.device).expand_as(valid)[valid]  # (F,)
+        text_of_frame = text_of_pair[pair_of_frame]
+        fused = self.text_to_video_fusion(
+            vision_tokens[valid],
+            text_features.index_select(0, text_of_frame),
+            qformer_attention_mask[text_of_frame],
+            frame_index,
+        )  # (F, N, D_v)
+        fused_tokens = fused.new_zeros(num_pairs, num_frames, num_tokens, fused.shape[-1])
+        fused_tokens[valid] = fused  # (pairs, T, N, D_v); padding frames stay zero and are masked
+        token_mask = video_mask.repeat_interleave(num_tokens, dim=1)  # (pairs, T * N)
+        embeds = text_embeds.index_select(0, text_of_pair)  # (pairs, L, hidden)
+        attention_mask = qformer_attention_mask[text_of_pair]
+        encoder_attention_mask = create_bidirectional_mask(
+            config=self.qformer.config,
+            inputs_embeds=embeds,
+            attention_mask=token_mask,
+            encoder_hidden_states=fused_tokens.flatten(1, 2),
+        )
+        hidden_states = qformer_query_outputs(
+            self.qformer,
+            embeds,
+            attention_mask,
+            embeds.shape[1],
+            encoder_hidden_states=fused_tokens.flatten(1, 2),  # (pairs, T * N, D_v)
+            encoder_attention_mask=encoder_attention_mask,
+        )  # (pairs, L, hidden): F_T2V2T
+        return hidden_states[:, 0]
 
     def get_fine_scores(
         self,

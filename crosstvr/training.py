@@ -64,7 +64,10 @@ HARD_NEGATIVES = ("in_batch", "stage1_top_k")
 # 0.2, decoupled from the gradient; stage 2 is the paper's own training, "Adam" with lr 1e-4: AdamW without decay.
 STAGE_WEIGHT_DECAY = {1: 0.2, 2: 0.0}
 # What stays fully trainable beside the LoRA adapters, per stage.
-LORA_MODULES_TO_SAVE = {1: ["text_projection", "visual_projection", "temporal_aggregator"], 2: ["token_selector", "matching_head"]}
+LORA_MODULES_TO_SAVE = {
+    1: ["text_projection", "visual_projection", "temporal_aggregator"],
+    2: ["token_selector", "text_to_video_fusion", "matching_head"],
+}
 
 
 @dataclass

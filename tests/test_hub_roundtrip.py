@@ -53,9 +53,10 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture
-def saved(tester, tmp_path):
-    """A tiny model and processor, and the folder they were saved to."""
-    model = tester.get_model().eval()
+def saved(tester, tmp_path, request):
+    """A tiny model (config overrides from indirect parametrisation) and processor, and the folder they were saved
+    to."""
+    model = tester.get_model(**getattr(request, "param", {})).eval()
     processor = tester.get_processor()
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
@@ -63,6 +64,7 @@ def saved(tester, tmp_path):
     return model, processor, checkpoint
 
 
+@pytest.mark.parametrize("saved", [{}, {"fine_module": "t2v2t"}], indirect=True, ids=["crosstvr", "t2v2t"])
 def test_checkpoint_loads_with_remote_code_and_gives_identical_outputs(saved, media_dir, tmp_path):
     model, processor, checkpoint = saved
     files = {path.name for path in checkpoint.iterdir()}

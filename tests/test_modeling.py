@@ -547,16 +547,23 @@ def test_fine_module_gradients_are_reproducible_with_several_threads(tester):
             assert torch.equal(other[name], grad), name
 
 
+@pytest.mark.parametrize("fine_module", ["crosstvr", "t2v2t"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_loading_keeps_stage_two_in_float32(tester, tmp_path, dtype):
+def test_half_precision_loading_keeps_stage_two_in_float32(tester, tmp_path, dtype, fine_module):
+    every_option = {"share_spatial_temporal": False, "use_token_frame_embeddings": True}
     tester.get_model(
-        share_spatial_temporal=False, fine_vision_projection=True, use_token_frame_embeddings=True
+        fine_module=fine_module, fine_vision_projection=True, **(every_option if fine_module == "crosstvr" else {})
     ).save_pretrained(tmp_path)
     model = CrossTVRModel.from_pretrained(tmp_path, dtype=dtype).eval()
     for name, parameter in model.named_parameters():
         stage_two = name.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES
         assert parameter.dtype == (torch.float32 if stage_two else dtype), name
-    assert {name.split(".")[0] for name, _ in model.named_parameters()} >= set(STAGE_TWO_TRAINABLE_MODULES)
+    present = {name.split(".")[0] for name, _ in model.named_parameters()} & set(STAGE_TWO_TRAINABLE_MODULES)
+    t2v2t_only = {"text_to_video_fusion"}
+    if fine_module == "crosstvr":
+        assert present == set(STAGE_TWO_TRAINABLE_MODULES) - t2v2t_only
+    else:
+        assert present == {"qformer_embeddings", "qformer", "fine_vision_projection", "matching_head"} | t2v2t_only
     inputs = tester.get_inputs()
     with torch.no_grad():
         tokens = model.get_vision_tokens(inputs["pixel_values"].to(dtype))

@@ -28,14 +28,16 @@ def workspace(tmp_path_factory):
     fixture = write_fixture("msrvtt", root / "msrvtt")
     processor = build_tiny_processor()
     checkpoints = {}
-    for aggregator in ("token_shift_select", "transformer"):
-        config = build_tiny_config(processor)
-        config.temporal_aggregator = aggregator
+    for name, options in {
+        "token_shift_select": {},
+        "transformer": {"temporal_aggregator": "transformer"},
+        "t2v2t": {"fine_module": "t2v2t"},
+    }.items():
         torch.manual_seed(0)
-        model = CrossTVRModel(config)
-        checkpoints[aggregator] = str(root / f"start-{aggregator}")
-        model.save_pretrained(checkpoints[aggregator])
-        processor.save_pretrained(checkpoints[aggregator])
+        model = CrossTVRModel(build_tiny_config(processor, **options))
+        checkpoints[name] = str(root / f"start-{name}")
+        model.save_pretrained(checkpoints[name])
+        processor.save_pretrained(checkpoints[name])
     return {"root": root, "fixture": fixture, "checkpoints": checkpoints, "cache": str(root / "rows")}
 
 
@@ -101,10 +103,15 @@ def test_stage_one_lowers_the_contrastive_loss(workspace, tmp_path):
     assert not torch.equal(start_state["text_projection.weight"], trained_state["text_projection.weight"])
 
 
-def test_stage_two_from_the_token_cache_lowers_the_matching_loss(workspace, tmp_path):
-    start = CrossTVRModel.from_pretrained(workspace["checkpoints"]["token_shift_select"])
+@pytest.mark.parametrize("fine_module", ["crosstvr", "t2v2t"])
+def test_stage_two_from_the_token_cache_lowers_the_matching_loss(workspace, tmp_path, fine_module):
+    checkpoint = workspace["checkpoints"]["t2v2t" if fine_module == "t2v2t" else "token_shift_select"]
+    start = CrossTVRModel.from_pretrained(checkpoint)
+    assert start.config.fine_module == fine_module
     processor = build_tiny_processor()
-    final = train(arguments(workspace, tmp_path / "run", stage=2, max_steps=36, learning_rate=3e-3))
+    final = train(
+        arguments(workspace, tmp_path / "run", model_name_or_path=checkpoint, stage=2, max_steps=36, learning_rate=3e-3)
+    )
     cache = TokenCache(tmp_path / "run" / "token_cache").check(start, processor)
     assert len(cache) == 9  # the train_9k videos, each encoded once
     batches = fixed_batches(workspace, 2, start, processor, cache)
