@@ -21,6 +21,11 @@ What comes from where (every weight of the new model is listed in the printed ta
   contrastive projections are not used.
 - New: the token selectors and the frame position embeddings (zero).
 
+`--fine-module t2v2t` builds T2V2T fusion as the fine module instead of CrossTVR's decoupled attention (`--naive-t2v2t`
+for its no-bypass ablation). From BLIP-2 it takes the Q-Former, its text embeddings and the matching head (as for
+CrossTVR, less the query tokens, which T2V2T has none of); the text-to-video fusion block (its text projection,
+cross-attention and feed-forward at the stage-2 tower's width) is new, and its frame embeddings start at zero.
+
 Without `--blip2`, the fine module is newly initialised (BLIP-2's geometry, or `--qformer-config`) and
 `--qformer-tokenizer` names the BERT tokenizer to use.
 Shapes that cannot be reconciled (other than those documented re-initialisations) stop the conversion with an error.
@@ -137,6 +142,8 @@ def build_config(clip, blip2, args, qformer_tokenizer):
         temporal_aggregator=args.temporal_aggregator,
         num_query_tokens=num_query_tokens,
         share_spatial_temporal=not args.separate_temporal_qformer,
+        fine_module=args.fine_module,
+        t2v2t_bypass=not args.naive_t2v2t,
     )
 
 
@@ -199,7 +206,8 @@ def source_map(model, clip, blip2, args) -> dict[str, tuple[str, torch.Tensor | 
                 None,
             )
         else:
-            sources[name] = ("new: initialised (" + ("zeros" if "frame_position" in name else "random") + ")", None)
+            zeros = name.endswith(("frame_position_embeddings", "frame_embeddings"))  # zero-initialised in the model
+            sources[name] = ("new: initialised (" + ("zeros" if zeros else "random") + ")", None)
     return sources
 
 
@@ -294,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; ".join(f"{name}: {values}" for name, values in PRESETS.items()))
     parser.add_argument("--temporal-positions", type=int, help="its position embeddings (default: the preset's)")
     parser.add_argument("--separate-temporal-qformer", action="store_true", help="do not share the Q-Former")
+    parser.add_argument("--fine-module", choices=("crosstvr", "t2v2t"), default="crosstvr",
+                        help="stage 2: CrossTVR's decoupled spatial/temporal attention or T2V2T fusion")
+    parser.add_argument("--naive-t2v2t", action="store_true",
+                        help="with --fine-module t2v2t: no bypass (the fusion's keys are the caption only)")
     parser.add_argument("--num-query-tokens", type=int, default=32, help="without --blip2")
     parser.add_argument("--num-frames", type=int, help="frames per video (default: the preset's)")
     parser.add_argument("--max-text-length", type=int, help="tokens per caption (default: the preset's)")
@@ -314,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.share_vision_tower and args.stage2_tower == "blip2":
         raise SystemExit("--share-vision-tower and --stage2-tower blip2 exclude each other")
+    if args.naive_t2v2t and args.fine_module != "t2v2t":
+        raise SystemExit("--naive-t2v2t is T2V2T's ablation: give --fine-module t2v2t with it")
     try:
         report = convert(args)
     except ValueError as error:

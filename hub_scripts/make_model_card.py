@@ -142,6 +142,25 @@ def build_card(
         "transformer": "a temporal transformer over frames (CLIP4Clip seqTransf)",
         "token_shift_select": "TS2-Net token shift and token selection",
     }[config.get("temporal_aggregator", "token_shift_select")]
+    qformer_size = f"BLIP-2 Q-Former of {qformer.get('num_hidden_layers')} layers, hidden {qformer.get('hidden_size')}"
+    if config.get("fine_module", "crosstvr") == "t2v2t":
+        bypass = config.get("t2v2t_bypass", True)
+        fine_module_description = (
+            "T2V2T fusion: each frame's tokens attend to the caption"
+            + (" and to themselves (bypass cross-attention)" if bypass else " (naive T2V2T, no bypass)")
+            + ", then the caption, run through a BLIP-2 Q-Former, cross-attends to the fused tokens of all frames"
+        )
+        fine_module_row = f"T2V2T fusion ({'bypass' if bypass else 'naive, no bypass'}), {qformer_size}"
+    else:
+        fine_module_description = (
+            "a BLIP-2 Q-Former run as decoupled spatial text attention (per frame) and temporal text attention (over "
+            f"the {config.get('num_selected_tokens', 4)} most informative tokens of each frame)"
+        )
+        shared = "shared" if config.get("share_spatial_temporal", True) else "separate"
+        fine_module_row = (
+            f"CrossTVR decoupled attention, {qformer_size}, {config.get('num_query_tokens')} query tokens, {shared} "
+            "spatial / temporal"
+        )
     datasets = sorted({result["dataset"] for result in results})
     card_data = ModelCardData(
         license=license,
@@ -180,11 +199,8 @@ def build_card(
         ),
         top_k=config.get("rerank_top_k", 15),
         fine_score_weight=config.get("fine_score_weight", 1.0),
-        num_selected=config.get("num_selected_tokens", 4),
-        qformer_layers=qformer.get("num_hidden_layers"),
-        qformer_hidden=qformer.get("hidden_size"),
-        num_query_tokens=config.get("num_query_tokens"),
-        shared=config.get("share_spatial_temporal", True),
+        fine_module_description=fine_module_description,
+        fine_module_row=fine_module_row,
         num_frames=processor_config.get("num_frames"),
         max_text_length=processor_config.get("max_text_length"),
         num_parameters=_human(_parameter_count(folder)),

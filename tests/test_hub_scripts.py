@@ -155,6 +155,35 @@ def test_conversion_keeps_clip_embeddings_and_blip2_weights(sources, tmp_path, t
     assert processor(text="a red circle")["qformer_input_ids"].shape == (1, 8)
 
 
+def test_t2v2t_conversion_takes_the_qformer_and_matching_head_from_blip2(sources, tmp_path, tester):
+    output = tmp_path / "t2v2t"
+    args = ["--blip2", str(sources["root"] / "blip2"), "--stage2-tower", "blip2", "--temporal-aggregator", "mean",
+            "--fine-module", "t2v2t"]
+    report = run_conversion(sources, output, *args, "--naive-t2v2t")
+    model = AutoModel.from_pretrained(output, trust_remote_code=True).eval()
+    assert (model.config.fine_module, model.config.t2v2t_bypass) == ("t2v2t", False)
+    new = {name for name, origin in report["weights"].items() if origin.startswith("new")}
+    assert {name.split(".")[0] for name in new} == {"text_to_video_fusion"}
+    assert report["weights"]["text_to_video_fusion.frame_embeddings"] == "new: initialised (zeros)"
+    blip2_state = sources["blip2"].state_dict()
+    torch.testing.assert_close(model.matching_head.weight, blip2_state["itm_head.weight"])
+    torch.testing.assert_close(
+        model.qformer.encoder.layer[1].output_query.dense.weight,
+        blip2_state["qformer.encoder.layer.1.output_query.dense.weight"],
+    )
+    inputs = tester.get_inputs(batch_size=2)
+    with torch.no_grad():
+        tokens = model.get_vision_tokens(inputs["pixel_values"])
+        scores = model.get_fine_scores(inputs["qformer_input_ids"], None, tokens, inputs["video_mask"])
+    assert tokens.shape[-1] == 24 and torch.isfinite(scores).all()
+    assert make_model_card.main([str(output), "--repo-id", "someone/t2v2t"]) == 0
+    card = ModelCard.load(output / "README.md").text
+    assert "T2V2T fusion: each frame's tokens attend to the caption (naive T2V2T, no bypass)" in card
+    assert "| Stage-2 fine module | T2V2T fusion (naive, no bypass), BLIP-2 Q-Former of 2 layers" in card
+    with pytest.raises(SystemExit, match="give --fine-module t2v2t"):
+        run_conversion(sources, tmp_path / "refused", "--naive-t2v2t")
+
+
 def test_cross_attention_to_a_narrower_tower_is_reinitialised_and_reported(sources, tmp_path):
     report = run_conversion(sources, tmp_path / "base", "--blip2", str(sources["root"] / "blip2"))
     reinitialised = {name for name, origin in report["weights"].items() if "re-initialised" in origin}
@@ -237,6 +266,7 @@ def test_model_card_carries_metadata_and_metrics(sources, tmp_path):
     assert values[("video-to-text-retrieval", "mean_rank")] == 12.5
     text = card.text
     assert "CrossTVR Large" in text and "BLIP-2 EVA ViT-g" in text and "| CrossTVR (K = 15) | 49.6 |" in text
+    assert "| Stage-2 fine module | CrossTVR decoupled attention, BLIP-2 Q-Former of 2 layers" in text
     assert 'AutoModel.from_pretrained("someone/crosstvr-large-test", trust_remote_code=True)' in text
     assert "arXiv:2307.09972" in text
     own = ["--dataset-id", "msrvtt=someone/msr-vtt-frames", "--output", str(tmp_path / "card.md")]
