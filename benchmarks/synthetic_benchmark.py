@@ -1,6 +1,7 @@
 """The fine-grained synthetic benchmark: does a frozen image encoder plus the decoupled re-ranker beat the cosine stage?
 
-    python benchmarks/synthetic_benchmark.py [--output runs/synthetic] [--seeds 0 1 2] [--ship-default] [--budget long] [--smoke]
+    python benchmarks/synthetic_benchmark.py [--output runs/synthetic] [--seeds 0 1 2] [--ship-default] [--budget long] \
+        [--systems] [--ablations] [--smoke]
     python benchmarks/synthetic_benchmark.py --ship-from runs/synthetic [--budget long]
 
 One command on a 2-core CPU, through the package's normal code paths (the recipe only orchestrates), following the real
@@ -23,7 +24,8 @@ regime step by step in miniature:
    paper's Large model: CLIP's towers for stage 1, BLIP-2's tower (frozen) and Q-Former for stage 2.
 3. Stage 1 on videos (`crosstvr.train --stage 1`, TS2-Net token shift and selection).
 4. Stage 2 from the token cache (`crosstvr.train --stage 2`) for the paper's ablation: spatial only, temporal only,
-   both with shared and with separate parameters, each converted from the same BLIP-2 checkpoint.
+   both with shared and with separate parameters, each converted from the same BLIP-2 checkpoint; with `--systems`
+   also T2V2T fusion and naive T2V2T (`fine_module="t2v2t"`) as the other stage-2 design, on the same stage 1.
 5. Evaluation on the validation split (what settings were chosen on) and the held-out test split
    (`crosstvr.evaluation`): stage 1 alone, each variant at K = 5, R@1/5/10 against the re-ranking depth K = 2..19 for
    the full model, and on validation the fused score's choices (s_fine as p, log p or the log-odds, and w).
@@ -59,12 +61,19 @@ VARIANTS = {
     "shared": {"fine_attention": "spatial_temporal", "share_spatial_temporal": True},
     "separate": {"fine_attention": "spatial_temporal", "share_spatial_temporal": False},
 }
+# --systems: the seeds' other stage-2 design on the same stage 1 (T2V2T fusion and its no-bypass ablation).
+SYSTEMS = {
+    "t2v2t": {"fine_module": "t2v2t"},
+    "naive_t2v2t": {"fine_module": "t2v2t", "t2v2t_bypass": False},
+}
 ROW_NAMES = {
     "stage1": "Stage 1 (TS2-Net)",
     "spatial": "+ spatial only",
     "temporal": "+ temporal only",
     "shared": "+ spatial & temporal, shared (CrossTVR)",
     "separate": "+ spatial & temporal, separate",
+    "t2v2t": "+ T2V2T fusion (bypass)",
+    "naive_t2v2t": "+ naive T2V2T (no bypass)",
 }
 # --ablations: the full model (shared) with one switch away from the recipe's setting: (config, training options).
 ABLATIONS = {
@@ -245,13 +254,16 @@ def convert(output: str, clip_dir: str, blip2_dir: str, seed: int, overrides: di
     from crosstvr.default_model import MAX_TEXT_LENGTH, NUM_FRAMES, build_tiny_config, build_tiny_processor
 
     tiny = build_tiny_config(build_tiny_processor())
-    separate = ["--separate-temporal-qformer"] if overrides.get("share_spatial_temporal") is False else []
+    flags = ["--separate-temporal-qformer"] if overrides.get("share_spatial_temporal") is False else []
+    if "fine_module" in overrides:
+        flags += ["--fine-module", overrides["fine_module"]] + (["--naive-t2v2t"] if overrides.get("t2v2t_bypass") is False
+                                                                 else [])
     status = _load_script("hub_scripts", "convert_checkpoint").main(
         [
             "--clip", clip_dir, "--blip2", blip2_dir, "--stage2-tower", "blip2", "--output", output,
             "--temporal-aggregator", "token_shift_select", "--temporal-layers", "2", "--temporal-positions", "64",
             "--num-frames", str(NUM_FRAMES), "--max-text-length", str(MAX_TEXT_LENGTH), "--seed", str(seed),
-            *separate,
+            *flags,
         ]
     )
     if status != 0:
@@ -368,13 +380,23 @@ def run_ablations(
     return results
 
 
-def run_seed(output: str, data: str, parts: tuple[str, str], seed: int, settings: dict, ablations: bool = False) -> dict:
-    """Steps 2-5 for one seed, from the shared pre-trained parts (and, with `ablations`, the switches' runs)."""
+def run_seed(
+    output: str,
+    data: str,
+    parts: tuple[str, str],
+    seed: int,
+    settings: dict,
+    ablations: bool = False,
+    systems: bool = False,
+) -> dict:
+    """Steps 2-5 for one seed, from the shared pre-trained parts (with `ablations`, the switches' runs; with `systems`,
+    the other fine modules of `SYSTEMS` as more rows)."""
     work = os.path.join(output, f"seed-{seed}")
     timings = {}
     started = time.perf_counter()
+    fine_modules = {**VARIANTS, **(SYSTEMS if systems else {})}
     converted = {name: convert(os.path.join(work, f"{name}-converted"), *parts, seed, overrides)
-                 for name, overrides in VARIANTS.items()}
+                 for name, overrides in fine_modules.items()}
     stage1 = _train(
         os.path.join(work, "stage1"),
         data,
@@ -389,7 +411,7 @@ def run_seed(output: str, data: str, parts: tuple[str, str], seed: int, settings
     timings["stage1"] = time.perf_counter() - started
     results = {"timings": timings, "variants": {}, "val": {}}
     encoded = {}  # each split encoded once: stage 1 and the frozen tower are the same for every fine module
-    for name in VARIANTS:
+    for name in fine_modules:
         started = time.perf_counter()
         start = variant_checkpoint(stage1, converted[name], os.path.join(work, f"{name}-start"))
         final = train_stage2(work, data, name, start, seed, settings)
@@ -421,7 +443,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _table(per_seed: dict[int, dict], split: str) -> dict:
     """Mean and standard deviation over seeds of every metric of every row, for "test" or "val"."""
     runs = [r if split == "test" else {"stage1": r["val"]["stage1"], "variants": r["val"]} for r in per_seed.values()]
-    rows = {"stage1": [r["stage1"] for r in runs], **{name: [r["variants"][name] for r in runs] for name in VARIANTS}}
+    names = [name for name in ROW_NAMES if all(name in r["variants"] for r in runs)]
+    rows = {"stage1": [r["stage1"] for r in runs], **{name: [r["variants"][name] for r in runs] for name in names}}
     return {name: {metric: _mean_std([run[metric] for run in values]) for metric in values[0]}
             for name, values in rows.items()}
 
@@ -465,8 +488,8 @@ def format_markdown(summary: dict, per_seed: dict, settings: dict, minutes: floa
             "| | " + " | ".join(headers) + " |",
             "| --- |" + " --- |" * len(headers),
         ]
-        for name, label in ROW_NAMES.items():
-            values = summary[key][name]
+        for name in summary[key]:
+            label, values = ROW_NAMES[name], summary[key][name]
             lines.append(f"| {label} | " + " | ".join(f"{values[c][0]:.1f} ± {values[c][1]:.1f}" for c in columns)
                          + " |")
         lines.append("")
@@ -604,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ship-from", metavar="RUN",
                         help="train nothing: install the default from the finished run in folder RUN (the --output "
                              "of an earlier invocation with the same --budget), chosen as --ship-default chooses")
+    parser.add_argument("--systems", action="store_true",
+                        help=f"also train the other stage-2 designs {sorted(SYSTEMS)} on each seed's stage 1 (more rows)")
     parser.add_argument("--ablations", action="store_true",
                         help=f"also train the full model with each switch of {sorted(ABLATIONS)} (validation split)")
     args = parser.parse_args(argv)
@@ -624,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = {}
     for seed in args.seeds:
         logger.info("seed %d", seed)
-        per_seed[seed] = run_seed(args.output, data, parts, seed, settings, args.ablations)
+        per_seed[seed] = run_seed(args.output, data, parts, seed, settings, args.ablations, args.systems)
         logger.info("seed %d: stage 1 R@1 %.1f, CrossTVR R@1 %.1f; %s", seed, per_seed[seed]["stage1"]["t2v_R1"],
                     per_seed[seed]["variants"]["shared"]["t2v_R1"],
                     {k: round(v) for k, v in per_seed[seed]["timings"].items()})

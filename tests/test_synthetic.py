@@ -106,21 +106,21 @@ def _load_benchmark(name: str = "synthetic_benchmark"):
 
 def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, capsys, monkeypatch):
     benchmark = _load_benchmark()
-    assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "0", "1", "--ablations"]) == 0
+    assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "0", "1", "--ablations", "--systems"]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
     # The same command again, in a fresh interpreter with another hash seed and another folder, gives the same
     # weights bit for bit and the same table.
     again = tmp_path / "again"
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "synthetic_benchmark.py"), "--smoke", "--output",
-                    str(again), "--seeds", "0", "1", "--ablations"], check=True, capture_output=True, cwd=tmp_path,
+                    str(again), "--seeds", "0", "1", "--ablations", "--systems"], check=True, capture_output=True, cwd=tmp_path,
                    env={**os.environ, "PYTHONHASHSEED": "123"})
     assert json.loads((again / "results.json").read_text())["summary"] == report["summary"]
-    for model in ("stage1", "shared", "separate"):
+    for model in ("stage1", "shared", "separate", "t2v2t"):
         for seed in (0, 1):
             path = os.path.join(f"seed-{seed}", model, "final", "model.safetensors")
             assert (again / path).read_bytes() == (tmp_path / path).read_bytes(), path
     table = report["summary"]["table"]
-    assert set(table) == {"stage1", "spatial", "temporal", "shared", "separate"}
+    assert set(table) == {"stage1", "spatial", "temporal", "shared", "separate", "t2v2t", "naive_t2v2t"}
     for row in table.values():
         mean, std = row["t2v_R1"]
         assert 0 <= mean <= 100 and std >= 0
@@ -130,6 +130,7 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     assert set(report["summary"]["val_fusion"]) == {"probability", "log_probability", "logit"}
     markdown = (tmp_path / "results.md").read_text()
     assert "+ spatial & temporal, shared (CrossTVR)" in markdown and "| 19 |" in markdown
+    assert "| + T2V2T fusion (bypass) |" in markdown and "| + naive T2V2T (no bypass) |" in markdown
     assert "validation split" in markdown and "in_batch_negatives_only" in markdown
     assert (tmp_path / "depth_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert '"benchmark": "synthetic"' in capsys.readouterr().out
