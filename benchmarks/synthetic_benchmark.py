@@ -25,7 +25,8 @@ regime step by step in miniature:
 3. Stage 1 on videos (`crosstvr.train --stage 1`, TS2-Net token shift and selection).
 4. Stage 2 from the token cache (`crosstvr.train --stage 2`) for the paper's ablation: spatial only, temporal only,
    both with shared and with separate parameters, each converted from the same BLIP-2 checkpoint; with `--systems`
-   also T2V2T fusion and naive T2V2T (`fine_module="t2v2t"`) as the other stage-2 design, on the same stage 1.
+   also T2V2T fusion and naive T2V2T (`fine_module="t2v2t"`) as the other stage-2 design, on the same stage 1, and
+   T2V2T with our `use_temporal_difference_tokens` switch.
 5. Evaluation on the validation split (what settings were chosen on) and the held-out test split
    (`crosstvr.evaluation`): stage 1 alone, each variant at K = 5, R@1/5/10 against the re-ranking depth K = 2..19 for
    the full model, and on validation the fused score's choices (s_fine as p, log p or the log-odds, and w).
@@ -65,6 +66,7 @@ VARIANTS = {
 SYSTEMS = {
     "t2v2t": {"fine_module": "t2v2t"},
     "naive_t2v2t": {"fine_module": "t2v2t", "t2v2t_bypass": False},
+    "t2v2t_differences": {"fine_module": "t2v2t", "use_temporal_difference_tokens": True},
 }
 ROW_NAMES = {
     "stage1": "Stage 1 (TS2-Net)",
@@ -74,6 +76,7 @@ ROW_NAMES = {
     "separate": "+ spatial & temporal, separate",
     "t2v2t": "+ T2V2T fusion (bypass)",
     "naive_t2v2t": "+ naive T2V2T (no bypass)",
+    "t2v2t_differences": "+ T2V2T fusion, temporal difference tokens",
 }
 # --ablations: the full model (shared) with one switch away from the recipe's setting: (config, training options).
 ABLATIONS = {
@@ -82,6 +85,7 @@ ABLATIONS = {
     "token_frame_embeddings": ({"use_token_frame_embeddings": True}, {}),
     "in_batch_negatives_only": ({}, {"hard_negatives": "in_batch"}),
     "listwise_loss": ({}, {"negatives_per_caption": 3, "listwise_loss_weight": 3.0}),
+    "temporal_difference_tokens": ({"use_temporal_difference_tokens": True}, {}),
 }
 DEPTHS = list(range(2, 20))
 EVAL_TOP_K = 5

@@ -131,6 +131,11 @@ class CrossTVRConfig(PreTrainedConfig):
             embeddings to their tokens. In the paper's Eqs. 5-6 the M x T keys carry no frame index, so the temporal
             pass sees the selected tokens as a set: only the queries (with `use_frame_position_embeddings`) know the
             order. At initialisation this is exactly the paper's module.
+        use_temporal_difference_tokens (`bool`, *optional*, defaults to `False`):
+            Give the fine module, beside the N tokens V_t of each frame, their differences from the previous frame's
+            tokens at the same positions, V_t - V_{t-1} (zero for the first real frame): 2N tokens per frame. Motion
+            shows in these differences where a single frame's tokens do not show it (the motion cue of temporal
+            difference networks, Wang et al., CVPR 2021). Applies to both fine modules; adds no parameters.
         temporal_text_input (`bool`, *optional*, defaults to `False`):
             Whether the caption's tokens join X_spatial(t) as inputs of the temporal text attention of
             `"spatial_temporal"`. The paper's Eq. 5 (`False`) makes the T spatial outputs alone the queries: the text
@@ -206,6 +211,7 @@ class CrossTVRConfig(PreTrainedConfig):
     share_vision_tower: bool = False
     use_frame_position_embeddings: bool = True
     use_token_frame_embeddings: bool = False
+    use_temporal_difference_tokens: bool = False
     temporal_text_input: bool = False
     rerank_top_k: int = 15
     fine_score: str = "probability"

@@ -454,6 +454,21 @@ def shift_tokens(hidden_states: torch.Tensor, video_mask: torch.Tensor, fold_div
     return shifted.view(frames_total, num_tokens, dim)
 
 
+def temporal_difference_tokens(vision_tokens: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    r"""
+    Each frame's tokens followed by their differences from the previous frame's tokens at the same positions,
+
+        Concat(V_t, \Delta V_t),   \Delta V_t = V_t - V_{t-1} if frames t and t - 1 are real, else 0,
+
+    `(pairs, T, N, D)` and `(pairs, T)` -> `(pairs, T, 2 N, D)`.
+    """
+    real = video_mask.bool()
+    previous_real = torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)  # (pairs, T)
+    previous = torch.cat([vision_tokens[:, :1], vision_tokens[:, :-1]], dim=1)
+    differences = (vision_tokens - previous) * (real & previous_real)[..., None, None].to(vision_tokens.dtype)
+    return torch.cat([vision_tokens, differences], dim=2)
+
+
 def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the trailing positions that are padding in every row (`attention_mask` 0): they are masked as keys and
     their outputs are never read, so the result is unchanged and their compute is saved (processors pad to
@@ -1335,6 +1350,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         vision_tokens = vision_tokens.to(self.matching_head.weight.dtype)
         if self.fine_vision_projection is not None:
             vision_tokens = self.fine_vision_projection(vision_tokens)  # (pairs, T, N, fine_token_hidden_size)
+        if self.config.use_temporal_difference_tokens:
+            vision_tokens = temporal_difference_tokens(vision_tokens, video_mask)  # (pairs, T, 2 N, D_v)
         qformer_input_ids, qformer_attention_mask = trim_text_padding(qformer_input_ids, qformer_attention_mask)
         # Each distinct text goes through the text-side computation once (re-ranking pairs one text with K videos).
         text_length = qformer_input_ids.shape[1]

@@ -11,6 +11,7 @@ from crosstvr.modeling_crosstvr import (
     qformer_query_outputs,
     sample_hard_negatives,
     shift_tokens,
+    temporal_difference_tokens,
 )
 
 
@@ -684,3 +685,29 @@ def test_token_frame_embeddings_tell_the_temporal_pass_the_frame_order(tester, f
     assert blind.abs().max() < 1e-6 and changed.abs().max() > 100 * max(blind.abs().max(), 1e-8)
     with pytest.raises(ValueError, match="frame embeddings for"):
         model.get_fine_logits(ids, mask, torch.cat([tokens, tokens], dim=1), torch.cat([video_mask, video_mask], 1))
+
+
+def test_temporal_difference_tokens_follow_each_frame_with_its_change_from_the_previous_real_frame():
+    tokens = torch.arange(2 * 3 * 2 * 1, dtype=torch.float32).view(2, 3, 2, 1) ** 2  # (pairs, T, N, D)
+    video_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    out = temporal_difference_tokens(tokens, video_mask)
+    assert out.shape == (2, 3, 4, 1)
+    torch.testing.assert_close(out[:, :, :2], tokens)
+    expected = torch.zeros_like(tokens)
+    expected[0, 1:] = tokens[0, 1:] - tokens[0, :-1]
+    expected[1, 1] = tokens[1, 1] - tokens[1, 0]  # frame 2 of pair 1 is padding: no difference
+    torch.testing.assert_close(out[:, :, 2:], expected)
+
+
+@pytest.mark.parametrize("fine_module", ["crosstvr", "t2v2t"])
+def test_temporal_difference_tokens_add_no_parameters_and_keep_padding_frames_out(tester, fine_module):
+    model = tester.get_model(fine_module=fine_module, use_temporal_difference_tokens=True).eval()
+    plain = tester.get_model(fine_module=fine_module).eval()
+    assert set(model.state_dict()) == set(plain.state_dict())
+    model.load_state_dict(plain.state_dict())
+    ids, mask, tokens, video_mask = fine_inputs(model, tester.get_inputs())
+    scores = model.get_fine_scores(ids, mask, tokens, video_mask)
+    assert not torch.allclose(scores, plain.get_fine_scores(ids, mask, tokens, video_mask))
+    changed = tokens.clone()
+    changed[0, -1] = torch.randn_like(changed[0, -1])  # the padding frame of video 0
+    torch.testing.assert_close(model.get_fine_scores(ids, mask, changed, video_mask), scores)

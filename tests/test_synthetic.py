@@ -120,7 +120,7 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
             path = os.path.join(f"seed-{seed}", model, "final", "model.safetensors")
             assert (again / path).read_bytes() == (tmp_path / path).read_bytes(), path
     table = report["summary"]["table"]
-    assert set(table) == {"stage1", "spatial", "temporal", "shared", "separate", "t2v2t", "naive_t2v2t"}
+    assert set(table) == {"stage1", "spatial", "temporal", "shared", "separate", "t2v2t", "naive_t2v2t", "t2v2t_differences"}
     for row in table.values():
         mean, std = row["t2v_R1"]
         assert 0 <= mean <= 100 and std >= 0
