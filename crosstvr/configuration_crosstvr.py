@@ -135,7 +135,8 @@ class CrossTVRConfig(PreTrainedConfig):
             Give the fine module, beside the N tokens V_t of each frame, their differences from the previous frame's
             tokens at the same positions, V_t - V_{t-1} (zero for the first real frame): 2N tokens per frame. Motion
             shows in these differences where a single frame's tokens do not show it (the motion cue of temporal
-            difference networks, Wang et al., CVPR 2021). Applies to both fine modules; adds no parameters.
+            difference networks, Wang et al., CVPR 2021). T2V2T reads all 2N; CrossTVR's temporal pass selects its M
+            tokens among them, while its spatial pass keeps the frame's own N tokens. Adds no parameters.
         temporal_text_input (`bool`, *optional*, defaults to `False`):
             Whether the caption's tokens join X_spatial(t) as inputs of the temporal text attention of
             `"spatial_temporal"`. The paper's Eq. 5 (`False`) makes the T spatial outputs alone the queries: the text

@@ -1350,8 +1350,6 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         vision_tokens = vision_tokens.to(self.matching_head.weight.dtype)
         if self.fine_vision_projection is not None:
             vision_tokens = self.fine_vision_projection(vision_tokens)  # (pairs, T, N, fine_token_hidden_size)
-        if self.config.use_temporal_difference_tokens:
-            vision_tokens = temporal_difference_tokens(vision_tokens, video_mask)  # (pairs, T, 2 N, D_v)
         qformer_input_ids, qformer_attention_mask = trim_text_padding(qformer_input_ids, qformer_attention_mask)
         # Each distinct text goes through the text-side computation once (re-ranking pairs one text with K videos).
         text_length = qformer_input_ids.shape[1]
@@ -1360,6 +1358,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         )  # (texts, 2 L), (pairs,)
         texts = (texts[:, :text_length], texts[:, text_length:])
         if self.config.fine_module == "t2v2t":
+            if self.config.use_temporal_difference_tokens:
+                vision_tokens = temporal_difference_tokens(vision_tokens, video_mask)  # (pairs, T, 2 N, D_v)
             pooled = self.t2v2t_fusion(*texts, text_of_pair, vision_tokens, video_mask)
         else:
             pooled = self._decoupled_text_attention(*texts, text_of_pair, vision_tokens, video_mask)
@@ -1393,6 +1393,10 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             weights = video_mask.to(spatial_embeds.dtype).unsqueeze(-1)
             return (spatial_embeds * weights).sum(dim=1) / weights.sum(dim=1)
 
+        if self.config.use_temporal_difference_tokens:
+            # Motion for the temporal pass only: it selects among V_t and V_t - V_{t-1}; the spatial pass stays
+            # per-frame appearance, as in the paper.
+            frame_tokens = temporal_difference_tokens(vision_tokens, video_mask)[valid]  # (F, 2 N, D_v)
         selected = self.token_selector(frame_tokens)  # (F, M, D_v)
         selected_tokens = selected.new_zeros(num_pairs, num_frames, *selected.shape[1:])
         selected_tokens[valid] = selected  # (pairs, T, M, D_v)

@@ -711,3 +711,13 @@ def test_temporal_difference_tokens_add_no_parameters_and_keep_padding_frames_ou
     changed = tokens.clone()
     changed[0, -1] = torch.randn_like(changed[0, -1])  # the padding frame of video 0
     torch.testing.assert_close(model.get_fine_scores(ids, mask, changed, video_mask), scores)
+
+
+def test_temporal_difference_tokens_reach_crosstvrs_temporal_pass_only(tester):
+    # The spatial pass reads each frame's own tokens, with or without the switch: the spatial-only ablation is unchanged.
+    plain = tester.get_model(fine_attention="spatial").eval()
+    model = tester.get_model(fine_attention="spatial", use_temporal_difference_tokens=True).eval()
+    ids, mask, tokens, video_mask = fine_inputs(model, tester.get_inputs())
+    torch.testing.assert_close(
+        model.get_fine_logits(ids, mask, tokens, video_mask), plain.get_fine_logits(ids, mask, tokens, video_mask)
+    )
