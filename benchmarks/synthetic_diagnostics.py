@@ -1,8 +1,9 @@
 """Why the re-ranker does or does not beat stage 1 on the synthetic benchmark: per kind of fine detail.
 
-    python benchmarks/synthetic_diagnostics.py [--output runs/synthetic] [--seed 0] [--split test]
+    python benchmarks/synthetic_diagnostics.py [--output runs/synthetic] [--seed 0] [--split test] [--model shared]
 
-Reads what `synthetic_benchmark.py` left in `--output` (the data and the seed's CrossTVR model) and measures, for
+Reads what `synthetic_benchmark.py` left in `--output` (the data and the seed's model of the row `--model` names:
+`shared`, CrossTVR, by default; any other trained row, e.g. `t2v2t` of `--systems`) and measures, for
 each kind of hard negative (the dot's colour, a movement's direction, the order of the movements):
 
 - how far the frozen tower's tokens of a scene move when that one detail changes, relative to how far they move to
@@ -30,11 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/synthetic")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="test")
+    parser.add_argument("--model", default="shared", help="the row whose stage-2 model to read (a folder of the seed)")
     args = parser.parse_args(argv)
 
     from crosstvr import CrossTVRModel, CrossTVRProcessor
 
-    model_dir = os.path.join(args.output, f"seed-{args.seed}", "shared", "final")
+    model_dir = os.path.join(args.output, f"seed-{args.seed}", args.model, "final")
+    if not os.path.isdir(model_dir):
+        raise SystemExit(f"--model {args.model}: no trained model at {model_dir}; name a row the benchmark trained")
     data = os.path.join(args.output, "data")
     model = CrossTVRModel.from_pretrained(model_dir).eval()
     processor = CrossTVRProcessor.from_pretrained(model_dir)
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         "stage2_within_group_accuracy": {name: mean(v) for name, v in stage2.items()},
         "groups": len(groups),
     }
-    print(f"| {args.split} split, seed {args.seed}, {len(groups)} groups | base | dot colour | direction | order |")
+    print(f"| {args.split} split, seed {args.seed}, {args.model}, {len(groups)} groups | base | dot colour | direction "
+          "| order |")
     print("| --- | --- | --- | --- | --- |")
     print("| frozen-token change / change to another group | - | "
           + " | ".join(f"{report['token_distance_vs_other_group'][n]:.3f}" for n in VARIANTS) + " |")

@@ -156,6 +156,10 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     diagnostics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(diagnostics["stage2_within_group_accuracy"]) == {"base", "dot_colour", "direction", "order"}
     assert all(0 <= value <= 1 for value in diagnostics["stage1_within_group_accuracy"].values())
+    assert _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--model", "t2v2t"]) == 0
+    assert "seed 0, t2v2t" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no trained model"):
+        _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--model", "nope"])
 
 
 def test_embedded_default_loads_with_remote_code_and_retrieves(tmp_path):
