@@ -3,10 +3,12 @@
     python benchmarks/bench_performance.py [--sections limit encode rerank decode index search train memory catalog ivfpq
                                             tokens]
                                            [--geometry base|tiny] [--device cpu|cuda] [--quick]
+                                           [--fine-module crosstvr|t2v2t]
 
 Measured at the paper's Base geometry (ViT-B/32 at 224 px, 12 frames of 50 tokens, a BLIP-2-size Q-Former: 12 layers,
 width 768, cross-attention every 2nd layer, 32 queries + 32 text tokens), with random weights: timing does not depend
 on them. `--geometry tiny` runs the same code on the embedded default's toy geometry (the test suite's smoke run).
+`--fine-module t2v2t` measures T2V2T fusion as stage 2 instead of CrossTVR's decoupled attention (rerank and train).
 
 Sections (each prints its rows; the end prints the table and one JSON line):
 
@@ -73,18 +75,19 @@ NPROBES = (8, 32, 128)  # IVF lists probed per query (the index default is 128)
 LIMIT_REPEATS = 5  # matrix products per limit measurement taken around each timed run (the best counts)
 
 
-def build_model(geometry: str, device: str):
-    """A random CrossTVR of the given geometry (eval mode) and its processor."""
+def build_model(geometry: str, device: str, fine_module: str = "crosstvr"):
+    """A random CrossTVR of the given geometry and fine module (eval mode) and its processor."""
     from crosstvr import CrossTVRConfig, CrossTVRModel, CrossTVRProcessor
     from crosstvr.default_model import build_tiny_model, build_tiny_processor
 
     if geometry == "tiny":
-        model, processor = build_tiny_model(seed=0)
+        model, processor = build_tiny_model(seed=0, fine_module=fine_module)
         return model.to(device), processor
     from transformers import CLIPImageProcessorPil
 
     torch.manual_seed(0)
-    model = CrossTVRModel(CrossTVRConfig()).eval().to(device)  # the defaults are the paper's Base geometry
+    # The defaults are the paper's Base geometry.
+    model = CrossTVRModel(CrossTVRConfig(fine_module=fine_module)).eval().to(device)
     tiny = build_tiny_processor()  # its tokenizers: token ids are random here, only lengths matter
     processor = CrossTVRProcessor(
         CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
@@ -672,11 +675,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--geometry", choices=("base", "tiny"), default="base")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (a smoke run)")
+    parser.add_argument("--fine-module", choices=("crosstvr", "t2v2t"), default="crosstvr", help="stage 2's design")
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
     parser.add_argument("--memory-videos", type=int, help="N of the memory section (N and 2N videos; default 8)")
     args = parser.parse_args(argv)
     repeats = 2 if args.quick else 3
-    model, processor = build_model(args.geometry, args.device)
+    model, processor = build_model(args.geometry, args.device, args.fine_module)
     results = {}
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
@@ -708,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         if "catalog" in args.sections:
             results["catalog"] = bench_catalog([10_000] if args.quick else [10_000, 100_000, 1_000_000], workdir)
     print(table(results))
-    print(json.dumps({"benchmark": "performance", "geometry": args.geometry, **results}, default=str))
+    print(json.dumps({"benchmark": "performance", "geometry": args.geometry, "fine_module": args.fine_module, **results},
+                     default=str))
     return 0
 
 

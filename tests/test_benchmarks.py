@@ -27,3 +27,15 @@ def test_performance_benchmark_prints_its_table_and_json(tmp_path, capsys):
     tokens = report["tokens"]
     assert tokens["none bytes_per_video"] == 0 < tokens["int8 bytes_per_video"] < tokens["float16 bytes_per_video"]
     assert 0 <= tokens["int8 synthetic_t2v_R1"] <= 100 and tokens["none ms_per_query"] > 0
+
+
+def test_performance_benchmark_measures_t2v2t_as_stage_two(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_performance",
+                                                  os.path.join(ROOT, "benchmarks", "bench_performance.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--geometry", "tiny", "--quick", "--device", "cpu", "--workdir", str(tmp_path), "--sections", "rerank",
+            "train", "--fine-module", "t2v2t"]
+    assert module.main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["fine_module"] == "t2v2t" and report["rerank"]["gflop_per_query"] > 0
