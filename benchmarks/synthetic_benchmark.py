@@ -322,7 +322,7 @@ def evaluate(
     encoded = encoded[split]
     evaluation = evaluate_retrieval(model, processor, rows, top_k=EVAL_TOP_K, progress=False, encoded=encoded)
     result = {"evaluation": evaluation}
-    similarity = encoded.text_embeds @ encoded.video_embeds.t()
+    similarity = model.get_similarity(encoded.text_embeds, encoded.video_embeds)
     if depths:
         result["depths"] = rerank_depth_sweep(model, encoded, similarity, depths, progress=False)
     if fusion:

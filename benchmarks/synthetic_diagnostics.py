@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 distance[name].append(float((tokens[members["base"]] - tokens[members[name]]).abs().mean() / to_other))
             order = list(members.values())
             for name, query in members.items():
-                coarse = text_embeds[query] @ video_embeds[order].t()
+                coarse = model.get_similarity(text_embeds[query][None], video_embeds[order])[0]
                 ids = text["qformer_input_ids"][query].expand(len(order), -1)
                 mask = text["qformer_attention_mask"][query].expand(len(order), -1)
                 fine = model.get_fine_scores(ids, mask, tokens[order])

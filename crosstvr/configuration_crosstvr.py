@@ -26,6 +26,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 TEMPORAL_AGGREGATORS = ("mean", "transformer", "token_shift_select")
+SIMILARITY_HEADS = ("mean", "text_conditioned")
 FINE_MODULES = ("crosstvr", "t2v2t")
 FINE_ATTENTIONS = ("spatial_temporal", "spatial", "temporal")
 FINE_VISION_MODEL_TYPES = ("clip_vision_model", "blip_2_vision_model")
@@ -80,6 +81,13 @@ class CrossTVRConfig(PreTrainedConfig):
         temporal_aggregator (`str`, *optional*, defaults to `"token_shift_select"`):
             How stage 1 aggregates frames: `"mean"` (CLIP4Clip meanP, works zero-shot from CLIP), `"transformer"`
             (CLIP4Clip seqTransf) or `"token_shift_select"` (TS2-Net, the paper's stage 1).
+        similarity_head (`str`, *optional*, defaults to `"mean"`):
+            How stage 1 meets a text with the aggregated frames: `"mean"`, the cosine with the masked mean of the
+            frame embeddings (CLIP4Clip meanP: one vector per video); `"text_conditioned"`, TS2-Net's released
+            similarity, the frames' cosines pooled with a softmax conditioned on the text (see
+            `text_conditioned_frame_similarity`; a video is then its T frame embeddings).
+        frame_softmax_scale (`float`, *optional*, defaults to 4.0):
+            The factor of the normalised frame similarities in the `"text_conditioned"` head's softmax (TS2-Net's 4).
         token_shift_layers (`int`, *optional*, defaults to 2):
             TS2-Net token shift is applied in this many last layers of the stage-1 vision tower.
         token_shift_fold_div (`int`, *optional*, defaults to 7):
@@ -197,6 +205,8 @@ class CrossTVRConfig(PreTrainedConfig):
     logit_scale_init_value: float = 2.6592
     num_frames: int = 12
     temporal_aggregator: str = "token_shift_select"
+    similarity_head: str = "mean"
+    frame_softmax_scale: float = 4.0
     token_shift_layers: int = 2
     token_shift_fold_div: int = 7
     coarse_num_selected_patches: int = 3
@@ -250,6 +260,8 @@ class CrossTVRConfig(PreTrainedConfig):
             raise ValueError(
                 f"temporal_aggregator={self.temporal_aggregator!r} is not one of {TEMPORAL_AGGREGATORS}."
             )
+        if self.similarity_head not in SIMILARITY_HEADS:
+            raise ValueError(f"similarity_head={self.similarity_head!r} is not one of {SIMILARITY_HEADS}.")
         if self.fine_module not in FINE_MODULES:
             raise ValueError(f"fine_module={self.fine_module!r} is not one of {FINE_MODULES}.")
         if self.fine_module == "t2v2t":

@@ -470,6 +470,12 @@ class VideoIndex:
         info = None
         if kind is not None and faiss is None:
             logger.info("FAISS is not installed (pip install faiss-cpu): searches use an exact matrix product")
+        if kind is not None and self.model.config.similarity_head != "mean":
+            logger.info(
+                "similarity_head=%r scores a text against every frame: searches are exact (no FAISS index, whose "
+                "entries are one vector per video)", self.model.config.similarity_head,
+            )
+            kind = None
         if kind is not None and faiss is not None and len(self):
             embeddings = self._gather_stage1(self.catalog.rows_in_order(by_path=True), len(self))
             index, kind, params = build_faiss_index(embeddings.numpy(), kind)
@@ -514,17 +520,20 @@ class VideoIndex:
         return self.catalog.entry(path)
 
     def _gather_stage1(self, rows, count: int) -> torch.Tensor:
-        """`(count, projection_dim)` stage-1 embeddings of `rows` ((position, path, chunk, row)), chunk by chunk; zeros
-        where a position has no row (its video went while an update is under way)."""
-        embeds = torch.zeros(count, self.model.config.projection_dim)
+        """`(count, projection_dim)` stage-1 embeddings of `rows` ((position, path, chunk, row)), chunk by chunk
+        (`(count, frames, projection_dim)` with a frame-level similarity head); zeros where a position has no row (its
+        video went while an update is under way)."""
+        embeds = None
         by_chunk = {}
         for position, _, chunk, row in rows:
             by_chunk.setdefault(chunk, []).append((position, row))
         for chunk, pairs in by_chunk.items():
             chunk_embeds = self._reader.tensor(f"{chunk}.safetensors", "video_embeds")
+            if embeds is None:
+                embeds = torch.zeros(count, *chunk_embeds.shape[1:])
             positions, chunk_rows = zip(*pairs)
             embeds[list(positions)] = chunk_embeds[list(chunk_rows)].float()
-        return embeds
+        return torch.zeros(count, self.model.config.projection_dim) if embeds is None else embeds
 
     def _refresh(self) -> None:
         """Drop what was loaded for an older generation of the stage-1 structures."""
@@ -534,7 +543,8 @@ class VideoIndex:
             self._embeds, self._faiss_index, self._exact_embeddings = None, None, None
 
     def stage1_embeddings(self) -> torch.Tensor:
-        """`(videos, projection_dim)` stage-1 embeddings of the indexed videos, in `paths` order (cached)."""
+        """`(videos, projection_dim)` stage-1 embeddings of the indexed videos, in `paths` order (cached);
+        `(videos, frames, projection_dim)` with a frame-level similarity head."""
         self._refresh()
         if self._embeds is None:
             self._embeds = self._gather_stage1(self.catalog.rows_in_order(), self.catalog.position_count())
@@ -575,7 +585,7 @@ class VideoIndex:
             return torch.from_numpy(scores), torch.from_numpy(rows).long()
         if nprobe is not None or ef_search is not None:
             raise ValueError(f"nprobe and ef_search apply to FAISS IVF / HNSW indexes; {self.index_dir} has none")
-        similarity = self.stage1_embeddings() @ text_embeds[0].float()  # (videos,)
+        similarity = self.model.get_similarity(text_embeds.float(), self.stage1_embeddings())[0]  # (videos,)
         order = similarity.sort(descending=True, stable=True).indices[:n]
         return similarity[order], order
 

@@ -109,7 +109,8 @@ class CrossTVROutput(ModelOutput):
         text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
             L2-normalised stage-1 text embeddings.
         video_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            L2-normalised stage-1 video embeddings.
+            L2-normalised stage-1 video embeddings (`(batch_size, frames, projection_dim)` frame embeddings with
+            `similarity_head="text_conditioned"`).
         matching_logits (`torch.FloatTensor` of shape `((3 + n) * batch_size, 2)`, *optional*):
             Matching-head logits of the positive pairs, then (text, hard negative video), then (hard negative text,
             video), then (text_i, its j-th given negative video), row-major over i and j, when n negative videos per
@@ -148,7 +149,8 @@ class CrossTVRVideoOutput(ModelOutput):
 
     Args:
         video_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            L2-normalised stage-1 video embeddings.
+            L2-normalised stage-1 video embeddings (`(batch_size, frames, projection_dim)` frame embeddings with
+            `similarity_head="text_conditioned"`).
         vision_tokens (`torch.FloatTensor` of shape `(batch_size, frames, tokens, fine_vision_hidden_size)`):
             Tokens of the frozen stage-2 vision tower, the V_t of the fine module.
     """
@@ -199,7 +201,8 @@ class CrossTVRRetrievalOutput(ModelOutput):
         text_embeds (`torch.FloatTensor` of shape `(texts, projection_dim)`):
             L2-normalised stage-1 text embeddings.
         video_embeds (`torch.FloatTensor` of shape `(videos, projection_dim)`):
-            L2-normalised stage-1 video embeddings.
+            L2-normalised stage-1 video embeddings (`(videos, frames, projection_dim)` frame embeddings with
+            `similarity_head="text_conditioned"`).
     """
 
     logits_per_text: torch.FloatTensor | None = None
@@ -226,6 +229,42 @@ def masked_mean_pool(frame_embeds: torch.Tensor, video_mask: torch.Tensor) -> to
     weights = video_mask.to(frame_embeds.dtype).unsqueeze(-1)  # (batch, frames, 1)
     pooled = (frame_embeds * weights).sum(dim=1) / weights.sum(dim=1)
     return F.normalize(pooled, dim=-1)
+
+
+def text_conditioned_frame_similarity(
+    text_embeds: torch.Tensor, frame_embeds: torch.Tensor, scale: float = 4.0, chunk_size: int = 1024
+) -> torch.Tensor:
+    r"""
+    TS2-Net's stage-1 similarity (`get_frame_similarity` of its released model): every frame's cosine with the text,
+    pooled over the video's real frames with a softmax conditioned on the text,
+
+        s_f     = <t, f_f>                                  t and f_f L2-normalised
+        a_f     = softmax_f( scale * s_f / ||s||_2 )        over the real frames, ||s||_2 the norm over them
+        S(t, v) = sum_f a_f s_f
+
+    so that the frames that match the text best dominate, smoothly (scale 4 in TS2-Net). TS2-Net also blends in a
+    similarity on selected words (`get_frame_selectedcls_similarity`, weighted by `frame_match_weight`); with the
+    word selection its release leaves switched off, that similarity has one text token and equals this one, so the
+    blend is this similarity for every weight.
+
+    Args:
+        text_embeds: `(texts, dim)`, L2-normalised.
+        frame_embeds: `(videos, frames, dim)`, L2-normalised rows; padding frames are zero rows.
+        scale: the factor of the normalised similarities in the softmax.
+        chunk_size: texts scored at a time (the `(texts, videos, frames)` cosines are the memory).
+
+    Returns:
+        `(texts, videos)`.
+    """
+    real_frames = frame_embeds.abs().sum(dim=-1) > 0  # (videos, frames)
+    rows = []
+    for start in range(0, len(text_embeds), chunk_size):
+        frame_similarity = torch.einsum("td,vfd->tvf", text_embeds[start : start + chunk_size], frame_embeds)
+        # Padding frames have s_f = 0, so the norm runs over the real frames; the softmax then skips the padding.
+        weights = scale * F.normalize(frame_similarity, dim=-1)
+        weights = weights.masked_fill(~real_frames, torch.finfo(weights.dtype).min).softmax(dim=-1)
+        rows.append((weights * frame_similarity).sum(dim=-1))  # (chunk, videos)
+    return torch.cat(rows)
 
 
 def contrastive_loss(logits_per_text: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
@@ -803,33 +842,32 @@ class CrossTVRTemporalTransformer(CLIPPreTrainedModel):
 
 
 class CrossTVRMeanPooling(nn.Module):
-    """Stage-1 aggregator "mean" (CLIP4Clip meanP): the masked mean of the frames' CLS embeddings."""
+    """Stage-1 aggregator "mean" (CLIP4Clip meanP, parameter-free): the frames' CLS embeddings as they are."""
 
     def __init__(self, config: CrossTVRConfig):
         super().__init__()
 
     def forward(self, frame_tokens: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
-        """`(batch, frames, tokens, dim)` projected tokens -> `(batch, dim)` normalised video embeddings."""
-        return masked_mean_pool(frame_tokens[:, :, 0], video_mask)
+        """`(batch, frames, tokens, dim)` projected tokens -> `(batch, frames, dim)` frame embeddings."""
+        return frame_tokens[:, :, 0]
 
 
 class CrossTVRSequenceTransformer(nn.Module):
     """Stage-1 aggregator "transformer" (CLIP4Clip seqTransf): the frames' CLS embeddings through a temporal
-    transformer, then mean pooling."""
+    transformer."""
 
     def __init__(self, config: CrossTVRConfig):
         super().__init__()
         self.temporal_transformer = CrossTVRTemporalTransformer._from_config(config.temporal_config)
 
     def forward(self, frame_tokens: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
-        frame_embeds = self.temporal_transformer(frame_tokens[:, :, 0], video_mask)  # (batch, frames, dim)
-        return masked_mean_pool(frame_embeds, video_mask)
+        return self.temporal_transformer(frame_tokens[:, :, 0], video_mask)  # (batch, frames, dim)
 
 
 class CrossTVRTokenShiftSelect(nn.Module):
     """Stage-1 aggregator "token_shift_select" (TS2-Net; the token shift itself sits in the vision tower): per frame
     the CLS token and the most informative patches are selected, all frames' selected tokens go through one temporal
-    transformer, and the frames' CLS outputs are mean-pooled."""
+    transformer, whose outputs at the frames' CLS tokens are the frame embeddings."""
 
     def __init__(self, config: CrossTVRConfig):
         super().__init__()
@@ -849,8 +887,7 @@ class CrossTVRTokenShiftSelect(nn.Module):
         selected = selected.view(batch_size, num_frames * tokens_per_frame, dim)
         token_mask = video_mask.repeat_interleave(tokens_per_frame, dim=1)  # (batch, frames * (1 + k))
         hidden_states = self.temporal_transformer(selected, token_mask)
-        frame_embeds = hidden_states.view(batch_size, num_frames, tokens_per_frame, dim)[:, :, 0]
-        return masked_mean_pool(frame_embeds, video_mask)
+        return hidden_states.view(batch_size, num_frames, tokens_per_frame, dim)[:, :, 0]  # (batch, frames, dim)
 
 
 TEMPORAL_AGGREGATOR_CLASSES = {
@@ -1149,7 +1186,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         tower's output."""
         tokens, outputs = self._vision_tower_tokens(self.vision_model, pixel_values, video_mask, **tower_kwargs)
         video_mask = self._video_mask(video_mask, *pixel_values.shape[:2], pixel_values.device)
-        video_embeds = self.temporal_aggregator(self.visual_projection(tokens), video_mask)
+        frame_embeds = self.temporal_aggregator(self.visual_projection(tokens), video_mask)  # (batch, frames, dim)
+        video_embeds = self._video_embeds(frame_embeds, video_mask)
         if not with_tokens:
             vision_tokens = None
         elif self.fine_vision_model is None:
@@ -1158,13 +1196,39 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             vision_tokens = self.get_vision_tokens(pixel_values, video_mask)
         return video_embeds, vision_tokens, outputs
 
+    def _video_embeds(self, frame_embeds: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        """What the similarity head keeps of a video: the normalised masked mean `(batch, dim)` ("mean"), or the
+        normalised frame embeddings with zero rows for padding frames `(batch, frames, dim)` ("text_conditioned")."""
+        if self.config.similarity_head == "mean":
+            return masked_mean_pool(frame_embeds, video_mask)
+        return F.normalize(frame_embeds, dim=-1) * video_mask.unsqueeze(-1).to(frame_embeds.dtype)
+
+    def get_similarity(self, text_embeds: torch.Tensor, video_embeds: torch.Tensor) -> torch.Tensor:
+        r"""
+        Stage-1 similarity of every text with every video, by the configured `similarity_head`: the cosine
+        `t @ v.T` ("mean") or TS2-Net's text-conditioned pooling of frame cosines ("text_conditioned", see
+        [`text_conditioned_frame_similarity`]).
+
+        Args:
+            text_embeds (`(texts, projection_dim)`): from [`get_text_features`].
+            video_embeds (`(videos, projection_dim)` or `(videos, frames, projection_dim)`): from
+                [`get_video_features`].
+
+        Returns:
+            `torch.FloatTensor` of shape `(texts, videos)`, in [-1, 1] (not temperature-scaled).
+        """
+        if self.config.similarity_head == "mean":
+            return text_embeds @ video_embeds.t()
+        return text_conditioned_frame_similarity(text_embeds, video_embeds, self.config.frame_softmax_scale)
+
     def get_video_features(
         self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None, **other_inputs
     ) -> torch.Tensor:
         r"""
         Stage-1 video embeddings: every frame through the CLIP vision tower, projected, aggregated over time by the
         configured aggregator and L2-normalised (the video counterpart of CLIP's `get_image_features`, normalised as
-        [`get_text_features`] is).
+        [`get_text_features`] is). With `similarity_head="mean"` a video is one vector; with "text_conditioned" it is
+        its frame embeddings (zero rows for padding frames), which [`get_similarity`] pools per text.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, frames, channels, height, width)`).
@@ -1172,7 +1236,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             other_inputs: the text keys of a `CrossTVRProcessor` output, ignored.
 
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
+            `torch.FloatTensor` of shape `(batch_size, projection_dim)`, or `(batch_size, frames, projection_dim)` with
+            `similarity_head="text_conditioned"`.
         """
         self._check_processor_keys(other_inputs, "get_video_features")
         return self._encode_video(pixel_values, video_mask, with_tokens=False)[0]
@@ -1644,7 +1709,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
     ) -> CrossTVRRetrievalOutput:
         r"""
         Full two-stage retrieval of a batch of texts against a set of videos, in both directions: stage 1 scores every
-        pair by cosine similarity, stage 2 re-ranks the top K of every text and of every video.
+        pair ([`get_similarity`]), stage 2 re-ranks the top K of every text and of every video.
 
         Args:
             input_ids, attention_mask (`(texts, length)`): CLIP tokens of the texts.
@@ -1654,7 +1719,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         """
         text_embeds = self.get_text_features(input_ids, attention_mask)
         video = self.encode_video(pixel_values, video_mask)
-        similarity = text_embeds @ video.video_embeds.t()  # (texts, videos)
+        similarity = self.get_similarity(text_embeds, video.video_embeds)  # (texts, videos)
         rerank_inputs = (similarity, qformer_input_ids, qformer_attention_mask, video.vision_tokens, video_mask)
         return CrossTVRRetrievalOutput(
             logits_per_text=similarity,
@@ -1712,8 +1777,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
                 and (for stage 2) `vision_tokens` are given.
             video_mask (`(batch, frames)`, *optional*).
             qformer_input_ids, qformer_attention_mask (`(batch, length)`, *optional*): Q-Former tokens; enable stage 2.
-            video_embeds (`(batch, projection_dim)`, *optional*): precomputed stage-1 video embeddings (a frozen stage 1
-                during stage-2 training).
+            video_embeds (`(batch, projection_dim)` or `(batch, frames, projection_dim)`, *optional*): precomputed
+                stage-1 video embeddings (a frozen stage 1 during stage-2 training).
             vision_tokens (`(batch, frames, tokens, width)`, *optional*): precomputed stage-2 tokens (a token cache).
             video_ids (`(batch,)`, *optional*): video identities; captions of the same video are then not used as each
                 other's negatives.
@@ -1757,7 +1822,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             gather = gather_data = lambda tensor: tensor  # noqa: E731
             offset = 0
         all_text_embeds, all_video_embeds = gather(text_embeds), gather(video_embeds)
-        logits_per_text = self.logit_scale.exp().clamp(max=100) * all_text_embeds @ all_video_embeds.t()  # (B, B)
+        logits_per_text = self.logit_scale.exp().clamp(max=100) * self.get_similarity(all_text_embeds, all_video_embeds)
         if video_ids is None:
             positive_mask = torch.eye(len(all_text_embeds), dtype=torch.bool, device=logits_per_text.device)
         else:

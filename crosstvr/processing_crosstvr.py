@@ -613,7 +613,7 @@ class TextVideoRetrievalPipeline(Pipeline):
         videos = model_inputs.pop("videos")
         text_embeds = model.get_text_features(model_inputs["input_ids"], model_inputs["attention_mask"])
         encoded = model.encode_video(model_inputs["pixel_values"], model_inputs["video_mask"])
-        similarity = text_embeds @ encoded.video_embeds.t()  # (texts, videos)
+        similarity = model.get_similarity(text_embeds, encoded.video_embeds)  # (texts, videos)
         depth = model.config.rerank_top_k if rerank_depth is None else rerank_depth
         outputs = {"videos": videos, "similarity": similarity}
         if depth > 0:

@@ -263,7 +263,7 @@ def stage_one_neighbours(
     """
     from .evaluation import encode_texts
 
-    video_embeds = cache.video_embeds().float()  # (videos, D)
+    video_embeds = cache.video_embeds().float()  # (videos, D) or (videos, T, D)
     top_k = min(top_k, len(video_embeds) - 1)
     if top_k < 1:
         raise ValueError("hard negatives from the stage-1 top K need at least two training videos")
@@ -271,7 +271,7 @@ def stage_one_neighbours(
     neighbours = []
     for start in range(0, len(own), chunk_size):
         text_embeds = encode_texts(model, processor, captions[start : start + chunk_size], progress=False)[0]
-        similarity = text_embeds.float() @ video_embeds.t()  # (chunk, videos)
+        similarity = model.get_similarity(text_embeds.float(), video_embeds)  # (chunk, videos)
         similarity[torch.arange(len(similarity)), own[start : start + chunk_size]] = float("-inf")
         neighbours.append(similarity.topk(top_k, dim=1).indices)
     return torch.cat(neighbours)
@@ -504,7 +504,7 @@ def global_batch_backward(
             own = slice(offset, offset + len(local_text))
             all_text = torch.cat([all_text[: own.start], local_text, all_text[own.stop :]])
             all_video = torch.cat([all_video[: own.start], local_video, all_video[own.stop :]])
-            logits_per_text = unwrapped.logit_scale.exp().clamp(max=100) * all_text @ all_video.t()
+            logits_per_text = unwrapped.logit_scale.exp().clamp(max=100) * unwrapped.get_similarity(all_text, all_video)
             loss = contrastive_loss(logits_per_text, positive_mask)
             accelerator.backward(loss)
             # Every process computed the temperature's gradient of the same global loss: count it once in the sum.
@@ -528,8 +528,8 @@ def global_batch_backward(
                     [unwrapped.get_text_features(b["input_ids"], b.get("attention_mask")) for b in inputs]
                 )
             video_embeds = torch.cat([b["video_embeds"] for b in inputs]).to(text_embeds.dtype)
-            logits_per_text = unwrapped.logit_scale.exp().clamp(max=100) * (
-                _gather(text_embeds, num_processes) @ _gather(video_embeds, num_processes).t()
+            logits_per_text = unwrapped.logit_scale.exp().clamp(max=100) * unwrapped.get_similarity(
+                _gather(text_embeds, num_processes), _gather(video_embeds, num_processes)
             )
             negative_video, negative_text = sample_hard_negatives(logits_per_text, positive_mask, generator)
             keys = ("qformer_input_ids", "qformer_attention_mask", "vision_tokens", "video_mask")

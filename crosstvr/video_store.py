@@ -4,7 +4,8 @@ A shard is a safetensors file with the values the frozen parts of CrossTVR compu
 
     vision_tokens        (n, T, N, D)  float16 or int8   stage-2 tokens (absent with token storage "none")
     vision_token_scales  (n, T, N)     float16           with int8 tokens: each token's scale (`quantize_tokens`)
-    video_embeds         (n, P)        float32           stage-1 embeddings
+    video_embeds         (n, P)        float32           stage-1 embeddings ((n, T, P) with the frame-level
+                                                         similarity head "text_conditioned")
     video_mask           (n, T)        int8              real (1) and padding (0) frames
 
 and, in its header metadata, whatever its writer needs to describe the rows. Shards are written to a temporary name and
@@ -138,7 +139,7 @@ class _DecodedVideos(Dataset):
 class EncodedBatch:
     paths: list[str]
     vision_tokens: torch.Tensor | None  # (n, T, N, D) float16 or int8, CPU; None with token storage "none"
-    video_embeds: torch.Tensor  # (n, P) float32, CPU
+    video_embeds: torch.Tensor  # (n, P) or (n, T, P) float32, CPU
     video_mask: torch.Tensor  # (n, T) int8, CPU
     errors: dict[str, str]
     vision_token_scales: torch.Tensor | None = None  # (n, T, N) float16 with int8 tokens
@@ -225,7 +226,7 @@ class ShardReader:
 
     def row(self, name: str, row: int) -> dict[str, torch.Tensor]:
         """The values of one video: `vision_tokens` (T, N, D; float16, or float32 dequantised from int8; absent when
-        the shard keeps no tokens), `video_embeds` (P,), `video_mask` (T,) as long."""
+        the shard keeps no tokens), `video_embeds` (P,) or (T, P), `video_mask` (T,) as long."""
         values = {
             "video_embeds": self.value(name, "video_embeds", row),
             "video_mask": self.value(name, "video_mask", row).long(),

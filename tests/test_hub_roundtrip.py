@@ -64,7 +64,12 @@ def saved(tester, tmp_path, request):
     return model, processor, checkpoint
 
 
-@pytest.mark.parametrize("saved", [{}, {"fine_module": "t2v2t"}], indirect=True, ids=["crosstvr", "t2v2t"])
+@pytest.mark.parametrize(
+    "saved",
+    [{}, {"fine_module": "t2v2t"}, {"similarity_head": "text_conditioned"}],
+    indirect=True,
+    ids=["crosstvr", "t2v2t", "text_conditioned"],
+)
 def test_checkpoint_loads_with_remote_code_and_gives_identical_outputs(saved, media_dir, tmp_path):
     model, processor, checkpoint = saved
     files = {path.name for path in checkpoint.iterdir()}

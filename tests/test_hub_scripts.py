@@ -158,10 +158,11 @@ def test_conversion_keeps_clip_embeddings_and_blip2_weights(sources, tmp_path, t
 def test_t2v2t_conversion_takes_the_qformer_and_matching_head_from_blip2(sources, tmp_path, tester):
     output = tmp_path / "t2v2t"
     args = ["--blip2", str(sources["root"] / "blip2"), "--stage2-tower", "blip2", "--temporal-aggregator", "mean",
-            "--fine-module", "t2v2t"]
+            "--fine-module", "t2v2t", "--similarity-head", "text_conditioned"]
     report = run_conversion(sources, output, *args, "--naive-t2v2t")
     model = AutoModel.from_pretrained(output, trust_remote_code=True).eval()
     assert (model.config.fine_module, model.config.t2v2t_bypass) == ("t2v2t", False)
+    assert model.config.similarity_head == "text_conditioned"
     new = {name for name, origin in report["weights"].items() if origin.startswith("new")}
     assert {name.split(".")[0] for name in new} == {"text_to_video_fusion"}
     assert report["weights"]["text_to_video_fusion.frame_embeddings"] == "new: initialised (zeros)"
@@ -180,6 +181,7 @@ def test_t2v2t_conversion_takes_the_qformer_and_matching_head_from_blip2(sources
     card = ModelCard.load(output / "README.md").text
     assert "T2V2T fusion: each frame's tokens attend to the caption (naive T2V2T, no bypass)" in card
     assert "| Stage-2 fine module | T2V2T fusion (naive, no bypass), BLIP-2 Q-Former of 2 layers" in card
+    assert "TS2-Net's text-conditioned softmax pooling of its frames' cosine similarities" in card
     with pytest.raises(SystemExit, match="give --fine-module t2v2t"):
         run_conversion(sources, tmp_path / "refused", "--naive-t2v2t")
 

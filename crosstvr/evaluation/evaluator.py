@@ -33,7 +33,7 @@ class EncodedSplit:
     qformer_input_ids: torch.Tensor  # (texts, text_length)
     qformer_attention_mask: torch.Tensor  # (texts, text_length)
     text_to_video_index: torch.Tensor  # (texts,)
-    video_embeds: torch.Tensor  # (videos, projection_dim)
+    video_embeds: torch.Tensor  # (videos, projection_dim), or (videos, frames, projection_dim): see get_video_features
     vision_tokens: torch.Tensor  # (videos, frames, tokens, width), float16 on the CPU
     video_mask: torch.Tensor  # (videos, frames)
 
@@ -53,6 +53,12 @@ class RetrievalEvaluation:
 def shard_bounds(length: int, num_shards: int, shard_index: int) -> slice:
     """The contiguous `shard_index`-th of `num_shards` near-equal parts of `range(length)`."""
     return slice(length * shard_index // num_shards, length * (shard_index + 1) // num_shards)
+
+
+def _no_video_embeds(config) -> torch.Tensor:
+    """The stage-1 embeddings of no video, shaped as `get_video_features` shapes them, so that shards concatenate."""
+    frames = () if config.similarity_head == "mean" else (config.num_frames,)
+    return torch.empty(0, *frames, config.projection_dim)
 
 
 def concatenate_splits(parts: list[EncodedSplit]) -> EncodedSplit:
@@ -117,7 +123,7 @@ def encode_split(
         qformer_attention_mask=qformer_mask,
         text_to_video_index=torch.tensor(plain["video_index"][texts], dtype=torch.long),
         # A shard without videos (fewer videos than processes) gives empty tensors, which concatenation skips.
-        video_embeds=torch.cat(video_embeds) if video_embeds else torch.empty(0, model.config.projection_dim),
+        video_embeds=torch.cat(video_embeds) if video_embeds else _no_video_embeds(model.config),
         vision_tokens=torch.cat(vision_tokens) if vision_tokens else torch.empty(0, dtype=torch.float16),
         video_mask=torch.cat(video_masks) if video_masks else torch.empty(0, dtype=torch.long),
     )
@@ -275,7 +281,7 @@ def evaluate_retrieval(
     if encoded is None:
         part = encode_split(model, processor, dataset, batch_size, num_workers, progress, num_shards, shard_index)
         encoded = concatenate_splits(gather(part))
-    similarity = cosine = encoded.text_embeds @ encoded.video_embeds.t()  # (texts, videos)
+    similarity = cosine = model.get_similarity(encoded.text_embeds, encoded.video_embeds)  # (texts, videos)
     # Both directions are ranked in a (texts, videos) matrix: rows for text-to-video, columns for video-to-text.
     video_to_text_similarity = similarity
     if post_processing == "dsl":
@@ -284,7 +290,8 @@ def evaluate_retrieval(
     # QB-Norm's bank holds text queries, so it re-weights text-to-video only; video-to-text keeps the plain matrix.
     if post_processing == "qb_norm":
         bank_embeds, _, _ = encode_texts(model, processor, list(querybank_captions), progress=progress)
-        similarity = querybank_normalize(similarity, bank_embeds @ encoded.video_embeds.t(), qb_norm_beta, qb_norm_k)
+        bank_similarity = model.get_similarity(bank_embeds, encoded.video_embeds)  # (bank, videos)
+        similarity = querybank_normalize(similarity, bank_similarity, qb_norm_beta, qb_norm_k)
 
     index = encoded.text_to_video_index.numpy()
     metrics = {

@@ -1,7 +1,7 @@
 """Gradients of one stage's training loss on a fixed global batch, in one process or split over several and over
 accumulated micro-batches.
 
-    python tests/scripts/distributed_losses.py OUT.safetensors STAGE MICRO_BATCHES                     # one process
+    python tests/scripts/distributed_losses.py OUT.safetensors STAGE MICRO_BATCHES [SIMILARITY_HEAD]   # one process
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 tests/scripts/distributed_losses.py OUT STAGE MICRO_BATCHES
 
 Each process takes its contiguous share of the global batch. With one micro-batch it runs `forward(process_group=...)`
@@ -29,11 +29,11 @@ GLOBAL_BATCH = 8
 LISTWISE_LOSS_WEIGHT = 0.5
 
 
-def main(output: str, stage: int, micro_batches: int) -> None:
+def main(output: str, stage: int, micro_batches: int, similarity_head: str = "mean") -> None:
     # In eval mode the token selector's hard top-k passes no gradient to its scorer: those parameters go unused.
     accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     tester = CrossTVRModelTester()
-    model = tester.get_model(seed=0, temporal_aggregator="transformer").eval()
+    model = tester.get_model(seed=0, temporal_aggregator="transformer", similarity_head=similarity_head).eval()
     inputs = tester.get_inputs(batch_size=GLOBAL_BATCH, seed=1)
     inputs["video_index"] = torch.tensor([0, 1, 1, 2, 3, 4, 4, 5])  # two captions of videos 1 and 4
     if stage == 1:
@@ -73,4 +73,4 @@ def main(output: str, stage: int, micro_batches: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
