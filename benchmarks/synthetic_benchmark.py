@@ -26,7 +26,8 @@ regime step by step in miniature:
 4. Stage 2 from the token cache (`crosstvr.train --stage 2`) for the paper's ablation: spatial only, temporal only,
    both with shared and with separate parameters, each converted from the same BLIP-2 checkpoint; with `--systems`
    also T2V2T fusion and naive T2V2T (`fine_module="t2v2t"`) as the other stage-2 design, on the same stage 1, and
-   T2V2T with our `use_temporal_difference_tokens` switch.
+   T2V2T with our `use_temporal_difference_tokens` switch; and stage 1 trained again with TS2-Net's released
+   similarity (`similarity_head="text_conditioned"`), alone and under the seed's trained CrossTVR fine module.
 5. Evaluation on the validation split (what settings were chosen on) and the held-out test split
    (`crosstvr.evaluation`): stage 1 alone, each variant at K = 5, R@1/5/10 against the re-ranking depth K = 2..19 for
    the full model, and on validation the fused score's choices (s_fine as p, log p or the log-odds, and w).
@@ -68,6 +69,9 @@ SYSTEMS = {
     "naive_t2v2t": {"fine_module": "t2v2t", "t2v2t_bypass": False},
     "t2v2t_differences": {"fine_module": "t2v2t", "use_temporal_difference_tokens": True},
 }
+# --systems: stage 1 with TS2-Net's released similarity instead of the mean's cosine (same recipe), alone and under the
+# seed's trained CrossTVR fine module (rows "stage1_ts2net_similarity", "shared_on_ts2net_similarity").
+STAGE1_SYSTEMS = {"ts2net_similarity": {"similarity_head": "text_conditioned"}}
 ROW_NAMES = {
     "stage1": "Stage 1 (TS2-Net)",
     "spatial": "+ spatial only",
@@ -77,6 +81,8 @@ ROW_NAMES = {
     "t2v2t": "+ T2V2T fusion (bypass)",
     "naive_t2v2t": "+ naive T2V2T (no bypass)",
     "t2v2t_differences": "+ T2V2T fusion, temporal difference tokens",
+    "stage1_ts2net_similarity": "Stage 1 with TS2-Net's text-conditioned frame similarity",
+    "shared_on_ts2net_similarity": "+ spatial & temporal, shared (CrossTVR), on that stage 1",
 }
 # --ablations: the full model (shared) with one switch away from the recipe's setting: (config, training options).
 ABLATIONS = {
@@ -259,6 +265,8 @@ def convert(output: str, clip_dir: str, blip2_dir: str, seed: int, overrides: di
 
     tiny = build_tiny_config(build_tiny_processor())
     flags = ["--separate-temporal-qformer"] if overrides.get("share_spatial_temporal") is False else []
+    if "similarity_head" in overrides:
+        flags += ["--similarity-head", overrides["similarity_head"]]
     if "fine_module" in overrides:
         flags += ["--fine-module", overrides["fine_module"]] + (["--naive-t2v2t"] if overrides.get("t2v2t_bypass") is False
                                                                  else [])
@@ -300,6 +308,53 @@ def variant_checkpoint(stage1_dir: str, converted_dir: str, output: str) -> str:
     model.save_pretrained(output)
     CrossTVRProcessor.from_pretrained(stage1_dir).save_pretrained(output)
     return output
+
+
+def with_fine_module(stage1_dir: str, fine_dir: str, output: str) -> str:
+    """Stage 1 of `stage1_dir` (weights and configuration) with the trained stage-2 modules of `fine_dir`."""
+    from crosstvr import CrossTVRModel, CrossTVRProcessor
+    from crosstvr.modeling_crosstvr import STAGE_TWO_TRAINABLE_MODULES
+
+    model = CrossTVRModel.from_pretrained(stage1_dir)
+    fine = {
+        key: value
+        for key, value in CrossTVRModel.from_pretrained(fine_dir).state_dict().items()
+        if key.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES
+    }
+    model.load_state_dict(fine, strict=False)
+    model.save_pretrained(output)
+    CrossTVRProcessor.from_pretrained(stage1_dir).save_pretrained(output)
+    return output
+
+
+def run_stage1_systems(work: str, data: str, parts: tuple[str, str], seed: int, settings: dict, fine_dir: str) -> dict:
+    """`STAGE1_SYSTEMS`: stage 1 trained as in step 3 with another similarity head, evaluated alone and with the seed's
+    trained CrossTVR fine module (`fine_dir`) re-ranking its top K: test and validation metrics of both rows."""
+    rows = {"test": {}, "val": {}}
+    for name, overrides in STAGE1_SYSTEMS.items():
+        converted = convert(os.path.join(work, f"{name}-converted"), *parts, seed, overrides)
+        stage1 = train_stage1(os.path.join(work, f"{name}-stage1"), data, converted, seed, settings)
+        model = with_fine_module(stage1, fine_dir, os.path.join(work, f"{name}-shared"))
+        encoded = {}  # another stage 1: its own embeddings
+        for split in rows:
+            metrics = evaluate(model, data, split, encoded=encoded)["evaluation"].metrics
+            rows[split][f"stage1_{name}"], rows[split][f"shared_on_{name}"] = metrics["stage1"], metrics["two_stage"]
+    return rows
+
+
+def train_stage1(output_dir: str, data: str, start: str, seed: int, settings: dict) -> str:
+    """Step 3: stage 1 from the converted checkpoint `start`."""
+    return _train(
+        output_dir,
+        data,
+        model_name_or_path=start,
+        stage=1,
+        seed=seed,
+        num_train_epochs=settings["stage1_epochs"],
+        batch=settings["batch"],
+        learning_rate=3e-4,
+        pretrained_lr_scale=0.3,
+    )
 
 
 def evaluate(
@@ -401,17 +456,7 @@ def run_seed(
     fine_modules = {**VARIANTS, **(SYSTEMS if systems else {})}
     converted = {name: convert(os.path.join(work, f"{name}-converted"), *parts, seed, overrides)
                  for name, overrides in fine_modules.items()}
-    stage1 = _train(
-        os.path.join(work, "stage1"),
-        data,
-        model_name_or_path=converted["shared"],
-        stage=1,
-        seed=seed,
-        num_train_epochs=settings["stage1_epochs"],
-        batch=settings["batch"],
-        learning_rate=3e-4,
-        pretrained_lr_scale=0.3,
-    )
+    stage1 = train_stage1(os.path.join(work, "stage1"), data, converted["shared"], seed, settings)
     timings["stage1"] = time.perf_counter() - started
     results = {"timings": timings, "variants": {}, "val": {}}
     encoded = {}  # each split encoded once: stage 1 and the frozen tower are the same for every fine module
@@ -433,6 +478,12 @@ def run_seed(
             results["val_fusion"] = validated["fusion"]
             results["final_model"] = final
             results["evaluation"] = tested["evaluation"]
+    if systems:
+        started = time.perf_counter()
+        rows = run_stage1_systems(work, data, parts, seed, settings, results["final_model"])
+        results["variants"].update(rows["test"])
+        results["val"].update(rows["val"])
+        timings["stage1_systems"] = time.perf_counter() - started
     if ablations:
         started = time.perf_counter()
         results["val_ablations"] = run_ablations(work, data, parts, stage1, seed, settings, encoded)

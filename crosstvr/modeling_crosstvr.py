@@ -256,10 +256,12 @@ def text_conditioned_frame_similarity(
     Returns:
         `(texts, videos)`.
     """
-    real_frames = frame_embeds.abs().sum(dim=-1) > 0  # (videos, frames)
+    real_frames = torch.linalg.vector_norm(frame_embeds, dim=-1) > 0  # (videos, frames)
     rows = []
     for start in range(0, len(text_embeds), chunk_size):
-        frame_similarity = torch.einsum("td,vfd->tvf", text_embeds[start : start + chunk_size], frame_embeds)
+        chunk = text_embeds[start : start + chunk_size]
+        # One (videos * frames, dim) x (dim, chunk) product, then (chunk, videos, frames).
+        frame_similarity = (frame_embeds.flatten(0, 1) @ chunk.t()).t().view(len(chunk), *frame_embeds.shape[:2])
         # Padding frames have s_f = 0, so the norm runs over the real frames; the softmax then skips the padding.
         weights = scale * F.normalize(frame_similarity, dim=-1)
         weights = weights.masked_fill(~real_frames, torch.finfo(weights.dtype).min).softmax(dim=-1)

@@ -115,12 +115,13 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
                     str(again), "--seeds", "0", "1", "--ablations", "--systems"], check=True, capture_output=True, cwd=tmp_path,
                    env={**os.environ, "PYTHONHASHSEED": "123"})
     assert json.loads((again / "results.json").read_text())["summary"] == report["summary"]
-    for model in ("stage1", "shared", "separate", "t2v2t"):
+    for model in ("stage1", "shared", "separate", "t2v2t", "ts2net_similarity-stage1"):
         for seed in (0, 1):
             path = os.path.join(f"seed-{seed}", model, "final", "model.safetensors")
             assert (again / path).read_bytes() == (tmp_path / path).read_bytes(), path
     table = report["summary"]["table"]
-    assert set(table) == {"stage1", "spatial", "temporal", "shared", "separate", "t2v2t", "naive_t2v2t", "t2v2t_differences"}
+    assert set(table) == {"stage1", "spatial", "temporal", "shared", "separate", "t2v2t", "naive_t2v2t",
+                          "t2v2t_differences", "stage1_ts2net_similarity", "shared_on_ts2net_similarity"}
     for row in table.values():
         mean, std = row["t2v_R1"]
         assert 0 <= mean <= 100 and std >= 0
@@ -131,6 +132,7 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     markdown = (tmp_path / "results.md").read_text()
     assert "+ spatial & temporal, shared (CrossTVR)" in markdown and "| 19 |" in markdown
     assert "| + T2V2T fusion (bypass) |" in markdown and "| + naive T2V2T (no bypass) |" in markdown
+    assert "| Stage 1 with TS2-Net's text-conditioned frame similarity |" in markdown
     assert "validation split" in markdown and "in_batch_negatives_only" in markdown
     assert (tmp_path / "depth_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert '"benchmark": "synthetic"' in capsys.readouterr().out
