@@ -470,20 +470,19 @@ class VideoIndex:
         info = None
         if kind is not None and faiss is None:
             logger.info("FAISS is not installed (pip install faiss-cpu): searches use an exact matrix product")
-        if kind is not None and self.model.config.similarity_head != "mean":
-            logger.info(
-                "similarity_head=%r scores a text against every frame: searches are exact (no FAISS index, whose "
-                "entries are one vector per video)", self.model.config.similarity_head,
-            )
-            kind = None
         if kind is not None and faiss is not None and len(self):
             embeddings = self._gather_stage1(self.catalog.rows_in_order(by_path=True), len(self))
+            frames = embeddings.shape[1] if embeddings.dim() == 3 else None
+            if frames is not None:  # a frame-level head: one FAISS entry per frame, row = position * frames + frame
+                embeddings = embeddings.flatten(0, 1)
             index, kind, params = build_faiss_index(embeddings.numpy(), kind)
             info = {"kind": kind, "params": params, "count": index.ntotal, "file": f"faiss-{generation}.index"}
+            if frames is not None:
+                info["frames"] = frames
             staging = os.path.join(self.index_dir, info["file"] + ".partial")
             faiss.write_index(index, staging)
             os.replace(staging, os.path.join(self.index_dir, info["file"]))
-            if "shortlist" in params:  # the exact embeddings that IVF-PQ's shortlist is re-scored with
+            if "shortlist" in params and frames is None:  # the exact embeddings IVF-PQ's shortlist is re-scored with
                 info["embeddings_file"] = f"stage1-{generation}.f32"
                 staging = os.path.join(self.index_dir, info["embeddings_file"] + ".partial")
                 embeddings.float().numpy().tofile(staging)
@@ -570,6 +569,8 @@ class VideoIndex:
                 self._faiss_index.nprobe = params["nprobe"] if nprobe is None else nprobe
             if "efSearch" in params:
                 self._faiss_index.hnsw.efSearch = params["efSearch"] if ef_search is None else ef_search
+            if "frames" in faiss_info:
+                return self._frame_top(text_embeds, n, faiss_info)
             query = text_embeds.float().numpy()
             scores, rows = self._faiss_index.search(query, max(n, params.get("shortlist", n)))
             scores, rows = scores[0][rows[0] >= 0], rows[0][rows[0] >= 0]
@@ -588,6 +589,29 @@ class VideoIndex:
         similarity = self.model.get_similarity(text_embeds.float(), self.stage1_embeddings())[0]  # (videos,)
         order = similarity.sort(descending=True, stable=True).indices[:n]
         return similarity[order], order
+
+    def _frame_top(self, text_embeds: torch.Tensor, n: int, faiss_info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The best `n` videos of a frame-level similarity head from a FAISS index of frames: fetch the best frames, score
+        their videos exactly ([`CrossTVRModel.get_similarity`] on their frame embeddings), and fetch 4x more frames until
+        the n-th exact score reaches the last fetched frame's cosine. The head's score is a weighted mean of a video's
+        frame cosines, so it is at most its best frame's: no video without a fetched frame can score higher, and with
+        a flat index the result is exact.
+        """
+        frames, count = faiss_info["frames"], faiss_info["count"]
+        frame_embeds = self.stage1_embeddings()  # (videos, frames, dim)
+        query = text_embeds.float()
+        fetch = min(count, 2 * n * frames)
+        while True:
+            scores, rows = self._faiss_index.search(query.numpy(), fetch)
+            found = rows[0] >= 0
+            scores, rows = scores[0][found], rows[0][found]
+            positions = torch.from_numpy(np.unique(rows // frames)).long()
+            exact = self.model.get_similarity(query, frame_embeds[positions])[0]  # (candidates,)
+            order = exact.sort(descending=True, stable=True).indices[:n]
+            if fetch >= count or len(scores) < fetch or (len(order) == n and exact[order[-1]] >= scores[-1]):
+                return exact[order], positions[order]
+            fetch = min(count, 4 * fetch)
 
     def _candidates(
         self, text_embeds: torch.Tensor, n: int, nprobe: int | None = None, ef_search: int | None = None

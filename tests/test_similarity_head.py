@@ -123,22 +123,58 @@ def test_evaluation_ranks_by_the_head(tmp_path):
     assert result.metrics["stage1"] == compute_retrieval_metrics(similarity, index, similarity.T)
 
 
-def test_index_searches_frames_exactly(tmp_path):
+@pytest.mark.parametrize("faiss_index", [None, "flat", "hnsw"])
+def test_index_searches_frames_exactly(tmp_path, faiss_index):
+    if faiss_index is not None:
+        pytest.importorskip("faiss")
     model, processor = build_tiny_model(similarity_head="text_conditioned")
     write_sample_library(tmp_path / "library", count=6, seed=3)
-    index = VideoIndex.build(tmp_path / "library", tmp_path / "index", model, processor, num_workers=0)
-    assert index.settings["faiss"] is None  # one vector per video is what FAISS holds: searches are exact
+    index = VideoIndex.build(tmp_path / "library", tmp_path / "index", model, processor, num_workers=0,
+                             faiss_index=faiss_index)
     frame_embeds = index.stage1_embeddings()
-    assert frame_embeds.shape == (6, model.config.num_frames, model.config.projection_dim)
+    frames = model.config.num_frames
+    assert frame_embeds.shape == (6, frames, model.config.projection_dim)
+    if faiss_index is None:
+        assert index.settings["faiss"] is None
+    else:  # one entry per frame
+        assert index.settings["faiss"]["frames"] == frames and index.settings["faiss"]["count"] == 6 * frames
     query = "a red circle moves left"
     text = processor(text=[query])
     with torch.no_grad():
         text_embeds = model.get_text_features(text["input_ids"], text["attention_mask"])
     similarity = text_conditioned_frame_similarity(text_embeds, frame_embeds)[0]
-    stage_one = index.search(query, k=6, rerank=False)
     order = similarity.sort(descending=True, stable=True).indices.tolist()
-    assert [hit.path for hit in stage_one.hits] == [index.paths[i] for i in order]
-    assert [hit.coarse_score for hit in stage_one.hits] == pytest.approx(similarity[order].tolist(), abs=1e-5)
+    for k in (1, 3, 6):  # a small k stops fetching frames early; the ranking is still the exact one
+        stage_one = index.search(query, k=k, rerank=False)
+        assert [hit.path for hit in stage_one.hits] == [index.paths[i] for i in order[:k]]
+        assert [hit.coarse_score for hit in stage_one.hits] == pytest.approx(similarity[order[:k]].tolist(), abs=1e-5)
     reranked = index.search(query, k=6, top_k_rerank=3)
     assert [hit.reranked for hit in reranked.hits] == [True] * 3 + [False] * 3
-    assert {hit.path for hit in reranked.hits[:3]} == {hit.path for hit in stage_one.hits[:3]}
+    assert {hit.path for hit in reranked.hits[:3]} == {index.paths[i] for i in order[:3]}
+
+
+def test_frame_search_fetches_more_frames_until_no_unseen_video_can_win():
+    # Twelve "spiky" videos (one frame at cosine 0.9, five at 0: S = 0.82) fill the first fetch of 12 frames; the
+    # "even" video (six frames at 0.85: S = 0.85) has none in it but scores best. A video's score is at most its best
+    # frame's cosine, and 0.82 < 0.9 leaves room for an unseen video: the search must fetch more frames and find it.
+    faiss = pytest.importorskip("faiss")
+    dim, text = 64, torch.zeros(1, 64)
+    text[0, 0] = 1
+
+    def frame(cosine: float, axis: int) -> torch.Tensor:
+        vector = torch.zeros(dim)
+        vector[0], vector[axis] = cosine, (1 - cosine**2) ** 0.5
+        return vector
+
+    spiky = [torch.stack([frame(0.9, 1)] + [frame(0.0, 2 + f) for f in range(5)]) for _ in range(12)]
+    even = torch.stack([frame(0.85, 10 + f) for f in range(6)])
+    frame_embeds = torch.stack([*spiky, even])  # (13, 6, dim)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(frame_embeds.flatten(0, 1).numpy())
+    index = object.__new__(VideoIndex)  # only the FAISS index, the frame embeddings and the model's head are read
+    index._faiss_index, index.stage1_embeddings = flat, lambda: frame_embeds
+    index.model = build_tiny_model(similarity_head="text_conditioned")[0]
+    expected = text_conditioned_frame_similarity(text, frame_embeds)[0]
+    assert expected[12] > expected[:12].max() and expected[:12].max() < 0.9
+    scores, positions = index._frame_top(text, 1, {"frames": 6, "count": 78})
+    assert positions.tolist() == [12] and scores.tolist() == pytest.approx([expected[12].item()])
