@@ -1,7 +1,7 @@
 """Speed and memory of every stage of the pipeline, against the machine's limit and the peer approach.
 
     python benchmarks/bench_performance.py [--sections limit encode rerank decode index search train memory catalog ivfpq
-                                            tokens]
+                                            tokens frames]
                                            [--geometry base|tiny] [--device cpu|cuda] [--quick]
                                            [--fine-module crosstvr|t2v2t]
 
@@ -39,6 +39,10 @@ Sections (each prints its rows; the end prints the table and one JSON line):
           default (stage 1 + re-ranking at its K) on a synthetic test split of 200 videos the recipe never used
           (`write_benchmark(seed=2026, groups=(1, 1, 50))`, the set of the README's check of the default), with the
           change from float16 (target: at most 0.2 points for int8).
+- frames: stage-1 search with TS2-Net's frame-level head (`similarity_head="text_conditioned"`) at 10k / 100k videos
+          of 12 frame embeddings each (scattered around a clustered video embedding): exact (the head over every
+          frame) against an IVF index of the frames (128 lists probed) searched with `crosstvr.indexing.search_frames`
+          (fetch frames until no unseen video can win), ms per query and recall of the exact top 15.
 - ivfpq:  `crosstvr index --faiss ivfpq` at 2M clustered embeddings: bytes per video in memory, and per query the
           PQ shortlist re-scored with the exact embeddings as search does (from a memory-mapped float32 file, just
           written: in the page cache), ms and recall of the exact top 15.
@@ -62,8 +66,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (
-    "limit", "encode", "rerank", "decode", "index", "search", "train", "memory", "catalog", "ivfpq", "tokens"
+    "limit", "encode", "rerank", "decode", "index", "search", "train", "memory", "catalog", "ivfpq", "tokens", "frames"
 )
+FRAMES_PER_VIDEO = 12
 TOP_K = 15
 # Re-ranking is measured with texts of the processor's full length (32 tokens, the issue's geometry) and with a caption
 # of this many real tokens padded to that length (a 10-word caption is about 14 WordPiece tokens with [CLS]/[SEP]).
@@ -442,6 +447,39 @@ def bench_search(sizes: list[int], dim: int, queries: int) -> dict:
     return results
 
 
+def bench_frames(sizes: list[int], dim: int, queries: int) -> dict:
+    from crosstvr.indexing import _faiss, build_faiss_index, search_frames
+    from crosstvr.modeling_crosstvr import text_conditioned_frame_similarity
+
+    results = {}
+    for size in sizes:
+        # A video's frames scatter around its clustered embedding (frames of one shot look alike).
+        videos = torch.from_numpy(clustered_embeddings(size, dim, seed=size))
+        noise = torch.randn(size, FRAMES_PER_VIDEO, dim, generator=torch.Generator().manual_seed(size)) / dim**0.5
+        frame_embeds = torch.nn.functional.normalize(videos[:, None] + 0.5 * noise, dim=-1)
+        probe = torch.from_numpy(clustered_embeddings(queries, dim, seed=size + 1))
+        start = time.perf_counter()
+        exact = [text_conditioned_frame_similarity(query[None], frame_embeds)[0].topk(TOP_K).indices
+                 for query in probe]
+        row = {"exact_ms_per_query": (time.perf_counter() - start) / queries * 1e3,
+               "bytes_per_video": FRAMES_PER_VIDEO * dim * 4}
+        faiss = _faiss()
+        if faiss is not None:
+            index, _, params = build_faiss_index(frame_embeds.flatten(0, 1).numpy(), "ivf")
+            row["ivf_nlist"] = params.get("nlist", 0)
+            start = time.perf_counter()
+            found = [search_frames(index, frame_embeds, text_conditioned_frame_similarity, query[None], TOP_K)[1]
+                     for query in probe]
+            row["ivf_frames_ms_per_query"] = (time.perf_counter() - start) / queries * 1e3
+            row["ivf_frames_recall_at_15"] = float(
+                np.mean([len(set(f.tolist()) & set(e.tolist())) / TOP_K for f, e in zip(found, exact)])
+            )
+        results[str(size)] = row
+        del frame_embeds
+        gc.collect()
+    return results
+
+
 def bench_train(model, processor, device: str, repeats: int) -> dict:
     batch = 2
     text = random_text(processor, model, batch, device)
@@ -651,7 +689,7 @@ TARGETS = {
 def table(results: dict) -> str:
     lines = ["| section | measure | value | target |", "| --- | --- | --- | --- |"]
     for section, values in results.items():
-        rows = values.items() if section != "search" else (
+        rows = values.items() if section not in ("search", "frames") else (
             (f"{size} {key}", value) for size, row in values.items() for key, value in row.items()
         )
         for key, value in rows:
@@ -709,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
                                            20 if args.quick else 200, workdir)
         if "tokens" in args.sections:
             results["tokens"] = bench_tokens(model, processor, workdir, 4 if args.quick else 16, 2 if args.quick else 50)
+        if "frames" in args.sections:
+            results["frames"] = bench_frames([2_000] if args.quick else [10_000, 100_000], model.config.projection_dim,
+                                             20 if args.quick else 100)
         if "catalog" in args.sections:
             results["catalog"] = bench_catalog([10_000] if args.quick else [10_000, 100_000, 1_000_000], workdir)
     print(table(results))

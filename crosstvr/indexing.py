@@ -212,6 +212,36 @@ def rescore_exactly(
     return scores[order], positions[order]
 
 
+def search_frames(
+    faiss_index, frame_embeds: torch.Tensor, similarity: Callable, text_embeds: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The best `n` videos for one query under a frame-level similarity head, from a FAISS index of the videos' frames
+    (row = video * frames + frame): fetch the best frames, score their videos exactly (`similarity(text_embeds,
+    frame_embeds[videos])`, e.g. [`CrossTVRModel.get_similarity`]), and fetch 4x more frames until the n-th exact score
+    reaches the last fetched frame's cosine. The head's score is a weighted mean of a video's frame cosines, so at most
+    its best frame's: no video without a fetched frame can score higher, and with a flat index the result is exact.
+    Returns `(scores (n,), video positions (n,))`, best first.
+
+    Args:
+        faiss_index: inner-product FAISS index of `frame_embeds.flatten(0, 1)`.
+        frame_embeds: `(videos, frames, dim)`.
+        text_embeds: `(1, dim)`.
+    """
+    frames, count = frame_embeds.shape[1], faiss_index.ntotal
+    fetch = min(count, 2 * n * frames)
+    while True:
+        scores, rows = faiss_index.search(text_embeds.numpy(), fetch)
+        found = rows[0] >= 0
+        scores, rows = scores[0][found], rows[0][found]
+        positions = torch.from_numpy(np.unique(rows // frames)).long()
+        exact = similarity(text_embeds, frame_embeds[positions])[0]  # (candidates,)
+        order = exact.sort(descending=True, stable=True).indices[:n]
+        if fetch >= count or len(scores) < fetch or (len(order) == n and exact[order[-1]] >= scores[-1]):
+            return exact[order], positions[order]
+        fetch = min(count, 4 * fetch)
+
+
 class VideoIndex:
     """
     A video library index (see the module docstring). Open one with [`VideoIndex.open`], create or update it with
@@ -470,6 +500,10 @@ class VideoIndex:
         info = None
         if kind is not None and faiss is None:
             logger.info("FAISS is not installed (pip install faiss-cpu): searches use an exact matrix product")
+        if kind == "flat" and self.model.config.similarity_head != "mean":
+            # A flat index of frames scans every frame as the exact product does, and may fetch in several rounds.
+            logger.info("a frame-level similarity head searches a flat index as an exact matrix product")
+            kind = None
         if kind is not None and faiss is not None and len(self):
             embeddings = self._gather_stage1(self.catalog.rows_in_order(by_path=True), len(self))
             frames = embeddings.shape[1] if embeddings.dim() == 3 else None
@@ -570,7 +604,8 @@ class VideoIndex:
             if "efSearch" in params:
                 self._faiss_index.hnsw.efSearch = params["efSearch"] if ef_search is None else ef_search
             if "frames" in faiss_info:
-                return self._frame_top(text_embeds, n, faiss_info)
+                return search_frames(self._faiss_index, self.stage1_embeddings(), self.model.get_similarity,
+                                     text_embeds.float(), n)
             query = text_embeds.float().numpy()
             scores, rows = self._faiss_index.search(query, max(n, params.get("shortlist", n)))
             scores, rows = scores[0][rows[0] >= 0], rows[0][rows[0] >= 0]
@@ -589,29 +624,6 @@ class VideoIndex:
         similarity = self.model.get_similarity(text_embeds.float(), self.stage1_embeddings())[0]  # (videos,)
         order = similarity.sort(descending=True, stable=True).indices[:n]
         return similarity[order], order
-
-    def _frame_top(self, text_embeds: torch.Tensor, n: int, faiss_info: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        The best `n` videos of a frame-level similarity head from a FAISS index of frames: fetch the best frames, score
-        their videos exactly ([`CrossTVRModel.get_similarity`] on their frame embeddings), and fetch 4x more frames until
-        the n-th exact score reaches the last fetched frame's cosine. The head's score is a weighted mean of a video's
-        frame cosines, so it is at most its best frame's: no video without a fetched frame can score higher, and with
-        a flat index the result is exact.
-        """
-        frames, count = faiss_info["frames"], faiss_info["count"]
-        frame_embeds = self.stage1_embeddings()  # (videos, frames, dim)
-        query = text_embeds.float()
-        fetch = min(count, 2 * n * frames)
-        while True:
-            scores, rows = self._faiss_index.search(query.numpy(), fetch)
-            found = rows[0] >= 0
-            scores, rows = scores[0][found], rows[0][found]
-            positions = torch.from_numpy(np.unique(rows // frames)).long()
-            exact = self.model.get_similarity(query, frame_embeds[positions])[0]  # (candidates,)
-            order = exact.sort(descending=True, stable=True).indices[:n]
-            if fetch >= count or len(scores) < fetch or (len(order) == n and exact[order[-1]] >= scores[-1]):
-                return exact[order], positions[order]
-            fetch = min(count, 4 * fetch)
 
     def _candidates(
         self, text_embeds: torch.Tensor, n: int, nprobe: int | None = None, ef_search: int | None = None

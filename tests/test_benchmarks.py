@@ -13,7 +13,7 @@ def test_performance_benchmark_prints_its_table_and_json(tmp_path, capsys):
                                                   os.path.join(ROOT, "benchmarks", "bench_performance.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sections = ["encode", "rerank", "decode", "index", "search", "train", "catalog", "ivfpq", "tokens"]
+    sections = ["encode", "rerank", "decode", "index", "search", "train", "catalog", "ivfpq", "tokens", "frames"]
     argv = ["--geometry", "tiny", "--quick", "--device", "cpu", "--workdir", str(tmp_path), "--sections", *sections]
     assert module.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -22,6 +22,7 @@ def test_performance_benchmark_prints_its_table_and_json(tmp_path, capsys):
     assert set(sections) <= set(report)
     assert report["rerank"]["speedup_over_loop"] > 0 and report["encode"]["gflop_per_video"] > 0
     assert 0 <= report["search"]["10000"]["ivf128_recall_at_15"] <= 1
+    assert 0 < report["frames"]["2000"]["ivf_frames_recall_at_15"] <= 1 and report["frames"]["2000"]["ivf_nlist"] > 0
     assert report["ivfpq"]["kind"] == "ivfpq" and 0 <= report["ivfpq"]["recall_at_15"] <= 1
     assert report["catalog"]["10000 bytes_written_per_video"] > 0 and report["catalog"]["10000 open_and_first_lookup_ms"] > 0
     tokens = report["tokens"]
