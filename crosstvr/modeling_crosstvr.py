@@ -899,6 +899,42 @@ TEMPORAL_AGGREGATOR_CLASSES = {
 }
 
 
+class CrossTVRMeanSimilarity(nn.Module):
+    """Stage-1 similarity head "mean" (CLIP4Clip meanP): a video is the normalised masked mean of its frame embeddings
+    (see [`masked_mean_pool`]), and a text meets it by the cosine."""
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__()
+
+    def pool(self, frame_embeds: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        """`(batch, frames, dim)` frame embeddings -> `(batch, dim)` normalised video embeddings."""
+        return masked_mean_pool(frame_embeds, video_mask)
+
+    def forward(self, text_embeds: torch.Tensor, video_embeds: torch.Tensor) -> torch.Tensor:
+        """`(texts, dim)` and `(videos, dim)` -> `(texts, videos)` cosines."""
+        return text_embeds @ video_embeds.t()
+
+
+class CrossTVRTextConditionedSimilarity(nn.Module):
+    """Stage-1 similarity head "text_conditioned" (TS2-Net's released similarity): a video is its normalised frame
+    embeddings, zero rows for padding frames, and a text meets it by [`text_conditioned_frame_similarity`]."""
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__()
+        self.scale = config.frame_softmax_scale
+
+    def pool(self, frame_embeds: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        """`(batch, frames, dim)` -> `(batch, frames, dim)`, L2-normalised real frames and zero padding frames."""
+        return F.normalize(frame_embeds, dim=-1) * video_mask.unsqueeze(-1).to(frame_embeds.dtype)
+
+    def forward(self, text_embeds: torch.Tensor, video_embeds: torch.Tensor) -> torch.Tensor:
+        """`(texts, dim)` and `(videos, frames, dim)` -> `(texts, videos)`."""
+        return text_conditioned_frame_similarity(text_embeds, video_embeds, self.scale)
+
+
+SIMILARITY_HEAD_CLASSES = {"mean": CrossTVRMeanSimilarity, "text_conditioned": CrossTVRTextConditionedSimilarity}
+
+
 class CrossTVRPreTrainedModel(PreTrainedModel):
     config: CrossTVRConfig
     config_class = CrossTVRConfig
@@ -991,6 +1027,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.temporal_aggregator = TEMPORAL_AGGREGATOR_CLASSES[config.temporal_aggregator](config)
+        self.similarity_head = SIMILARITY_HEAD_CLASSES[config.similarity_head](config)  # no parameters
 
         # Stage 2: frozen vision tower, Q-Former based spatial and temporal text attention, matching head.
         if config.share_vision_tower:
@@ -1189,7 +1226,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         tokens, outputs = self._vision_tower_tokens(self.vision_model, pixel_values, video_mask, **tower_kwargs)
         video_mask = self._video_mask(video_mask, *pixel_values.shape[:2], pixel_values.device)
         frame_embeds = self.temporal_aggregator(self.visual_projection(tokens), video_mask)  # (batch, frames, dim)
-        video_embeds = self._video_embeds(frame_embeds, video_mask)
+        video_embeds = self.similarity_head.pool(frame_embeds, video_mask)
         if not with_tokens:
             vision_tokens = None
         elif self.fine_vision_model is None:
@@ -1197,13 +1234,6 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         else:
             vision_tokens = self.get_vision_tokens(pixel_values, video_mask)
         return video_embeds, vision_tokens, outputs
-
-    def _video_embeds(self, frame_embeds: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
-        """What the similarity head keeps of a video: the normalised masked mean `(batch, dim)` ("mean"), or the
-        normalised frame embeddings with zero rows for padding frames `(batch, frames, dim)` ("text_conditioned")."""
-        if self.config.similarity_head == "mean":
-            return masked_mean_pool(frame_embeds, video_mask)
-        return F.normalize(frame_embeds, dim=-1) * video_mask.unsqueeze(-1).to(frame_embeds.dtype)
 
     def get_similarity(self, text_embeds: torch.Tensor, video_embeds: torch.Tensor) -> torch.Tensor:
         r"""
@@ -1219,9 +1249,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         Returns:
             `torch.FloatTensor` of shape `(texts, videos)`, in [-1, 1] (not temperature-scaled).
         """
-        if self.config.similarity_head == "mean":
-            return text_embeds @ video_embeds.t()
-        return text_conditioned_frame_similarity(text_embeds, video_embeds, self.config.frame_softmax_scale)
+        return self.similarity_head(text_embeds, video_embeds)
 
     def get_video_features(
         self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None, **other_inputs
