@@ -64,6 +64,9 @@ def test_configuration_names_the_heads():
     with pytest.raises(ValueError, match="similarity_head='max' is not one of"):
         build_tiny_model(similarity_head="max")
     assert CrossTVRConfig().similarity_head == "mean"  # existing checkpoints keep their similarity
+    # The heads have no weights: a checkpoint trained with one loads into the other (e.g. to evaluate it both ways).
+    mean, text_conditioned = build_tiny_model()[0], build_tiny_model(similarity_head="text_conditioned")[0]
+    assert mean.state_dict().keys() == text_conditioned.state_dict().keys()
 
 
 def test_model_with_the_text_conditioned_head(tester):
