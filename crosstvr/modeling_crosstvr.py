@@ -1852,7 +1852,9 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             gather = gather_data = lambda tensor: tensor  # noqa: E731
             offset = 0
         all_text_embeds, all_video_embeds = gather(text_embeds), gather(video_embeds)
-        logits_per_text = self.logit_scale.exp().clamp(max=100) * self.get_similarity(all_text_embeds, all_video_embeds)
+        # The temperature scales the texts before they meet the videos: both heads are linear in t (S(c t) = c S(t)).
+        logit_scale = self.logit_scale.exp().clamp(max=100)
+        logits_per_text = self.get_similarity(logit_scale * all_text_embeds, all_video_embeds)  # (B, B)
         if video_ids is None:
             positive_mask = torch.eye(len(all_text_embeds), dtype=torch.bool, device=logits_per_text.device)
         else:

@@ -504,7 +504,8 @@ def global_batch_backward(
             own = slice(offset, offset + len(local_text))
             all_text = torch.cat([all_text[: own.start], local_text, all_text[own.stop :]])
             all_video = torch.cat([all_video[: own.start], local_video, all_video[own.stop :]])
-            logits_per_text = unwrapped.logit_scale.exp().clamp(max=100) * unwrapped.get_similarity(all_text, all_video)
+            logit_scale = unwrapped.logit_scale.exp().clamp(max=100)  # scales the texts, as `forward` does
+            logits_per_text = unwrapped.get_similarity(logit_scale * all_text, all_video)
             loss = contrastive_loss(logits_per_text, positive_mask)
             accelerator.backward(loss)
             # Every process computed the temperature's gradient of the same global loss: count it once in the sum.
