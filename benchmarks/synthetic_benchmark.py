@@ -292,39 +292,33 @@ def convert(output: str, clip_dir: str, blip2_dir: str, seed: int, overrides: di
     return output
 
 
-def variant_checkpoint(stage1_dir: str, converted_dir: str, output: str) -> str:
-    """A variant's converted checkpoint (its fine module from BLIP-2) with the stage-1 weights trained in step 3."""
+def _combine(base_dir: str, donor_dir: str, output: str, stage_two: bool) -> str:
+    """The model of `base_dir` (configuration and weights) with the stage-2 weights of `donor_dir` (`stage_two`), or its
+    stage-1 weights; saved with the processor of the stage-1 side."""
     from crosstvr import CrossTVRModel, CrossTVRProcessor
     from crosstvr.modeling_crosstvr import STAGE_TWO_TRAINABLE_MODULES
 
-    model = CrossTVRModel.from_pretrained(converted_dir)
-    stage_one = {
+    model = CrossTVRModel.from_pretrained(base_dir)
+    donated = {
         key: value
-        for key, value in CrossTVRModel.from_pretrained(stage1_dir).state_dict().items()
-        if key.split(".")[0] not in STAGE_TWO_TRAINABLE_MODULES
+        for key, value in CrossTVRModel.from_pretrained(donor_dir).state_dict().items()
+        if (key.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES) == stage_two
     }
-    missing = model.load_state_dict(stage_one, strict=False).missing_keys
-    assert all(key.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES for key in missing), missing
+    missing = model.load_state_dict(donated, strict=False).missing_keys
+    assert all((key.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES) != stage_two for key in missing), missing
     model.save_pretrained(output)
-    CrossTVRProcessor.from_pretrained(stage1_dir).save_pretrained(output)
+    CrossTVRProcessor.from_pretrained(base_dir if stage_two else donor_dir).save_pretrained(output)
     return output
+
+
+def variant_checkpoint(stage1_dir: str, converted_dir: str, output: str) -> str:
+    """A variant's converted checkpoint (its fine module from BLIP-2) with the stage-1 weights trained in step 3."""
+    return _combine(converted_dir, stage1_dir, output, stage_two=False)
 
 
 def with_fine_module(stage1_dir: str, fine_dir: str, output: str) -> str:
     """Stage 1 of `stage1_dir` (weights and configuration) with the trained stage-2 modules of `fine_dir`."""
-    from crosstvr import CrossTVRModel, CrossTVRProcessor
-    from crosstvr.modeling_crosstvr import STAGE_TWO_TRAINABLE_MODULES
-
-    model = CrossTVRModel.from_pretrained(stage1_dir)
-    fine = {
-        key: value
-        for key, value in CrossTVRModel.from_pretrained(fine_dir).state_dict().items()
-        if key.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES
-    }
-    model.load_state_dict(fine, strict=False)
-    model.save_pretrained(output)
-    CrossTVRProcessor.from_pretrained(stage1_dir).save_pretrained(output)
-    return output
+    return _combine(stage1_dir, fine_dir, output, stage_two=True)
 
 
 def run_stage1_systems(work: str, data: str, parts: tuple[str, str], seed: int, settings: dict, fine_dir: str) -> dict:

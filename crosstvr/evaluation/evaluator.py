@@ -55,10 +55,10 @@ def shard_bounds(length: int, num_shards: int, shard_index: int) -> slice:
     return slice(length * shard_index // num_shards, length * (shard_index + 1) // num_shards)
 
 
-def _no_video_embeds(config) -> torch.Tensor:
-    """The stage-1 embeddings of no video, shaped as `get_video_features` shapes them, so that shards concatenate."""
-    frames = () if config.similarity_head == "mean" else (config.num_frames,)
-    return torch.empty(0, *frames, config.projection_dim)
+def _no_video_embeds(model: CrossTVRModel) -> torch.Tensor:
+    """The stage-1 embeddings of no video, as the model's similarity head shapes them, so that shards concatenate."""
+    frames = torch.empty(0, model.config.num_frames, model.config.projection_dim)
+    return model.similarity_head.pool(frames, torch.empty(0, model.config.num_frames, dtype=torch.long))
 
 
 def concatenate_splits(parts: list[EncodedSplit]) -> EncodedSplit:
@@ -123,7 +123,7 @@ def encode_split(
         qformer_attention_mask=qformer_mask,
         text_to_video_index=torch.tensor(plain["video_index"][texts], dtype=torch.long),
         # A shard without videos (fewer videos than processes) gives empty tensors, which concatenation skips.
-        video_embeds=torch.cat(video_embeds) if video_embeds else _no_video_embeds(model.config),
+        video_embeds=torch.cat(video_embeds) if video_embeds else _no_video_embeds(model),
         vision_tokens=torch.cat(vision_tokens) if vision_tokens else torch.empty(0, dtype=torch.float16),
         video_mask=torch.cat(video_masks) if video_masks else torch.empty(0, dtype=torch.long),
     )
