@@ -11,6 +11,7 @@ tokens, as from the token cache, with two given negative videos per caption and 
 computes exactly the same function.
 """
 
+import faulthandler
 import os
 import sys
 
@@ -69,8 +70,17 @@ def main(output: str, stage: int, micro_batches: int, similarity_head: str = "me
                    if p.grad is not None and p.grad.abs().sum() > 0}
         tensors["loss"] = loss.reshape(1)
         save_file(tensors, output)
-    accelerator.end_training()  # destroys the process group: exiting with it alive can abort in gloo's threads
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
+    # A hang anywhere (a collective, the rendezvous) prints every thread's stack and fails the run instead of stalling
+    # the test until its timeout with nothing to read.
+    faulthandler.dump_traceback_later(240, exit=True)
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
+    # Leave without the interpreter's finalization: tearing down gloo's worker threads there (or in
+    # destroy_process_group) can abort or hang once in many runs (pytorch/pytorch#75097, #190489), and the results are
+    # already on disk.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
