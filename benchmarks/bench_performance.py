@@ -2,7 +2,8 @@
 
     python benchmarks/bench_performance.py [--sections limit encode rerank decode index search train memory catalog ivfpq
                                             tokens frames]
-                                           [--geometry base|tiny] [--device cpu|cuda] [--quick]
+                                           [--geometry base|tiny] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                           [--quick]
                                            [--fine-module crosstvr|t2v2t]
 
 Measured at the paper's Base geometry (ViT-B/32 at 224 px, 12 frames of 50 tokens, a BLIP-2-size Q-Former: 12 layers,
@@ -80,19 +81,28 @@ NPROBES = (8, 32, 128)  # IVF lists probed per query (the index default is 128)
 LIMIT_REPEATS = 5  # matrix products per limit measurement taken around each timed run (the best counts)
 
 
-def build_model(geometry: str, device: str, fine_module: str = "crosstvr"):
-    """A random CrossTVR of the given geometry and fine module (eval mode) and its processor."""
+def build_model(geometry: str, device: str, fine_module: str = "crosstvr", dtype: torch.dtype = torch.float32):
+    """A random CrossTVR of the given geometry and fine module (eval mode) and its processor; with a half-precision
+    `dtype` loaded as a user loads a checkpoint (`from_pretrained(..., dtype=...)`: half-precision towers, float32
+    stage 2)."""
     from crosstvr import CrossTVRConfig, CrossTVRModel, CrossTVRProcessor
     from crosstvr.default_model import build_tiny_model, build_tiny_processor
 
     if geometry == "tiny":
         model, processor = build_tiny_model(seed=0, fine_module=fine_module)
-        return model.to(device), processor
+    else:
+        torch.manual_seed(0)
+        # The defaults are the paper's Base geometry.
+        model = CrossTVRModel(CrossTVRConfig(fine_module=fine_module)).eval()
+    if dtype != torch.float32:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            model = CrossTVRModel.from_pretrained(folder, dtype=dtype).eval()
+    model = model.to(device)
+    if geometry == "tiny":
+        return model, processor
     from transformers import CLIPImageProcessorPil
 
-    torch.manual_seed(0)
-    # The defaults are the paper's Base geometry.
-    model = CrossTVRModel(CrossTVRConfig(fine_module=fine_module)).eval().to(device)
     tiny = build_tiny_processor()  # its tokenizers: token ids are random here, only lengths matter
     processor = CrossTVRProcessor(
         CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
@@ -123,7 +133,9 @@ def timed(function, device: str, repeats: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def interleaved_with_limit(function, device: str, repeats: int) -> tuple[list[float], list[float]]:
+def interleaved_with_limit(
+    function, device: str, repeats: int, dtype: torch.dtype = torch.float32
+) -> tuple[list[float], list[float]]:
     """Seconds of each of `repeats` runs of `function()` (after one warm-up run), each run between two measurements
     of the matrix-product limit; returns the seconds and, per run, the higher of its two limits (GFLOP/s). A ratio to
     the limit then compares what ran within seconds of each other, not a limit taken minutes before."""
@@ -131,12 +143,12 @@ def interleaved_with_limit(function, device: str, repeats: int) -> tuple[list[fl
     _sync(device)
     seconds, limits = [], []
     for _ in range(repeats):
-        before = matmul_limit(device, LIMIT_REPEATS)
+        before = matmul_limit(device, LIMIT_REPEATS, dtype)
         start = time.perf_counter()
         function()
         _sync(device)
         seconds.append(time.perf_counter() - start)
-        limits.append(max(before, matmul_limit(device, LIMIT_REPEATS)))
+        limits.append(max(before, matmul_limit(device, LIMIT_REPEATS, dtype)))
     return seconds, limits
 
 
@@ -151,11 +163,11 @@ def counted_flops(function) -> int:
     return counter.get_total_flops()
 
 
-def matmul_limit(device: str, repeats: int) -> float:
-    """fp32 GFLOP/s of square matrix products, the machine's practical limit for these models: the best of `repeats`
-    runs (a limit; on a shared machine the median would understate it)."""
+def matmul_limit(device: str, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of square matrix products in `dtype` (the towers' precision), the machine's practical limit for these
+    models: the best of `repeats` runs (a limit; on a shared machine the median would understate it)."""
     size = 2048
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
     best = min(timed(lambda: a @ b, device, 1, warmup=0) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
@@ -190,7 +202,7 @@ def bench_encode(model, device: str, repeats: int) -> dict:
     pixel_values = pixels(model, batch, device)
     with torch.no_grad():
         flops = counted_flops(lambda: model.encode_video(pixel_values[:1]))
-        runs, limits = interleaved_with_limit(lambda: model.encode_video(pixel_values), device, repeats)
+        runs, limits = interleaved_with_limit(lambda: model.encode_video(pixel_values), device, repeats, model.dtype)
     videos_per_s = batch / float(np.median(runs))
     return {
         "frames_per_s": videos_per_s * model.config.num_frames,
@@ -225,7 +237,7 @@ def bench_rerank(model, processor, device: str, encode: dict, repeats: int) -> d
                                           top_k=TOP_K, batch_size=TOP_K)
 
     flops = counted_flops(batched)
-    runs, limits = interleaved_with_limit(batched, device, repeats)
+    runs, limits = interleaved_with_limit(batched, device, repeats)  # stage 2 runs in float32 under any dtype
     seconds = float(np.median(runs))
     loop_seconds = timed(per_pair, device, max(1, repeats // 2))
     short_seconds = timed(short_caption, device, repeats)
@@ -712,17 +724,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--geometry", choices=("base", "tiny"), default="base")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="precision of the towers (stage 2 stays float32), and of the limit's matrix products")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (a smoke run)")
     parser.add_argument("--fine-module", choices=("crosstvr", "t2v2t"), default="crosstvr", help="stage 2's design")
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
     parser.add_argument("--memory-videos", type=int, help="N of the memory section (N and 2N videos; default 8)")
     args = parser.parse_args(argv)
     repeats = 2 if args.quick else 3
-    model, processor = build_model(args.geometry, args.device, args.fine_module)
+    dtype = getattr(torch, args.dtype)
+    model, processor = build_model(args.geometry, args.device, args.fine_module, dtype)
     results = {}
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
-        results["limit"] = {"matmul_gflop_per_s": matmul_limit(args.device, 10),
+        results["limit"] = {"matmul_gflop_per_s": matmul_limit(args.device, 10, dtype), "dtype": args.dtype,
                             "device": torch.cuda.get_device_name() if args.device == "cuda" else
                             f"cpu x{torch.get_num_threads()} threads"}
         encode = bench_encode(model, args.device, repeats)

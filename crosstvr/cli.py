@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from .loading import load_model
+from .loading import DTYPES, load_model, resolve_device
 from .video_store import TOKEN_STORAGES
 
 
@@ -38,7 +38,7 @@ def index(args: argparse.Namespace) -> int:
 
     from .indexing import IndexMismatchError, VideoIndex
 
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.decoding:
         processor.decoding = args.decoding
     try:
@@ -70,10 +70,13 @@ def index(args: argparse.Namespace) -> int:
 
 
 def search(args: argparse.Namespace) -> int:
-    from .indexing import VideoIndex, write_contact_sheet
+    from .indexing import VideoIndex, read_index_settings, write_contact_sheet
 
-    model, processor = load_model(args.model) if args.model else (None, None)
-    video_index = VideoIndex.open(args.index, model, processor)
+    model, processor = (None, None)
+    if args.model:
+        dtype = (read_index_settings(args.index) or {}).get("dtype")  # the precision the index was built in
+        model, processor = load_model(args.model, device=args.device, dtype=dtype)
+    video_index = VideoIndex.open(args.index, model, processor, device=args.device)
     try:
         result = video_index.search(args.query, k=args.k, top_k_rerank=args.top_k_rerank, rerank=not args.no_rerank,
                                     nprobe=args.nprobe, ef_search=args.ef_search)
@@ -94,7 +97,7 @@ def search(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from .indexing import VideoIndex, write_contact_sheet
 
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     video_dir = args.videos
     queries = args.query
     if video_dir is None:
@@ -131,7 +134,7 @@ def demo(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from .serve import LibraryService, serve as launch
 
-    service = LibraryService(args.index, args.library, model_name=args.model)
+    service = LibraryService(args.index, args.library, model_name=args.model, device=args.device)
     print(service.status(), file=sys.stderr)
     launch(service, host=args.host, port=args.port)
     return 0
@@ -160,7 +163,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.qb_norm:
         captions = dataset[bank_split]["caption"]
         querybank = captions[: args.qb_norm_size] if args.qb_norm_size else captions
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     evaluation = evaluate_retrieval(
         model,
         processor,
@@ -186,6 +189,26 @@ def evaluate(args: argparse.Namespace) -> int:
     print(format_table(evaluation))
     print(f"results written to {output}")
     return 0
+
+
+def _device(value: str) -> str:
+    """`--device`: "auto", or a device that exists here (checked now, so that a typo fails before any work)."""
+    if value != "auto":
+        try:
+            resolve_device(value)
+        except (RuntimeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+    return value
+
+
+def _add_model_placement(parser: argparse.ArgumentParser, dtype: bool) -> None:
+    parser.add_argument("--device", type=_device, default="auto",
+                        help="where the model runs: auto (the default: this process's GPU under accelerate launch or "
+                        "torchrun, the GPU if there is one, else the CPU), cpu, cuda, cuda:N")
+    if dtype:
+        parser.add_argument("--dtype", choices=tuple(DTYPES),
+                            help="precision of the towers (stage 2 stays float32); default: the checkpoint's. "
+                            "bfloat16 or float16 on GPUs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="how the stage-2 tokens are kept, fixed when the index is created: float16 (the "
                               "default), int8 (half the disk, a scale per token), or none (0 bytes; each search "
                               "re-encodes the K videos it re-ranks from their files)")
+    _add_model_placement(parser_index, dtype=True)  # the index records the precision; searches load it so
     parser_index.set_defaults(handler=index)
 
     parser_search = commands.add_parser("search", help="search an index by text",
@@ -230,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser_search.add_argument("--model", help="the model (default: the one the index was built with)")
     parser_search.add_argument("--nprobe", type=int, help="IVF lists probed (ivf/ivfpq indexes; default: the index's)")
     parser_search.add_argument("--ef-search", type=int, help="HNSW search breadth (hnsw indexes; default: the index's)")
+    _add_model_placement(parser_search, dtype=False)
     parser_search.set_defaults(handler=search)
 
     parser_demo = commands.add_parser(
@@ -246,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser_demo.add_argument("--top-k-rerank", type=int, help="re-ranking depth K (default: the model's)")
     parser_demo.add_argument("--num-samples", type=int, default=12, help="sample videos to generate (default: 12)")
     parser_demo.add_argument("--json", action="store_true", help="print results as JSON")
+    _add_model_placement(parser_demo, dtype=True)
     parser_demo.set_defaults(handler=demo)
 
     parser_serve = commands.add_parser(
@@ -260,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser_serve.add_argument("--model", help="the model (default: the one the index was built with)")
     parser_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser_serve.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    _add_model_placement(parser_serve, dtype=False)
     parser_serve.set_defaults(handler=serve)
 
     parser_evaluate = commands.add_parser(
@@ -287,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser_evaluate.add_argument("--check-videos", action="store_true", help="decode-check every video first")
     parser_evaluate.add_argument("--cache-dir", help="Arrow cache of the dataset (default: HF datasets cache)")
     parser_evaluate.add_argument("--output", help="results JSON (default: evaluation_<dataset>_<split>.json)")
+    _add_model_placement(parser_evaluate, dtype=True)
     parser_evaluate.set_defaults(handler=evaluate)
     return parser
 

@@ -173,12 +173,13 @@ def build_tiny_model(seed: int = 0, **overrides) -> tuple[CrossTVRModel, CrossTV
     return model.eval(), processor
 
 
-def load_default_model() -> tuple[CrossTVRModel, CrossTVRProcessor]:
-    """The embedded default (model in eval mode, processor), from `crosstvr/default_checkpoint/`."""
+def load_default_model(dtype: torch.dtype | None = None) -> tuple[CrossTVRModel, CrossTVRProcessor]:
+    """The embedded default (model in eval mode, processor), from `crosstvr/default_checkpoint/`; `dtype` as in
+    `from_pretrained`."""
     if not os.path.exists(os.path.join(DEFAULT_CHECKPOINT, "model.safetensors")):
         raise FileNotFoundError(
             f"the embedded default checkpoint is missing from {DEFAULT_CHECKPOINT}; reinstall crosstvr, or run "
             "benchmarks/synthetic_benchmark.py --ship-default to train it"
         )
-    model = CrossTVRModel.from_pretrained(DEFAULT_CHECKPOINT)
+    model = CrossTVRModel.from_pretrained(DEFAULT_CHECKPOINT, dtype=dtype)
     return model.eval(), CrossTVRProcessor.from_pretrained(DEFAULT_CHECKPOINT)

@@ -77,6 +77,11 @@ def index_exists(index_dir: str | os.PathLike) -> bool:
     )
 
 
+def _dtype_name(model: CrossTVRModel) -> str:
+    """The precision of the model's towers ("float32", "bfloat16", "float16"), as the catalog records it."""
+    return str(model.dtype).removeprefix("torch.")
+
+
 def read_index_settings(index_dir: str | os.PathLike) -> dict | None:
     """The settings of the index in `index_dir` (format version, model name and fingerprints, FAISS parameters), or
     None when there is no index."""
@@ -283,7 +288,7 @@ class VideoIndex:
             with self.catalog.transaction() as connection:
                 self.catalog.set_settings(
                     connection, format_version=FORMAT_VERSION, model_name=model_name, **self.fingerprint, faiss=None,
-                    generation=0, token_storage=token_storage or "float16",
+                    generation=0, token_storage=token_storage or "float16", dtype=_dtype_name(model),
                 )
         settings = self.catalog.settings()
         self._check(settings)
@@ -299,15 +304,20 @@ class VideoIndex:
 
     @classmethod
     def open(
-        cls, index_dir: str | os.PathLike, model: CrossTVRModel | None = None, processor: CrossTVRProcessor | None = None
+        cls,
+        index_dir: str | os.PathLike,
+        model: CrossTVRModel | None = None,
+        processor: CrossTVRProcessor | None = None,
+        device: str | torch.device | None = None,
     ) -> "VideoIndex":
-        """Open an existing index, loading the model it was built with unless one is given."""
+        """Open an existing index, loading the model it was built with (in the precision it was built in, on
+        `device`: see `crosstvr.loading.resolve_device`) unless one is given."""
         settings = read_index_settings(index_dir)
         if settings is None:
             raise FileNotFoundError(f"{os.fspath(index_dir)} is not a video index (no {CATALOG}); build one first")
         model_name = settings["model_name"]
         if model is None:
-            model, processor = load_model(model_name)
+            model, processor = load_model(model_name, device=device, dtype=settings.get("dtype"))
         return cls(index_dir, model, processor, model_name)
 
     @classmethod
@@ -340,6 +350,12 @@ class VideoIndex:
             )
         if settings["model"] != self.fingerprint["model"]:
             recorded = settings.get("model_name") or "the embedded default model"
+            if settings.get("dtype", "float32") != _dtype_name(self.model):
+                raise IndexMismatchError(
+                    f"{self.index_dir} was indexed with the model in {settings.get('dtype', 'float32')}, and this one "
+                    f"is in {_dtype_name(self.model)}; load it with dtype={settings.get('dtype', 'float32')} "
+                    "(--dtype on the command line), or rebuild the index (a new --index folder)"
+                )
             raise IndexMismatchError(
                 f"{self.index_dir} was indexed with another model ({recorded}); search it with that model, or "
                 "rebuild the index (a new --index folder) for this one"

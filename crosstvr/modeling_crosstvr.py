@@ -1660,7 +1660,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
                 score_pairs(flat_queries[start : start + batch_size], flat_candidates[start : start + batch_size])
                 for start in range(0, flat_queries.numel(), batch_size)
             ]
-        ).view(num_queries, top_k)
+        ).view(num_queries, top_k).to(similarity.device)  # stage 2 may run on another device than `similarity`
         return fuse_reranking(similarity, coarse_ranking, fine_scores, weight, coarse_scores)
 
     @torch.no_grad()

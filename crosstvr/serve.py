@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .index_catalog import IndexCatalog
 from .indexing import IndexMismatchError, VideoIndex, index_exists, read_index_settings
@@ -70,6 +71,8 @@ class LibraryService:
             served from. Default: the deepest folder holding every indexed video.
         model_name: the model (folder or Hub id); default: the one the index was built with (or the embedded default).
         model, processor: an already loaded model and processor (then `model_name` only labels them).
+        device: where a model the service loads runs (`crosstvr.loading.resolve_device`; default: the GPU if there
+            is one); it is loaded in the precision the index was built in.
     """
 
     def __init__(
@@ -79,12 +82,13 @@ class LibraryService:
         model_name: str | None = None,
         model: CrossTVRModel | None = None,
         processor: CrossTVRProcessor | None = None,
+        device: str | torch.device | None = None,
     ):
         self.index_dir = os.path.abspath(os.fspath(index_dir))
-        settings = read_index_settings(self.index_dir)
+        settings = read_index_settings(self.index_dir) or {}
         if model is None:
-            model_name = model_name if model_name is not None else (settings or {}).get("model_name")
-            model, processor = load_model(model_name)
+            model_name = model_name if model_name is not None else settings.get("model_name")
+            model, processor = load_model(model_name, device=device, dtype=settings.get("dtype"))
         self.model, self.processor, self.model_name = model, processor, model_name
         if library_dir is None and os.path.exists(IndexCatalog.path_in(self.index_dir)):
             catalog = IndexCatalog(IndexCatalog.path_in(self.index_dir))

@@ -4,8 +4,14 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from crosstvr.cli import main
 from crosstvr.default_model import build_tiny_model
+from crosstvr.indexing import IndexMismatchError, VideoIndex, read_index_settings
+from crosstvr.loading import load_model, resolve_device, resolve_dtype
+from crosstvr.synthetic import write_sample_library
 
 
 def test_demo_runs_on_the_embedded_default_without_download(tmp_path):
@@ -52,3 +58,31 @@ def test_demo_without_videos_fails_clearly(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["demo", "--videos", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 1
     assert "no video could be indexed" in capsys.readouterr().err
+
+
+def test_device_and_dtype_options(monkeypatch, capsys):
+    # "auto" is the device accelerate gives this process: the CPU here when told so (and on a machine without GPUs).
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device(None)
+    assert resolve_dtype("bfloat16") == torch.bfloat16 and resolve_dtype(None) is None
+    with pytest.raises(ValueError, match="not one of float32, bfloat16, float16"):
+        resolve_dtype("fp8")
+    # A device that is not there fails when the command line is read, before any data is loaded.
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--dataset", "msvd", "--annotations", "a", "--videos", "v", "--device", "cuda:63"])
+    assert "argument --device: device 'cuda:63'" in capsys.readouterr().err
+
+
+def test_an_index_records_its_precision_and_loads_the_model_in_it(tmp_path):
+    write_sample_library(tmp_path / "videos", count=4, seed=5)
+    half, processor = load_model(device="cpu", dtype="bfloat16")
+    VideoIndex.build(tmp_path / "videos", tmp_path / "index", half, processor, num_workers=0)
+    assert read_index_settings(tmp_path / "index")["dtype"] == "bfloat16"
+    reopened = VideoIndex.open(tmp_path / "index", device="cpu")  # the embedded default, in bfloat16 again
+    assert reopened.model.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in reopened.model.matching_head.parameters())  # stage 2 stays float32
+    result = reopened.search("a red circle moves left", k=4, top_k_rerank=2)
+    assert [hit.reranked for hit in result.hits] == [True, True, False, False]
+    full, processor = load_model(device="cpu")
+    with pytest.raises(IndexMismatchError, match="load it with dtype=bfloat16"):
+        VideoIndex(tmp_path / "index", full, processor)

@@ -78,7 +78,8 @@ def encode_texts(
     for start in tqdm(range(0, len(captions), batch_size), desc="encoding texts", disable=not progress):
         text = processor(text=captions[start : start + batch_size])
         embeds.append(
-            model.get_text_features(text["input_ids"].to(model.device), text["attention_mask"].to(model.device)).cpu()
+            model.get_text_features(text["input_ids"].to(model.device), text["attention_mask"].to(model.device))
+            .to("cpu", torch.float32)  # half-precision towers: stage-1 scores in float32, as for the videos
         )
         qformer_ids.append(text["qformer_input_ids"])
         qformer_masks.append(text["qformer_attention_mask"])
@@ -114,7 +115,7 @@ def encode_split(
     video_embeds, vision_tokens, video_masks = [], [], []
     for batch in tqdm(loader, desc="encoding videos", disable=not progress):
         video = model.encode_video(batch["pixel_values"].to(model.device), batch["video_mask"].to(model.device))
-        video_embeds.append(video.video_embeds.cpu())
+        video_embeds.append(video.video_embeds.to("cpu", torch.float32))
         vision_tokens.append(video.vision_tokens.to("cpu", torch.float16))
         video_masks.append(batch["video_mask"])
     return EncodedSplit(
