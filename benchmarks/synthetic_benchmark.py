@@ -38,7 +38,9 @@ full model of the seed that gains most T2V R@1 on the validation split, with its
 `crosstvr/default_checkpoint/` (the embedded default); `--ship-from RUN` does the same for a finished run without
 training. `--budget long` trains longer (pre-training and 1,200 stage-2 steps; 136 min measured on 2 cores with other
 work beside it). `--smoke` runs the whole recipe at toy sizes. Runs are reproducible: every step is seeded, runs
-single-threaded work in a fixed number of threads, and reads no state from the environment (see the README).
+single-threaded work in a fixed number of threads, and reads no state from the environment (see the README). Runs
+resume: the same command on the same `--output` reuses every finished (pre-)training whose settings, inputs and code are
+unchanged (`_resumable`).
 """
 
 import argparse
@@ -146,8 +148,69 @@ def _load_script(folder: str, name: str):
     return module
 
 
+STEP_RECORD = "benchmark_step.json"
+
+
+def _digest_files(digest, paths: list[str]) -> None:
+    """Feed the bytes of every file under `paths` (files or folders), in sorted order with their relative names."""
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
+        )
+        for name in files:
+            digest.update(os.path.relpath(name, path if os.path.isdir(path) else os.path.dirname(path)).encode())
+            with open(name, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+
+
+def _step_fingerprint(settings: dict, inputs: list[str]) -> str:
+    """SHA-256 of a training step's settings, of the files it reads (`inputs`: checkpoints, caption files, the
+    benchmark's annotations) and of the code that runs it (the package, this script, the conversion script)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    package = os.path.join(ROOT, "crosstvr")
+    code = sorted(os.path.join(folder, name) for folder, _, names in os.walk(package) for name in names
+                  if name.endswith(".py"))
+    _digest_files(digest, [*code, os.path.abspath(__file__), os.path.join(ROOT, "hub_scripts", "convert_checkpoint.py")])
+    _digest_files(digest, inputs)
+    return digest.hexdigest()
+
+
+def _resumable(output_dir: str, settings: dict, inputs: list[str], run) -> str:
+    """
+    `run()` (a training step writing into `output_dir` and returning its result folder), or its earlier result when
+    `output_dir` records a finished run with the same fingerprint (`_step_fingerprint`): a killed benchmark resumes
+    after its last finished training, and a changed setting, input or line of code runs the step again. The record is
+    written after the result, atomically, so a step killed midway is run again from scratch.
+    """
+    fingerprint = _step_fingerprint(settings, inputs)
+    record_path = os.path.join(output_dir, STEP_RECORD)
+    if os.path.exists(record_path):
+        with open(record_path, encoding="utf-8") as file:
+            record = json.load(file)
+        result = os.path.normpath(os.path.join(output_dir, record["result"]))
+        if record["fingerprint"] == fingerprint and os.path.isdir(result):
+            logger.info("reusing the finished step in %s", output_dir)
+            return result
+    shutil.rmtree(output_dir, ignore_errors=True)  # a partial or outdated run: its logs would be appended to
+    result = os.path.normpath(run())  # the same spelling as when reused: later steps record it (conversion reports)
+    staging = record_path + ".partial"
+    with open(staging, "w", encoding="utf-8") as file:
+        json.dump({"fingerprint": fingerprint, "result": os.path.relpath(result, output_dir)}, file)
+    os.replace(staging, record_path)
+    return result
+
+
 def _train(output_dir: str, data: str, batch: int, **options) -> str:
-    """`crosstvr.training.train` on the benchmark's data, with a global batch of `batch` on one process."""
+    """`crosstvr.training.train` on the benchmark's data, with a global batch of `batch` on one process; resumable
+    (see `_resumable`)."""
+    inputs = [options["model_name_or_path"], os.path.join(data, "annotations")]
+    return _resumable(output_dir, {"batch": batch, **options}, inputs, lambda: _train_now(output_dir, data, batch, **options))
+
+
+def _train_now(output_dir: str, data: str, batch: int, **options) -> str:
     from crosstvr.training import TrainingArguments, train
 
     arguments = TrainingArguments(
@@ -185,16 +248,26 @@ def captions_with_video_captions(data: str, output: str) -> str:
 
 
 def _pretrain(work: str, name: str, start_model, tokenizer, data: str, train_file: str, settings: dict, **options) -> str:
-    """Save `start_model` with its preprocessors and pre-train it with `crosstvr.pretraining` on `train_file`."""
-    from transformers import TrainingArguments
-
-    from crosstvr.default_model import MAX_TEXT_LENGTH, build_tiny_processor
-    from crosstvr.pretraining import PretrainingArguments, pretrain
+    """Save `start_model` with its preprocessors and pre-train it with `crosstvr.pretraining` on `train_file`;
+    resumable (see `_resumable`)."""
+    from crosstvr.default_model import build_tiny_processor
 
     start = os.path.join(work, f"{name}-start")
     start_model.save_pretrained(start)
     tokenizer.save_pretrained(start)
     build_tiny_processor().image_processor.save_pretrained(start)
+    output_dir = os.path.join(work, name)
+    read = {key: settings[key] for key in ("images_per_group", "pretrain_batch")}  # the settings it reads
+    return _resumable(output_dir, {**read, **options}, [start, train_file, os.path.join(data, "annotations")],
+                      lambda: _pretrain_now(start, output_dir, data, train_file, settings, **options))
+
+
+def _pretrain_now(start: str, output_dir: str, data: str, train_file: str, settings: dict, **options) -> str:
+    from transformers import TrainingArguments
+
+    from crosstvr.default_model import MAX_TEXT_LENGTH
+    from crosstvr.pretraining import PretrainingArguments, pretrain
+
     steps, learning_rate = options.pop("steps"), options.pop("learning_rate")
     pretraining_args = PretrainingArguments(
         model_name_or_path=start,
@@ -205,7 +278,7 @@ def _pretrain(work: str, name: str, start_model, tokenizer, data: str, train_fil
         **options,
     )
     training_args = TrainingArguments(
-        output_dir=os.path.join(work, name),
+        output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=settings["pretrain_batch"],
         learning_rate=learning_rate,

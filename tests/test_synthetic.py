@@ -158,6 +158,15 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     diagnostics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(diagnostics["stage2_within_group_accuracy"]) == {"base", "dot_colour", "direction", "order"}
     assert all(0 <= value <= 1 for value in diagnostics["stage1_within_group_accuracy"].values())
+    # Run again in the same folder (as after a kill), with stage 2's steps changed: every finished step whose setting,
+    # inputs and code are unchanged is reused, the others run again.
+    outputs = {name: tmp_path / path / "model.safetensors" for name, path in
+               {"clip": "pretrained/clip", "stage1": "seed-1/stage1/final", "shared": "seed-1/shared/final"}.items()}
+    stamps = {name: path.stat().st_mtime_ns for name, path in outputs.items()}
+    monkeypatch.setitem(benchmark.SETTINGS["smoke"], "stage2_steps", benchmark.SETTINGS["smoke"]["stage2_steps"] + 1)
+    assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "1"]) == 0
+    changed = {name for name, path in outputs.items() if path.stat().st_mtime_ns != stamps[name]}
+    assert changed == {"shared"}
     assert _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--model", "t2v2t"]) == 0
     assert "seed 0, t2v2t" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no trained model"):
