@@ -1,21 +1,17 @@
-"""The GPU paths: the same model on CUDA as on the CPU, half-precision towers, mixed-precision training, evaluation and
-indexing on the GPU. Skipped where there is no CUDA device (CI has none); run on a GPU machine with
+"""The GPU paths: the same model on CUDA as on the CPU, half-precision towers, evaluation and indexing on the GPU
+(mixed-precision training on the GPU: `tests/test_training.py`). Skipped where there is no CUDA device (CI has none); run on a GPU machine with
 `pytest tests/test_cuda.py`. Written without access to a GPU: not yet run on one (README, *Devices and precision*)."""
 
 import json
-import os
 
 import pytest
 import torch
 
-from crosstvr import CrossTVRModel
 from crosstvr.cli import main
 from crosstvr.data import write_fixture
-from crosstvr.default_model import build_tiny_config, build_tiny_processor
 from crosstvr.indexing import VideoIndex
 from crosstvr.loading import load_model
 from crosstvr.synthetic import write_sample_library
-from crosstvr.training import TrainingArguments, train
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -74,25 +70,3 @@ def test_an_index_built_on_the_gpu_in_bfloat16_searches_there(tmp_path):
     assert index.model.device.type == "cuda" and index.model.dtype == torch.bfloat16
     result = index.search("a red circle moves left", k=6, top_k_rerank=3)
     assert [hit.reranked for hit in result.hits] == [True] * 3 + [False] * 3
-
-
-@pytest.mark.parametrize("stage", [1, 2])
-def test_mixed_precision_training_on_the_gpu(fixture, tmp_path, stage):
-    processor = build_tiny_processor()
-    torch.manual_seed(0)
-    start = str(tmp_path / "start")
-    CrossTVRModel(build_tiny_config(processor)).save_pretrained(start)
-    processor.save_pretrained(start)
-    args = TrainingArguments(
-        annotations_dir=fixture.annotations_dir, videos_dir=fixture.videos_dir, output_dir=str(tmp_path / "run"),
-        model_name_or_path=start, dataset_cache_dir=str(tmp_path / "rows"), stage=stage, batch_size=8,
-        per_device_batch_size=4, max_steps=3, learning_rate=1e-3, num_workers=0, logging_steps=1, save_steps=100,
-        do_eval=False, mixed_precision="bf16",
-    )
-    final = train(args)
-    logs = [json.loads(line) for line in open(tmp_path / "run" / "logs.jsonl")]
-    losses = [record["train/loss"] for record in logs if "train/loss" in record]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    trained = CrossTVRModel.from_pretrained(final)
-    assert all(torch.isfinite(p).all() for p in trained.parameters())
-    assert os.path.exists(os.path.join(final, "model.safetensors"))

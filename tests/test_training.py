@@ -448,3 +448,21 @@ def test_stage_two_trains_with_stage_one_top_k_negatives(workspace, tmp_path, pe
     assert first_loss("listwise", 1.0) > first_loss("matching", 0.0)
     with pytest.raises(ValueError, match="hard_negatives"):
         arguments(workspace, tmp_path, hard_negatives="group")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_mixed_precision_training(workspace, tmp_path, monkeypatch, stage, device):
+    if device == "cpu":
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    final = train(arguments(workspace, tmp_path / "run", stage=stage, max_steps=3, mixed_precision="bf16"))
+    logs = [json.loads(line) for line in open(tmp_path / "run" / "logs.jsonl")]
+    losses = torch.tensor([record["train/loss"] for record in logs if "train/loss" in record])
+    assert len(losses) == 3 and torch.isfinite(losses).all()
+    weights = load_file(os.path.join(final, "model.safetensors"))
+    # The optimizer updates float32 master weights; autocast only lowers the precision of the computation.
+    assert all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in weights.values())
+    start = load_file(os.path.join(workspace["checkpoints"]["token_shift_select"], "model.safetensors"))
+    trained = ("text_model", "logit_scale") if stage == 1 else ("qformer", "matching_head")
+    assert any(not torch.equal(weights[name], start[name]) for name in weights if name.startswith(trained))
