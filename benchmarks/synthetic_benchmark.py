@@ -27,7 +27,8 @@ regime step by step in miniature:
    both with shared and with separate parameters, each converted from the same BLIP-2 checkpoint; with `--systems`
    also T2V2T fusion and naive T2V2T (`fine_module="t2v2t"`) as the other stage-2 design, on the same stage 1, and
    T2V2T with our `use_temporal_difference_tokens` switch; and stage 1 trained again with TS2-Net's released
-   similarity (`similarity_head="text_conditioned"`), alone and under the seed's trained CrossTVR fine module.
+   similarity (`similarity_head="text_conditioned"`) and with CRET's (`similarity_head="cret"`), each alone and under
+   the seed's trained CrossTVR fine module.
 5. Evaluation on the validation split (what settings were chosen on) and the held-out test split
    (`crosstvr.evaluation`): stage 1 alone, each variant at K = 5, R@1/5/10 against the re-ranking depth K = 2..19 for
    the full model, and on validation the fused score's choices (s_fine as p, log p or the log-odds, and w).
@@ -71,9 +72,9 @@ SYSTEMS = {
     "naive_t2v2t": {"fine_module": "t2v2t", "t2v2t_bypass": False},
     "t2v2t_differences": {"fine_module": "t2v2t", "use_temporal_difference_tokens": True},
 }
-# --systems: stage 1 with TS2-Net's released similarity instead of the mean's cosine (same recipe), alone and under the
-# seed's trained CrossTVR fine module (rows "stage1_ts2net_similarity", "shared_on_ts2net_similarity").
-STAGE1_SYSTEMS = {"ts2net_similarity": {"similarity_head": "text_conditioned"}}
+# --systems: stage 1 with TS2-Net's released similarity, and with CRET's (CCM + GEES), instead of the mean's cosine (same
+# recipe), each alone and under the seed's trained CrossTVR fine module (rows "stage1_<name>", "shared_on_<name>").
+STAGE1_SYSTEMS = {"ts2net_similarity": {"similarity_head": "text_conditioned"}, "cret": {"similarity_head": "cret"}}
 ROW_NAMES = {
     "stage1": "Stage 1 (TS2-Net)",
     "spatial": "+ spatial only",
@@ -85,6 +86,8 @@ ROW_NAMES = {
     "t2v2t_differences": "+ T2V2T fusion, temporal difference tokens",
     "stage1_ts2net_similarity": "Stage 1 with TS2-Net's text-conditioned frame similarity",
     "shared_on_ts2net_similarity": "+ spatial & temporal, shared (CrossTVR), on that stage 1",
+    "stage1_cret": "Stage 1 with CRET's similarity (CCM + GEES)",
+    "shared_on_cret": "+ spatial & temporal, shared (CrossTVR), on that stage 1",
 }
 # --ablations: the full model (shared) with one switch away from the recipe's setting: (config, training options).
 ABLATIONS = {

@@ -26,7 +26,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 TEMPORAL_AGGREGATORS = ("mean", "transformer", "token_shift_select")
-SIMILARITY_HEADS = ("mean", "text_conditioned")
+SIMILARITY_HEADS = ("mean", "text_conditioned", "cret")
+GEES_BOUNDS = ("slides", "jensen")
 FINE_MODULES = ("crosstvr", "t2v2t")
 FINE_ATTENTIONS = ("spatial_temporal", "spatial", "temporal")
 FINE_VISION_MODEL_TYPES = ("clip_vision_model", "blip_2_vision_model")
@@ -88,6 +89,20 @@ class CrossTVRConfig(PreTrainedConfig):
             `text_conditioned_frame_similarity`; a video is then its T frame embeddings).
         frame_softmax_scale (`float`, *optional*, defaults to 4.0):
             The factor of the normalised frame similarities in the `"text_conditioned"` head's softmax (TS2-Net's 4).
+            `similarity_head="cret"` is CRET's: the global cosine plus β times the local similarity of the features
+            that learnable query centres gather from the patch and word tokens (CCM), trained with the Gaussian bound
+            GEES (see `CrossTVRCRETSimilarity`).
+        cret_num_centers (`int`, *optional*, defaults to 4):
+            CRET's query centres C, each giving one local feature per video and per text.
+        cret_num_heads (`int`, *optional*, defaults to 8):
+            Heads of CCM's attention (one module shared by the video and the text decoder); divides `projection_dim`.
+        cret_local_weight (`float`, *optional*, defaults to 1.0):
+            β in S = S_g + β S_l (> 0).
+        cret_ccm_loss_weight (`float`, *optional*, defaults to 1.0):
+            α in L = L_GEES + α L_CCM.
+        cret_gees_bound (`str`, *optional*, defaults to `"slides"`):
+            `"slides"`, the closed form as the CRET slides write it (the variance term in the numerator too), or
+            `"jensen"`, the form that provably bounds the expected NCE loss from above (the numerator without it).
         token_shift_layers (`int`, *optional*, defaults to 2):
             TS2-Net token shift is applied in this many last layers of the stage-1 vision tower.
         token_shift_fold_div (`int`, *optional*, defaults to 7):
@@ -207,6 +222,11 @@ class CrossTVRConfig(PreTrainedConfig):
     temporal_aggregator: str = "token_shift_select"
     similarity_head: str = "mean"
     frame_softmax_scale: float = 4.0
+    cret_num_centers: int = 4
+    cret_num_heads: int = 8
+    cret_local_weight: float = 1.0
+    cret_ccm_loss_weight: float = 1.0
+    cret_gees_bound: str = "slides"
     token_shift_layers: int = 2
     token_shift_fold_div: int = 7
     coarse_num_selected_patches: int = 3
@@ -262,6 +282,15 @@ class CrossTVRConfig(PreTrainedConfig):
             )
         if self.similarity_head not in SIMILARITY_HEADS:
             raise ValueError(f"similarity_head={self.similarity_head!r} is not one of {SIMILARITY_HEADS}.")
+        if self.similarity_head == "cret":
+            if self.cret_gees_bound not in GEES_BOUNDS:
+                raise ValueError(f"cret_gees_bound={self.cret_gees_bound!r} is not one of {GEES_BOUNDS}.")
+            if self.cret_local_weight <= 0:
+                raise ValueError(f"cret_local_weight={self.cret_local_weight} must be > 0 (without the local score, "
+                                 "use similarity_head='mean').")
+            if self.projection_dim % self.cret_num_heads:
+                raise ValueError(f"cret_num_heads={self.cret_num_heads} does not divide projection_dim="
+                                 f"{self.projection_dim}.")
         if self.fine_module not in FINE_MODULES:
             raise ValueError(f"fine_module={self.fine_module!r} is not one of {FINE_MODULES}.")
         if self.fine_module == "t2v2t":

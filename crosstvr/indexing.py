@@ -582,7 +582,9 @@ class VideoIndex:
                 embeds = torch.zeros(count, *chunk_embeds.shape[1:])
             positions, chunk_rows = zip(*pairs)
             embeds[list(positions)] = chunk_embeds[list(chunk_rows)].float()
-        return torch.zeros(count, self.model.config.projection_dim) if embeds is None else embeds
+        if embeds is None:
+            return torch.zeros(count, *self.model.similarity_head.video_shape(self.model.config.num_frames))
+        return embeds
 
     def _refresh(self) -> None:
         """Drop what was loaded for an older generation of the stage-1 structures."""

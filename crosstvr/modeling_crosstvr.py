@@ -96,7 +96,7 @@ class CrossTVROutput(ModelOutput):
             Sum of the losses that were computed: `loss_contrastive` always, `loss_matching` when Q-Former inputs were
             given, and `listwise_loss_weight * loss_listwise` when negative videos were given too.
         loss_contrastive (`torch.FloatTensor` of shape `()`, *optional*):
-            Stage-1 symmetric InfoNCE loss.
+            Stage-1 loss: symmetric InfoNCE (with `similarity_head="cret"`, L_GEES + alpha L_CCM).
         loss_matching (`torch.FloatTensor` of shape `()`, *optional*):
             Stage-2 video-text matching loss on the positives and the ALBEF hard negatives.
         loss_listwise (`torch.FloatTensor` of shape `()`, *optional*):
@@ -287,6 +287,47 @@ def contrastive_loss(logits_per_text: torch.Tensor, positive_mask: torch.Tensor)
     logits = logits_per_text.masked_fill(positive_mask & ~diagonal, float("-inf"))
     labels = torch.arange(batch_size, device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def gees_loss(
+    text_embeds: torch.Tensor,
+    video_means: torch.Tensor,
+    video_variances: torch.Tensor,
+    logit_scale: torch.Tensor,
+    positive_mask: torch.Tensor,
+    bound: str = "slides",
+) -> torch.Tensor:
+    r"""
+    CRET's Gaussian estimation of the embedding space (GEES): a video's frame embeddings are draws of
+    v_j ~ N(mu_j, diag sigma_j), and the text-to-video NCE loss is replaced by a closed form of its expectation over
+    the draws, from E[exp(tau <t, v_j>)] = exp(tau <t, mu_j> + tau^2 / 2 <t, sigma_j t>):
+
+        g_ij = tau <t_i, mu_j> + tau^2 / 2 <t_i^2, sigma_j>
+        "slides":  L = -1/B sum_i log softmax_j(g_ij)_i
+        "jensen":  L = -1/B sum_i [ tau <t_i, mu_i> - log sum_j exp(g_ij) ]
+
+    "jensen" bounds E_v[L_NCE] from above (Jensen's inequality on the log of the denominator; the numerator's
+    expectation is exact). "slides" keeps the variance term in the numerator too, as the CRET slides write it: lower
+    by tau^2 / 2 <t_i^2, sigma_i>, so not a bound in general (`tests/test_cret.py` checks both against a Monte-Carlo
+    estimate). The slides leave the denominator's indices garbled; here it runs over the batch's videos, and other
+    captions of a text's own video are removed from it, as in [`contrastive_loss`].
+
+    Args:
+        text_embeds: `(batch, dim)` t, L2-normalised.
+        video_means: `(batch, dim)` mu.
+        video_variances: `(batch, dim)` sigma, the diagonal of each video's covariance.
+        logit_scale: tau, the temperature's inverse.
+        positive_mask: `(batch, batch)` bool, True where text i describes video j (the diagonal included).
+        bound: "slides" or "jensen".
+    """
+    logits = logit_scale * text_embeds @ video_means.t() + logit_scale**2 / 2 * text_embeds.square() @ video_variances.t()
+    diagonal = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(positive_mask & ~diagonal, float("-inf"))
+    if bound == "slides":
+        numerator = logits.diagonal()
+    else:
+        numerator = logit_scale * (text_embeds * video_means).sum(dim=-1)
+    return (logits.logsumexp(dim=1) - numerator).mean()
 
 
 def sample_hard_negatives(
@@ -901,29 +942,59 @@ TEMPORAL_AGGREGATOR_CLASSES = {
 
 class CrossTVRMeanSimilarity(nn.Module):
     """Stage-1 similarity head "mean" (CLIP4Clip meanP): a video is the normalised masked mean of its frame embeddings
-    (see [`masked_mean_pool`]), and a text meets it by the cosine."""
+    (see [`masked_mean_pool`]), and a text meets it by the cosine.
+
+    A similarity head has `pool` (frames -> what is stored per video), `pool_text` (text embedding -> what is stored
+    per text; it reads the projected word tokens when `reads_tokens`), `forward` (texts x videos similarity) and
+    `loss` (the stage-1 training loss of a batch); `text_dim` and `video_shape` give the stored shapes."""
+
+    reads_tokens = False
 
     def __init__(self, config: CrossTVRConfig):
         super().__init__()
+        self.text_dim = config.projection_dim
 
-    def pool(self, frame_embeds: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    def video_shape(self, num_frames: int) -> tuple[int, ...]:
+        """The shape of what `pool` stores per video."""
+        return (self.text_dim,)
+
+    def pool(
+        self, frame_embeds: torch.Tensor, video_mask: torch.Tensor, frame_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`(batch, frames, dim)` frame embeddings -> `(batch, dim)` normalised video embeddings."""
         return masked_mean_pool(frame_embeds, video_mask)
+
+    def pool_text(
+        self, text_embeds: torch.Tensor, word_tokens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return text_embeds
 
     def forward(self, text_embeds: torch.Tensor, video_embeds: torch.Tensor) -> torch.Tensor:
         """`(texts, dim)` and `(videos, dim)` -> `(texts, videos)` cosines."""
         return text_embeds @ video_embeds.t()
 
+    def loss(
+        self, text_embeds: torch.Tensor, video_embeds: torch.Tensor, logit_scale: torch.Tensor, positive_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Symmetric InfoNCE ([`contrastive_loss`]) of the temperature-scaled similarities; the temperature scales
+        the texts before they meet the videos (the heads are linear in the text)."""
+        return contrastive_loss(self(logit_scale * text_embeds, video_embeds), positive_mask)
 
-class CrossTVRTextConditionedSimilarity(nn.Module):
+
+class CrossTVRTextConditionedSimilarity(CrossTVRMeanSimilarity):
     """Stage-1 similarity head "text_conditioned" (TS2-Net's released similarity): a video is its normalised frame
     embeddings, zero rows for padding frames, and a text meets it by [`text_conditioned_frame_similarity`]."""
 
     def __init__(self, config: CrossTVRConfig):
-        super().__init__()
+        super().__init__(config)
         self.scale = config.frame_softmax_scale
 
-    def pool(self, frame_embeds: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    def video_shape(self, num_frames: int) -> tuple[int, ...]:
+        return (num_frames, self.text_dim)
+
+    def pool(
+        self, frame_embeds: torch.Tensor, video_mask: torch.Tensor, frame_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`(batch, frames, dim)` -> `(batch, frames, dim)`, L2-normalised real frames and zero padding frames."""
         return F.normalize(frame_embeds, dim=-1) * video_mask.unsqueeze(-1).to(frame_embeds.dtype)
 
@@ -932,7 +1003,93 @@ class CrossTVRTextConditionedSimilarity(nn.Module):
         return text_conditioned_frame_similarity(text_embeds, video_embeds, self.scale)
 
 
-SIMILARITY_HEAD_CLASSES = {"mean": CrossTVRMeanSimilarity, "text_conditioned": CrossTVRTextConditionedSimilarity}
+class CrossTVRCRETSimilarity(CrossTVRMeanSimilarity):
+    r"""
+    Stage-1 similarity head "cret" (CRET, Ji et al.): the global cosine plus the similarity of local features that
+    cross-modal correspondence modelling (CCM) gathers,
+
+        Z_c = softmax( (Q_c W^Q)(E W^K)^T / sqrt(d_k) ) (E W^V)       per head, for each learnable centre Q_c
+        S_g = cos( mean_t f_t, t )        S_l = 1/C sum_c cos( Z^v_c, Z^t_c )        S = S_g + beta S_l
+
+    where E are a video's projected patch tokens (all real frames) for Z^v and a text's projected word tokens for
+    Z^t, through one attention module shared by the two decoders. Training: L = L_GEES + alpha L_CCM, GEES
+    ([`gees_loss`]) on the global embeddings with each video's frame embeddings as a Gaussian (mean and diagonal
+    variance of the L2-normalised frames; its mean taken normalised, as S_g is a cosine) and L_CCM the symmetric
+    InfoNCE of tau S_l. Choices where the slides are silent: C = `cret_num_centers` centres, combined by averaging
+    their cosines; the centres attend over the patch tokens of every real frame at once; L_CCM symmetric, as CLIP's.
+
+    So that search stays one inner product (an exact matrix product or any FAISS index), a video is stored as
+    [mu_hat ; sqrt(beta / C) Z^v_1..C ; sigma] and a text as [t ; sqrt(beta / C) Z^t_1..C ; 0]: their inner product
+    is S exactly, `(C + 2) * projection_dim` numbers each.
+    """
+
+    reads_tokens = True
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__(config)
+        self.num_centers, self.dim = config.cret_num_centers, config.projection_dim
+        self.local_weight, self.ccm_loss_weight = config.cret_local_weight, config.cret_ccm_loss_weight
+        self.bound = config.cret_gees_bound
+        self.centers = nn.Parameter(torch.zeros(config.cret_num_centers, config.projection_dim))
+        self.attention = nn.MultiheadAttention(config.projection_dim, config.cret_num_heads, batch_first=True)
+        self.text_dim = (config.cret_num_centers + 2) * config.projection_dim
+
+    def correspond(self, tokens: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """CCM's decoder: `(batch, tokens, dim)` with `(batch, tokens)` True at padding -> `(batch, C, dim)` local
+        features, L2-normalised."""
+        queries = self.centers.to(tokens.dtype).unsqueeze(0).expand(len(tokens), -1, -1)
+        local, _ = self.attention(queries, tokens, tokens, key_padding_mask=padding_mask, need_weights=False)
+        return F.normalize(local, dim=-1)
+
+    def _stored(self, global_embeds: torch.Tensor, local: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        return torch.cat([global_embeds, (self.local_weight / self.num_centers) ** 0.5 * local.flatten(1), last], -1)
+
+    def pool(
+        self, frame_embeds: torch.Tensor, video_mask: torch.Tensor, frame_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`(batch, frames, dim)` frame embeddings and `(batch, frames, tokens, dim)` projected patch tokens ->
+        `(batch, (C + 2) * dim)`: [mu_hat ; sqrt(beta / C) Z^v ; sigma]."""
+        weights = video_mask.to(frame_embeds.dtype).unsqueeze(-1)  # (batch, frames, 1)
+        frames = F.normalize(frame_embeds, dim=-1)
+        mean = (frames * weights).sum(dim=1) / weights.sum(dim=1)
+        variance = ((frames - mean.unsqueeze(1)).square() * weights).sum(dim=1) / weights.sum(dim=1)
+        batch, num_frames, num_tokens, dim = frame_tokens.shape
+        padding = (video_mask == 0).unsqueeze(-1).expand(-1, -1, num_tokens).reshape(batch, num_frames * num_tokens)
+        local = self.correspond(frame_tokens.reshape(batch, num_frames * num_tokens, dim), padding)  # (batch, C, dim)
+        return self._stored(F.normalize(mean, dim=-1), local, variance)
+
+    def pool_text(
+        self, text_embeds: torch.Tensor, word_tokens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`(batch, dim)` text embeddings and `(batch, length, dim)` projected word tokens ->
+        `(batch, (C + 2) * dim)`: [t ; sqrt(beta / C) Z^t ; 0]."""
+        if attention_mask is None:
+            attention_mask = torch.ones(word_tokens.shape[:2], dtype=torch.long, device=word_tokens.device)
+        local = self.correspond(word_tokens, attention_mask == 0)
+        return self._stored(text_embeds, local, torch.zeros_like(text_embeds))
+
+    def split(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A stored text or video -> (global `(batch, dim)`, local `(batch, C, dim)` L2-normalised, last block)."""
+        dim, centers = self.dim, self.num_centers
+        local = embeds[:, dim : (centers + 1) * dim].unflatten(1, (centers, dim))
+        return embeds[:, :dim], F.normalize(local, dim=-1), embeds[:, (centers + 1) * dim :]
+
+    def loss(
+        self, text_embeds: torch.Tensor, video_embeds: torch.Tensor, logit_scale: torch.Tensor, positive_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """L = L_GEES + alpha L_CCM on the stored texts and videos (see the class docstring)."""
+        text_global, text_local, _ = self.split(text_embeds)
+        video_mean, video_local, video_variance = self.split(video_embeds)
+        local_similarity = torch.einsum("icd,jcd->ij", text_local, video_local) / self.num_centers  # S_l, (B, B)
+        loss_gees = gees_loss(text_global, video_mean, video_variance, logit_scale, positive_mask, self.bound)
+        return loss_gees + self.ccm_loss_weight * contrastive_loss(logit_scale * local_similarity, positive_mask)
+
+
+SIMILARITY_HEAD_CLASSES = {
+    "mean": CrossTVRMeanSimilarity,
+    "text_conditioned": CrossTVRTextConditionedSimilarity,
+    "cret": CrossTVRCRETSimilarity,
+}
 
 
 class CrossTVRPreTrainedModel(PreTrainedModel):
@@ -998,6 +1155,11 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
                 init.zeros_(projection.bias)
         elif isinstance(module, CrossTVRTextToVideoFusion):
             init.zeros_(module.frame_embeddings)
+        elif isinstance(module, CrossTVRCRETSimilarity):
+            init.normal_(module.centers, std=config.initializer_range)
+        elif isinstance(module, nn.MultiheadAttention):  # CRET's CCM; its output projection is a Linear
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
         elif isinstance(module, Blip2TextEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 
@@ -1027,7 +1189,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.temporal_aggregator = TEMPORAL_AGGREGATOR_CLASSES[config.temporal_aggregator](config)
-        self.similarity_head = SIMILARITY_HEAD_CLASSES[config.similarity_head](config)  # no parameters
+        self.similarity_head = SIMILARITY_HEAD_CLASSES[config.similarity_head](config)
 
         # Stage 2: frozen vision tower, Q-Former based spatial and temporal text attention, matching head.
         if config.share_vision_tower:
@@ -1194,11 +1356,16 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             `torch.FloatTensor` of shape `(batch_size, projection_dim)`.
         """
         self._check_processor_keys(other_inputs, "get_text_features")
-        return self._text_embeds(self._text_tower(input_ids, attention_mask))
+        return self._text_embeds(self._text_tower(input_ids, attention_mask), attention_mask)
 
-    def _text_embeds(self, text_outputs: BaseModelOutputWithPooling) -> torch.Tensor:
-        """The text tower's pooled (EOS) state, projected and L2-normalised: `(batch, projection_dim)`."""
-        return F.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
+    def _text_embeds(self, text_outputs: BaseModelOutputWithPooling, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The text tower's pooled (EOS) state, projected and L2-normalised, `(batch, projection_dim)`, as the
+        similarity head stores a text (with "cret", also from the projected word tokens)."""
+        text_embeds = F.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
+        if not self.similarity_head.reads_tokens:
+            return text_embeds
+        word_tokens = self.text_projection(text_outputs.last_hidden_state)  # (batch, length, projection_dim)
+        return self.similarity_head.pool_text(text_embeds, word_tokens, attention_mask)
 
     def _vision_tower_tokens(
         self, vision_model: nn.Module, pixel_values: torch.Tensor, video_mask: torch.Tensor | None, **tower_kwargs
@@ -1225,8 +1392,9 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         tower's output."""
         tokens, outputs = self._vision_tower_tokens(self.vision_model, pixel_values, video_mask, **tower_kwargs)
         video_mask = self._video_mask(video_mask, *pixel_values.shape[:2], pixel_values.device)
-        frame_embeds = self.temporal_aggregator(self.visual_projection(tokens), video_mask)  # (batch, frames, dim)
-        video_embeds = self.similarity_head.pool(frame_embeds, video_mask)
+        projected = self.visual_projection(tokens)  # (batch, frames, tokens, dim)
+        frame_embeds = self.temporal_aggregator(projected, video_mask)  # (batch, frames, dim)
+        video_embeds = self.similarity_head.pool(frame_embeds, video_mask, projected)
         if not with_tokens:
             vision_tokens = None
         elif self.fine_vision_model is None:
@@ -1786,7 +1954,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         r"""
         Training losses on a batch of (text_i, video_i) pairs.
 
-        - Stage 1, always: symmetric InfoNCE on the temperature-scaled similarities (see [`contrastive_loss`]).
+        - Stage 1, always: the similarity head's loss — symmetric InfoNCE on the temperature-scaled similarities (see
+          [`contrastive_loss`]), or with "cret" L_GEES + alpha L_CCM (see [`CrossTVRCRETSimilarity`]).
         - Stage 2, when `qformer_input_ids` is given: for every text a hard negative video and for every video a hard
           negative text are sampled from the stage-1 similarities (see [`sample_hard_negatives`]), and the matching
           head is trained with cross-entropy on the B positive and 2B negative pairs (see [`matching_pairs`]).
@@ -1834,7 +2003,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         switches = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         tower_kwargs = {key: value for key, value in switches.items() if value is not None}
         text_outputs = self._text_tower(input_ids, attention_mask, **tower_kwargs)
-        text_embeds = self._text_embeds(text_outputs)
+        text_embeds = self._text_embeds(text_outputs, attention_mask)
         vision_outputs = None
         if video_embeds is None:
             video_embeds, tokens, vision_outputs = self._encode_video(
@@ -1860,7 +2029,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         else:
             all_video_ids = gather_data(video_ids)
             positive_mask = all_video_ids.unsqueeze(1) == all_video_ids.unsqueeze(0)
-        loss_contrastive = contrastive_loss(logits_per_text, positive_mask)
+        loss_contrastive = self.similarity_head.loss(all_text_embeds, all_video_embeds, logit_scale, positive_mask)
         loss, loss_matching, loss_listwise, matching_logits, matching_labels = loss_contrastive, None, None, None, None
 
         if qformer_input_ids is not None:

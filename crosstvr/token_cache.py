@@ -38,9 +38,9 @@ from .video_store import (
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# What the cached values depend on: the stage-1 video path and the stage-2 tower (not the fine module, which stage 2
-# trains, so that ablations of the fine module share one cache).
-CACHED_MODULES = ("vision_model", "visual_projection", "temporal_aggregator", "fine_vision_model")
+# What the cached values depend on: the stage-1 video path (the similarity head included) and the stage-2 tower (not
+# the fine module, which stage 2 trains, so that ablations of the fine module share one cache).
+CACHED_MODULES = ("vision_model", "visual_projection", "temporal_aggregator", "similarity_head", "fine_vision_model")
 CACHED_CONFIG_KEYS = (
     "vision_config",
     "fine_vision_config",
@@ -51,6 +51,11 @@ CACHED_CONFIG_KEYS = (
     "token_shift_fold_div",
     "coarse_num_selected_patches",
     "share_vision_tower",
+    # How the similarity head stores a video (its shape, and CRET's local features).
+    "similarity_head",
+    "cret_num_centers",
+    "cret_num_heads",
+    "cret_local_weight",
 )
 
 

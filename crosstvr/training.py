@@ -40,7 +40,6 @@ from .modeling_crosstvr import (
     STAGE_TWO_TRAINABLE_MODULES,
     CrossTVRModel,
     all_gather_no_grad,
-    contrastive_loss,
     listwise_matching_loss,
     matching_pair_inputs,
     sample_hard_negatives,
@@ -469,7 +468,8 @@ def global_batch_backward(
     that the gradients equal those of one device holding it (what the paper's batch of 128 on one GPU computes).
 
     - Stage 1, by gradient caching (GradCache, Gao et al., 2021): every micro-batch is embedded without a graph; the
-      symmetric InfoNCE of the global batch is computed on the gathered embeddings E and differentiated with respect
+      similarity head's loss of the global batch (symmetric InfoNCE; CRET's L_GEES + alpha L_CCM) is computed on the
+      gathered embeddings E and differentiated with respect
       to E (and the temperature); then each micro-batch is embedded again with its graph, replaying its random state
       (token selection draws noise), and dL/dE of its rows is back-propagated through it.
     - Stage 2: stage 1 is frozen, so only the negatives need the global batch: they are drawn from the stage-1
@@ -505,8 +505,7 @@ def global_batch_backward(
             all_text = torch.cat([all_text[: own.start], local_text, all_text[own.stop :]])
             all_video = torch.cat([all_video[: own.start], local_video, all_video[own.stop :]])
             logit_scale = unwrapped.logit_scale.exp().clamp(max=100)  # scales the texts, as `forward` does
-            logits_per_text = unwrapped.get_similarity(logit_scale * all_text, all_video)
-            loss = contrastive_loss(logits_per_text, positive_mask)
+            loss = unwrapped.similarity_head.loss(all_text, all_video, logit_scale, positive_mask)
             accelerator.backward(loss)
             # Every process computed the temperature's gradient of the same global loss: count it once in the sum.
             for parameter in parameters:

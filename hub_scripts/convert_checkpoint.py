@@ -22,7 +22,9 @@ What comes from where (every weight of the new model is listed in the printed ta
 - New: the token selectors and the frame position embeddings (zero).
 
 `--similarity-head text_conditioned` gives stage 1 TS2-Net's released similarity (a text against every frame, pooled
-by a softmax over the frames; nothing new to initialise). `--fine-module t2v2t` builds T2V2T fusion as the fine module instead of CrossTVR's decoupled attention (`--naive-t2v2t`
+by a softmax over the frames; nothing new to initialise); `--similarity-head cret` gives CRET's (global cosine plus
+the local similarity of features its learnable query centres gather from the patch and word tokens; the centres and
+their attention are new). `--fine-module t2v2t` builds T2V2T fusion as the fine module instead of CrossTVR's decoupled attention (`--naive-t2v2t`
 for its no-bypass ablation). From BLIP-2 it takes the Q-Former, its text embeddings and the matching head (as for
 CrossTVR, less the query tokens, which T2V2T has none of); the text-to-video fusion block (its text projection,
 cross-attention and feed-forward at the stage-2 tower's width) is new, and its frame embeddings start at zero.
@@ -298,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and values, or keep them and learn a projection of the tower's tokens")
     parser.add_argument("--temporal-aggregator", default="token_shift_select",
                         choices=("mean", "transformer", "token_shift_select"))
-    parser.add_argument("--similarity-head", choices=("mean", "text_conditioned"), default="mean",
-                        help="stage 1: cosine with the mean of the frames, or TS2-Net's text-conditioned softmax over "
-                        "the frames' cosines (its released similarity)")
+    parser.add_argument("--similarity-head", choices=("mean", "text_conditioned", "cret"), default="mean",
+                        help="stage 1: cosine with the mean of the frames, TS2-Net's text-conditioned softmax over "
+                        "the frames' cosines (its released similarity), or CRET's global cosine plus its CCM local "
+                        "similarity (trained with GEES)")
     parser.add_argument("--temporal-layers", type=int, default=4, help="layers of the temporal transformer")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="the paper's frames / words / temporal positions for a benchmark (explicit options win): "

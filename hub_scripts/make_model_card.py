@@ -191,11 +191,12 @@ def build_card(
         repo_id=repo_id,
         variant_name=variant.capitalize(),
         stage1_description=aggregator,
-        stage1_similarity=(
-            "cosine similarity"
-            if config.get("similarity_head", "mean") == "mean"
-            else "TS2-Net's text-conditioned softmax pooling of its frames' cosine similarities"
-        ),
+        stage1_similarity={
+            "mean": "cosine similarity",
+            "text_conditioned": "TS2-Net's text-conditioned softmax pooling of its frames' cosine similarities",
+            "cret": "CRET's global cosine plus the local similarity of the features its query centres gather from the "
+            "patch and word tokens (trained with GEES)",
+        }[config.get("similarity_head", "mean")],
         stage1_towers=f"CLIP ViT, {vision.get('image_size')} px, patch {vision.get('patch_size')}, width {vision.get('hidden_size')}",
         stage2_tower=(
             f"BLIP-2 EVA ViT-g (width {fine_tower.get('hidden_size')})"

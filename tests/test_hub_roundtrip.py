@@ -66,9 +66,9 @@ def saved(tester, tmp_path, request):
 
 @pytest.mark.parametrize(
     "saved",
-    [{}, {"fine_module": "t2v2t"}, {"similarity_head": "text_conditioned"}],
+    [{}, {"fine_module": "t2v2t"}, {"similarity_head": "text_conditioned"}, {"similarity_head": "cret"}],
     indirect=True,
-    ids=["crosstvr", "t2v2t", "text_conditioned"],
+    ids=["crosstvr", "t2v2t", "text_conditioned", "cret"],
 )
 def test_checkpoint_loads_with_remote_code_and_gives_identical_outputs(saved, media_dir, tmp_path):
     model, processor, checkpoint = saved

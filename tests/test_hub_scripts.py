@@ -480,3 +480,12 @@ def test_model_card_links_the_space(tmp_path):
     assert "https://huggingface.co/spaces/someone/search" in output.read_text()
     make_model_card.main([str(folder), "--repo-id", "someone/x", "--output", str(output)])
     assert "huggingface.co/spaces" not in output.read_text() and "crosstvr serve INDEX" in output.read_text()
+
+
+def test_cret_conversion_initialises_the_centres_and_their_attention(sources, tmp_path):
+    report = run_conversion(sources, tmp_path / "cret", "--blip2", str(sources["root"] / "blip2"), "--stage2-tower",
+                            "blip2", "--temporal-aggregator", "mean", "--similarity-head", "cret")
+    new = {name for name, origin in report["weights"].items() if origin.startswith("new")}
+    assert {"similarity_head.centers", "similarity_head.attention.in_proj_weight"} <= new
+    model = AutoModel.from_pretrained(tmp_path / "cret", trust_remote_code=True)
+    assert model.config.similarity_head == "cret" and model.similarity_head.centers.abs().sum() > 0

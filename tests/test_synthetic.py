@@ -121,7 +121,8 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
             assert (again / path).read_bytes() == (tmp_path / path).read_bytes(), path
     table = report["summary"]["table"]
     assert set(table) == {"stage1", "spatial", "temporal", "shared", "separate", "t2v2t", "naive_t2v2t",
-                          "t2v2t_differences", "stage1_ts2net_similarity", "shared_on_ts2net_similarity"}
+                          "t2v2t_differences", "stage1_ts2net_similarity", "shared_on_ts2net_similarity",
+                          "stage1_cret", "shared_on_cret"}
     for row in table.values():
         mean, std = row["t2v_R1"]
         assert 0 <= mean <= 100 and std >= 0
@@ -133,6 +134,7 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     assert "+ spatial & temporal, shared (CrossTVR)" in markdown and "| 19 |" in markdown
     assert "| + T2V2T fusion (bypass) |" in markdown and "| + naive T2V2T (no bypass) |" in markdown
     assert "| Stage 1 with TS2-Net's text-conditioned frame similarity |" in markdown
+    assert "| Stage 1 with CRET's similarity (CCM + GEES) |" in markdown
     assert "validation split" in markdown and "in_batch_negatives_only" in markdown
     assert (tmp_path / "depth_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert '"benchmark": "synthetic"' in capsys.readouterr().out

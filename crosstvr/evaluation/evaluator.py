@@ -57,8 +57,7 @@ def shard_bounds(length: int, num_shards: int, shard_index: int) -> slice:
 
 def _no_video_embeds(model: CrossTVRModel) -> torch.Tensor:
     """The stage-1 embeddings of no video, as the model's similarity head shapes them, so that shards concatenate."""
-    frames = torch.empty(0, model.config.num_frames, model.config.projection_dim)
-    return model.similarity_head.pool(frames, torch.empty(0, model.config.num_frames, dtype=torch.long))
+    return torch.empty(0, *model.similarity_head.video_shape(model.config.num_frames))
 
 
 def concatenate_splits(parts: list[EncodedSplit]) -> EncodedSplit:
@@ -73,7 +72,7 @@ def encode_texts(
     """Stage-1 embeddings (on the CPU) and Q-Former tokens of `captions`."""
     if not captions:
         empty = torch.empty(0, dtype=torch.long)
-        return torch.empty(0, model.config.projection_dim), empty, empty
+        return torch.empty(0, model.similarity_head.text_dim), empty, empty
     embeds, qformer_ids, qformer_masks = [], [], []
     for start in tqdm(range(0, len(captions), batch_size), desc="encoding texts", disable=not progress):
         text = processor(text=captions[start : start + batch_size])
