@@ -454,9 +454,17 @@ def test_stage_two_trains_with_stage_one_top_k_negatives(workspace, tmp_path, pe
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_bf16_mixed_precision_training(workspace, tmp_path, monkeypatch, stage, device):
+    from accelerate.state import AcceleratorState
+
     if device == "cpu":
         monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    final = train(arguments(workspace, tmp_path / "run", stage=stage, max_steps=3, mixed_precision="bf16"))
+    # accelerate keeps one process-wide state, which refuses another mixed precision than its first: start from none
+    # and leave none behind for the tests that train in float32.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        final = train(arguments(workspace, tmp_path / "run", stage=stage, max_steps=3, mixed_precision="bf16"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     logs = [json.loads(line) for line in open(tmp_path / "run" / "logs.jsonl")]
     losses = torch.tensor([record["train/loss"] for record in logs if "train/loss" in record])
     assert len(losses) == 3 and torch.isfinite(losses).all()
