@@ -91,27 +91,24 @@ def build_model(geometry: str, device: str, fine_module: str = "crosstvr", dtype
     if geometry == "tiny":
         model, processor = build_tiny_model(seed=0, fine_module=fine_module)
     else:
+        from transformers import CLIPImageProcessorPil
+
         torch.manual_seed(0)
         # The defaults are the paper's Base geometry.
         model = CrossTVRModel(CrossTVRConfig(fine_module=fine_module)).eval()
+        tiny = build_tiny_processor()  # its tokenizers: token ids are random here, only lengths matter
+        processor = CrossTVRProcessor(
+            CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+            tiny.tokenizer,
+            tiny.qformer_tokenizer,
+            num_frames=model.config.num_frames,
+            max_text_length=32,
+        )
     if dtype != torch.float32:
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             model = CrossTVRModel.from_pretrained(folder, dtype=dtype).eval()
-    model = model.to(device)
-    if geometry == "tiny":
-        return model, processor
-    from transformers import CLIPImageProcessorPil
-
-    tiny = build_tiny_processor()  # its tokenizers: token ids are random here, only lengths matter
-    processor = CrossTVRProcessor(
-        CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
-        tiny.tokenizer,
-        tiny.qformer_tokenizer,
-        num_frames=model.config.num_frames,
-        max_text_length=32,
-    )
-    return model, processor
+    return model.to(device), processor
 
 
 def _sync(device: str) -> None:

@@ -157,12 +157,14 @@ STEP_RECORD = "benchmark_step.json"
 def _digest_files(digest, paths: list[str]) -> None:
     """Feed the bytes of every file under `paths` (files or folders), in sorted order with their relative names."""
     for path in paths:
-        files = [path] if os.path.isfile(path) else sorted(
-            os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
-        )
-        for name in files:
-            digest.update(os.path.relpath(name, path if os.path.isdir(path) else os.path.dirname(path)).encode())
-            with open(name, "rb") as file:
+        if os.path.isfile(path):
+            files = [(os.path.basename(path), path)]
+        else:
+            files = sorted((os.path.relpath(os.path.join(folder, name), path), os.path.join(folder, name))
+                           for folder, _, names in os.walk(path) for name in names)
+        for relative, full in files:
+            digest.update(relative.encode())
+            with open(full, "rb") as file:
                 for block in iter(lambda: file.read(1 << 20), b""):
                     digest.update(block)
 

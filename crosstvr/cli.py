@@ -70,13 +70,9 @@ def index(args: argparse.Namespace) -> int:
 
 
 def search(args: argparse.Namespace) -> int:
-    from .indexing import VideoIndex, read_index_settings, write_contact_sheet
+    from .indexing import VideoIndex, write_contact_sheet
 
-    model, processor = (None, None)
-    if args.model:
-        dtype = (read_index_settings(args.index) or {}).get("dtype")  # the precision the index was built in
-        model, processor = load_model(args.model, device=args.device, dtype=dtype)
-    video_index = VideoIndex.open(args.index, model, processor, device=args.device)
+    video_index = VideoIndex.open(args.index, device=args.device, model_name=args.model)
     try:
         result = video_index.search(args.query, k=args.k, top_k_rerank=args.top_k_rerank, rerank=not args.no_rerank,
                                     nprobe=args.nprobe, ef_search=args.ef_search)

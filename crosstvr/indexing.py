@@ -309,16 +309,17 @@ class VideoIndex:
         model: CrossTVRModel | None = None,
         processor: CrossTVRProcessor | None = None,
         device: str | torch.device | None = None,
+        model_name: str | None = None,
     ) -> "VideoIndex":
-        """Open an existing index, loading the model it was built with (in the precision it was built in, on
-        `device`: see `crosstvr.loading.resolve_device`) unless one is given."""
+        """Open an existing index. Unless a model is given, load `model_name` (default: the model the index was built
+        with) in the precision the index was built in, on `device` (see `crosstvr.loading.resolve_device`)."""
         settings = read_index_settings(index_dir)
         if settings is None:
             raise FileNotFoundError(f"{os.fspath(index_dir)} is not a video index (no {CATALOG}); build one first")
-        model_name = settings["model_name"]
         if model is None:
-            model, processor = load_model(model_name, device=device, dtype=settings.get("dtype"))
-        return cls(index_dir, model, processor, model_name)
+            name = settings["model_name"] if model_name is None else model_name
+            model, processor = load_model(name, device=device, dtype=settings.get("dtype"))
+        return cls(index_dir, model, processor, settings["model_name"])
 
     @classmethod
     def build(
@@ -350,11 +351,12 @@ class VideoIndex:
             )
         if settings["model"] != self.fingerprint["model"]:
             recorded = settings.get("model_name") or "the embedded default model"
-            if settings.get("dtype", "float32") != _dtype_name(self.model):
+            dtype = settings.get("dtype", "float32")  # indexes from before the setting: float32
+            if dtype != _dtype_name(self.model):
                 raise IndexMismatchError(
-                    f"{self.index_dir} was indexed with the model in {settings.get('dtype', 'float32')}, and this one "
-                    f"is in {_dtype_name(self.model)}; load it with dtype={settings.get('dtype', 'float32')} "
-                    "(--dtype on the command line), or rebuild the index (a new --index folder)"
+                    f"{self.index_dir} was indexed with the model in {dtype}, and this one is in "
+                    f"{_dtype_name(self.model)}; load it with dtype={dtype} (--dtype on the command line), or rebuild "
+                    "the index (a new --index folder)"
                 )
             raise IndexMismatchError(
                 f"{self.index_dir} was indexed with another model ({recorded}); search it with that model, or "

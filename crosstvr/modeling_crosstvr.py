@@ -974,11 +974,19 @@ class CrossTVRMeanSimilarity(nn.Module):
         return text_embeds @ video_embeds.t()
 
     def loss(
-        self, text_embeds: torch.Tensor, video_embeds: torch.Tensor, logit_scale: torch.Tensor, positive_mask: torch.Tensor
+        self,
+        text_embeds: torch.Tensor,
+        video_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        positive_mask: torch.Tensor,
+        logits_per_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Symmetric InfoNCE ([`contrastive_loss`]) of the temperature-scaled similarities; the temperature scales
-        the texts before they meet the videos (the heads are linear in the text)."""
-        return contrastive_loss(self(logit_scale * text_embeds, video_embeds), positive_mask)
+        """Symmetric InfoNCE ([`contrastive_loss`]) of the temperature-scaled similarities `logits_per_text` (computed
+        here when not given); the temperature scales the texts before they meet the videos (the heads are linear in
+        the text)."""
+        if logits_per_text is None:
+            logits_per_text = self(logit_scale * text_embeds, video_embeds)
+        return contrastive_loss(logits_per_text, positive_mask)
 
 
 class CrossTVRTextConditionedSimilarity(CrossTVRMeanSimilarity):
@@ -1075,9 +1083,15 @@ class CrossTVRCRETSimilarity(CrossTVRMeanSimilarity):
         return embeds[:, :dim], F.normalize(local, dim=-1), embeds[:, (centers + 1) * dim :]
 
     def loss(
-        self, text_embeds: torch.Tensor, video_embeds: torch.Tensor, logit_scale: torch.Tensor, positive_mask: torch.Tensor
+        self,
+        text_embeds: torch.Tensor,
+        video_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        positive_mask: torch.Tensor,
+        logits_per_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """L = L_GEES + alpha L_CCM on the stored texts and videos (see the class docstring)."""
+        """L = L_GEES + alpha L_CCM on the stored texts and videos (see the class docstring); the similarities
+        `logits_per_text` play no part."""
         text_global, text_local, _ = self.split(text_embeds)
         video_mean, video_local, video_variance = self.split(video_embeds)
         local_similarity = torch.einsum("icd,jcd->ij", text_local, video_local) / self.num_centers  # S_l, (B, B)
@@ -2029,7 +2043,9 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         else:
             all_video_ids = gather_data(video_ids)
             positive_mask = all_video_ids.unsqueeze(1) == all_video_ids.unsqueeze(0)
-        loss_contrastive = self.similarity_head.loss(all_text_embeds, all_video_embeds, logit_scale, positive_mask)
+        loss_contrastive = self.similarity_head.loss(
+            all_text_embeds, all_video_embeds, logit_scale, positive_mask, logits_per_text
+        )
         loss, loss_matching, loss_listwise, matching_logits, matching_labels = loss_contrastive, None, None, None, None
 
         if qformer_input_ids is not None:

@@ -1,14 +1,10 @@
 """CRET as stage 1's similarity head (`similarity_head="cret"`): the stored vectors, the GEES bound against a
-Monte-Carlo estimate of the expectation it bounds, the losses, gradient caching and the index."""
-
-import os
-import subprocess
-import sys
+Monte-Carlo estimate of the expectation it bounds, the losses and the index (gradient caching:
+`tests/test_similarity_head.py`)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from crosstvr import CrossTVRConfig
 from crosstvr.default_model import build_tiny_model
@@ -17,7 +13,6 @@ from crosstvr.modeling_crosstvr import contrastive_loss, gees_loss
 from crosstvr.synthetic import write_sample_library
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRET = {"similarity_head": "cret", "cret_num_centers": 3, "cret_num_heads": 4, "cret_local_weight": 0.5}
 
 
@@ -121,20 +116,6 @@ def test_the_training_loss_is_gees_plus_alpha_ccm(tester):
     outputs.loss.backward()
     for parameter in (head.centers, head.attention.in_proj_weight, model.text_projection.weight, model.logit_scale):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
-
-
-def test_gradient_caching_computes_the_gradients_of_one_batch(tmp_path):
-    script = os.path.join(ROOT, "tests", "scripts", "distributed_losses.py")
-    grads = {}
-    for micro_batches in (1, 2):
-        output = tmp_path / f"{micro_batches}.safetensors"
-        result = subprocess.run([sys.executable, script, str(output), "1", str(micro_batches), "cret"],
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        grads[micro_batches] = load_file(output)
-    assert set(grads[1]) == set(grads[2]) and "grad/similarity_head.centers" in grads[1]
-    for name, value in grads[1].items():
-        torch.testing.assert_close(grads[2][name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("faiss_index", [None, "hnsw"])

@@ -97,19 +97,22 @@ def test_model_with_the_text_conditioned_head(tester):
     assert retrieval.text_to_video.ranking.shape == (3, 3)
 
 
-def test_gradient_caching_computes_the_gradients_of_one_batch(tmp_path):
-    # Stage 1's accumulated micro-batches (gradient caching) against one batch, with the frame-level head.
+@pytest.mark.parametrize("head, own_gradient", [("text_conditioned", "grad/visual_projection.weight"),
+                                                ("cret", "grad/similarity_head.centers")])
+def test_gradient_caching_computes_the_gradients_of_one_batch(tmp_path, head, own_gradient):
+    # Stage 1's accumulated micro-batches (gradient caching) against one batch, with the frame-level head and with
+    # CRET's (whose loss is GEES + CCM).
     script = os.path.join(ROOT, "tests", "scripts", "distributed_losses.py")
     grads = {}
     for micro_batches in (1, 2):
         output = tmp_path / f"{micro_batches}.safetensors"
         result = subprocess.run(
-            [sys.executable, script, str(output), "1", str(micro_batches), "text_conditioned"],
+            [sys.executable, script, str(output), "1", str(micro_batches), head],
             capture_output=True, text=True, timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         grads[micro_batches] = load_file(output)
-    assert set(grads[1]) == set(grads[2]) and "grad/visual_projection.weight" in grads[1]
+    assert set(grads[1]) == set(grads[2]) and own_gradient in grads[1]
     for name, value in grads[1].items():
         torch.testing.assert_close(grads[2][name], value, atol=1e-5, rtol=1e-4, msg=name)
 
