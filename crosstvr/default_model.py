@@ -120,6 +120,12 @@ def build_tiny_eva_dual_encoder(processor: CrossTVRProcessor, patch_size: int = 
     family `--stage2-tower blip2` converts) paired with a CLIP text tower in a `VisionTextDualEncoderModel`, random
     weights. Its patches are finer than stage 1's (8 px: a frame is 8 x 8 patches), so that small details such as the
     synthetic scenes' 4-pixel dot fill a good part of a patch.
+
+    Its weights are drawn at the width's scale (`initializer_range = WIDTH**-0.5`, as the tiny Q-Former's).
+    `Blip2VisionConfig` defaults to 1e-10, which suits a tower that is always loaded from a checkpoint; trained from
+    it, every weight starts at about zero and the tower hardly learns: supervised on "is the dot visible" its loss
+    stayed at the class prior for 300 steps, and after contrastive pre-training its frame embeddings of two frames
+    that differ only in the dot's colour had a cosine of 1.0000.
     """
     from transformers import Blip2VisionConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
@@ -133,6 +139,7 @@ def build_tiny_eva_dual_encoder(processor: CrossTVRProcessor, patch_size: int = 
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
         patch_size=patch_size,
+        initializer_range=WIDTH**-0.5,
     )
     text_config = CLIPTextConfig(**_tiny_clip_text_config(processor.tokenizer))
     return VisionTextDualEncoderModel(

@@ -90,6 +90,29 @@ def test_missing_images_are_all_listed(benchmark, tmp_path):
         load_image_text_records(str(path), benchmark)
 
 
+def test_a_fresh_eva_style_tower_sees_a_small_detail():
+    """Trained from scratch, the tower must start at a scale where a 4-pixel dot changes its tokens: with
+    Blip2VisionConfig's default initialisation (1e-10) every weight is about zero, every token is about zero, and
+    pre-training hardly moves them."""
+    from dataclasses import replace
+
+    from crosstvr.synthetic import render_scene
+
+    processor = build_tiny_processor()
+    scene = scene_groups(1, seed=4)[0]["base"]
+    other_dot = replace(scene, dot_colour="black" if scene.dot_colour != "black" else "purple")
+    frames = [render_scene(s, num_frames=12)[5] for s in (scene, other_dot)]  # the dot is visible in frame 5
+    pixel_values = processor.image_processor(images=frames, return_tensors="pt")["pixel_values"]
+    torch.manual_seed(0)
+    tower = build_tiny_eva_dual_encoder(processor).vision_model.eval()
+    with torch.no_grad():
+        tokens = tower(pixel_values=pixel_values).last_hidden_state  # (2, 1 + patches, width)
+    # The tokens leave a LayerNorm: norm about sqrt(width) when the tower is alive, about 0 when its weights are.
+    assert tokens.norm(dim=-1).mean() > 0.5 * tokens.shape[-1] ** 0.5
+    change = (tokens[0] - tokens[1]).norm(dim=-1)  # (1 + patches,)
+    assert change.max() > 0.05 * tokens.shape[-1] ** 0.5
+
+
 def test_blip2_losses_train_the_qformer_over_a_frozen_tower():
     processor = build_tiny_processor()
     torch.manual_seed(0)
