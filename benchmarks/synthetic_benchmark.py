@@ -12,7 +12,8 @@ regime step by step in miniature:
    layout (train 600 videos x 3 captions, val 100, test 200; 6 frames of 64 px per video), and the decoded frames of
    the training videos with captions of what each frame shows.
 1. Image-text pre-training (`crosstvr.pretraining`), shared by all seeds like the public checkpoints of the paper
-   (each with its own fixed seed), in batches of near-duplicate frames (whole scene groups):
+   (each with its own fixed seed), in batches of near-duplicate frames (the same frame of a scene group's four videos,
+   which differ only in the detail, as the frame captions' "group" says):
    a. a tiny CLIP (16 px patches): the stage-1 towers' start, as OpenAI's CLIP is the paper's;
    b. a tiny EVA-style tower (BLIP-2's `Blip2VisionModel`, 8 px patches) with a text tower: the miniature of EVA-CLIP;
    c. BLIP-2's first stage over that frozen tower (ITC + ITM with hard negatives, uniform negatives first), saved as a
@@ -37,8 +38,8 @@ Every seed reruns steps 2-5 (the data and the pre-trained parts are fixed); the 
 deviation over seeds and go to `<output>/results.md`, `results.json` and `depth_sweep.png`. `--ship-default` copies the
 full model of the seed that gains most T2V R@1 on the validation split, with its test results and a model card, to
 `crosstvr/default_checkpoint/` (the embedded default); `--ship-from RUN` does the same for a finished run without
-training. `--budget long` trains longer (pre-training and 1,200 stage-2 steps; 136 min measured on 2 cores with other
-work beside it). `--smoke` runs the whole recipe at toy sizes. Runs are reproducible: every step is seeded, runs
+training. `--budget long` trains longer (pre-training and 1,200 stage-2 steps; not measured since the tower's
+initialisation was fixed). `--smoke` runs the whole recipe at toy sizes. Runs are reproducible: every step is seeded, runs
 single-threaded work in a fixed number of threads, and reads no state from the environment (see the README). Runs
 resume: the same command on the same `--output` reuses every finished (pre-)training whose settings, inputs and code are
 unchanged (`_resumable`).
@@ -106,11 +107,12 @@ FUSION_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 FULL_SETTINGS = {
     "groups": (150, 25, 50),
     "clip_steps": 500,
-    "tower_steps": 900,
-    "qformer_steps": 900,
-    "qformer_uniform_steps": 225,
+    "tower_steps": 2000,
+    "tower_learning_rate": 1e-3,
+    "qformer_steps": 3000,
+    "qformer_uniform_steps": 500,
     "pretrain_batch": 64,
-    "images_per_group": 16,
+    "images_per_group": 4,
     "stage1_epochs": 4,
     "stage2_steps": 250,
     "stage2_learning_rate": 5e-4,
@@ -122,19 +124,20 @@ SETTINGS = {
     "long": {
         **FULL_SETTINGS,
         "clip_steps": 600,
-        "tower_steps": 1000,
-        "qformer_steps": 1000,
-        "qformer_uniform_steps": 250,
+        "tower_steps": 3000,
+        "qformer_steps": 5000,
+        "qformer_uniform_steps": 800,
         "stage2_steps": 1200,
     },
     "smoke": {
         "groups": (4, 1, 2),
         "clip_steps": 2,
         "tower_steps": 2,
+        "tower_learning_rate": 1e-3,
         "qformer_steps": 3,
         "qformer_uniform_steps": 1,
         "pretrain_batch": 16,
-        "images_per_group": 8,
+        "images_per_group": 4,
         "stage1_epochs": 1,
         "stage2_steps": 2,
         "stage2_learning_rate": 5e-4,
@@ -321,7 +324,7 @@ def pretrain_parts(work: str, data: str, settings: dict) -> tuple[str, str]:
     torch.manual_seed(PRETRAIN_SEED)
     tower_dir = _pretrain(work, "tower", build_tiny_eva_dual_encoder(processor), processor.tokenizer, data,
                           frame_captions, settings, task="contrastive", steps=settings["tower_steps"],
-                          learning_rate=3e-4)
+                          learning_rate=settings["tower_learning_rate"])
     timings["tower"] = time.perf_counter() - started
     started = time.perf_counter()
     tower = VisionTextDualEncoderModel.from_pretrained(tower_dir).vision_model

@@ -1,6 +1,7 @@
 """Why the re-ranker does or does not beat stage 1 on the synthetic benchmark: per kind of fine detail.
 
     python benchmarks/synthetic_diagnostics.py [--output runs/synthetic] [--seed 0] [--split test] [--model shared]
+    python benchmarks/synthetic_diagnostics.py --output runs/synthetic --pretrained [--split val]
 
 Reads what `synthetic_benchmark.py` left in `--output` (the data and the seed's model of the row `--model` names:
 `shared`, CrossTVR, by default; any other trained row, e.g. `t2v2t` of `--systems`) and measures, for
@@ -11,6 +12,12 @@ each kind of hard negative (the dot's colour, a movement's direction, the order 
   cannot see the detail at all);
 - within-group accuracy: for each caption, whether its own video scores highest among the four videos of its group,
   by stage 1 (cosine) and by stage 2 (s_fine) — chance is 25 %.
+
+With `--pretrained`, the pre-trained parts instead (`<output>/pretrained/tower`, the dual encoder whose vision tower
+becomes stage 2's, and `<output>/pretrained/blip2`, the Q-Former's ITM head over it), on single frames of the split
+(train or val; the test split has no frame captions): for every frame whose caption differs from the same frame of a
+near duplicate, whether the frame's own caption scores it above the near duplicate's frame, and the other way round
+(pairwise accuracy, chance 50 %), per kind of detail. This shows where a detail is lost before the video stages.
 
 Prints a table and one JSON line.
 """
@@ -32,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="test")
     parser.add_argument("--model", default="shared", help="the row whose stage-2 model to read (a folder of the seed)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="probe the pre-trained tower and Q-Former on single frames instead of a trained row")
     args = parser.parse_args(argv)
+    if args.pretrained:
+        return probe_pretrained(args.output, args.split)
 
     from crosstvr import CrossTVRModel, CrossTVRProcessor
 
@@ -96,6 +107,82 @@ def main(argv: list[str] | None = None) -> int:
                        ("stage2_within_group_accuracy", "stage 2 within-group accuracy")):
         print(f"| {label} | " + " | ".join(f"{100 * report[key][n]:.0f} %" for n in ("base", *VARIANTS)) + " |")
     print(json.dumps({"benchmark": "synthetic_diagnostics", **report}))
+    return 0
+
+
+def _load_pretrained(name: str, folder: str) -> tuple:
+    """The pre-trained part `name` ("tower": the dual encoder; "blip2": the Q-Former's ITM) with its preprocessors."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForImageTextRetrieval, VisionTextDualEncoderModel
+
+    model_class = VisionTextDualEncoderModel if name == "tower" else Blip2ForImageTextRetrieval
+    return (model_class.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder),
+            AutoImageProcessor.from_pretrained(folder))
+
+
+def _frame_scores(part: tuple, images: list, captions: list[str]) -> "torch.Tensor":
+    """`(captions, images)` scores of a pre-trained part: the dual encoder's cosine logits, or the log-odds of
+    BLIP-2's ITM head."""
+    from transformers import VisionTextDualEncoderModel
+
+    from crosstvr.default_model import MAX_TEXT_LENGTH
+
+    model, tokenizer, image_processor = part
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    text = tokenizer(captions, padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt")
+    if isinstance(model, VisionTextDualEncoderModel):
+        return model(**text, pixel_values=pixel_values).logits_per_text
+    rows = []
+    for index in range(len(captions)):  # caption `index` against every image
+        logits = model(pixel_values=pixel_values, input_ids=text["input_ids"][index].expand(len(images), -1),
+                       attention_mask=text["attention_mask"][index].expand(len(images), -1),
+                       use_image_text_matching_head=True).logits_per_image  # (images, 2)
+        rows.append(logits[:, 1] - logits[:, 0])
+    return torch.stack(rows)
+
+
+def probe_pretrained(output: str, split: str) -> int:
+    """`--pretrained`: pairwise frame-level accuracy of the pre-trained tower and Q-Former, per kind of detail."""
+    from PIL import Image
+
+    from crosstvr.pretraining import register_blip2_vision_tower
+
+    register_blip2_vision_tower()
+    data = os.path.join(output, "data")
+    path = os.path.join(data, "annotations", f"frame_captions_{split}.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--pretrained --split {split}: no frame captions at {path} (only train and val have them)")
+    with open(path) as file:
+        records = json.load(file)
+    with open(os.path.join(data, "annotations", "scenes.json")) as file:
+        scenes = json.load(file)
+    frames = {}  # (scene group, frame index) -> {variant: record}
+    for record in records:
+        video_id, index = record["image_id"].split("/")
+        frames.setdefault((scenes[video_id]["group"], index), {})[scenes[video_id]["variant"]] = record
+    report = {}
+    with torch.no_grad():
+        for name in ("tower", "blip2"):
+            part = _load_pretrained(name, os.path.join(output, "pretrained", name))
+            correct = {kind: [] for kind in VARIANTS}
+            for members in frames.values():
+                variants = ["base", *VARIANTS]
+                images = []
+                for variant in variants:
+                    with Image.open(os.path.join(data, members[variant]["image"])) as image:
+                        images.append(image.convert("RGB"))
+                captions = [members[variant]["caption"] for variant in variants]
+                scores = _frame_scores(part, images, captions)
+                for position, kind in enumerate(VARIANTS, start=1):
+                    if captions[position] == captions[0]:
+                        continue  # this frame does not show the detail
+                    correct[kind] += [float(scores[0, 0] > scores[0, position]),
+                                      float(scores[position, position] > scores[position, 0])]
+            report[name] = {kind: sum(v) / len(v) for kind, v in correct.items() if v}
+    print(f"| {split} frames, pairwise accuracy (chance 50 %) | dot colour | direction | order |")
+    print("| --- | --- | --- | --- |")
+    for name, label in (("tower", "pre-trained tower (dual encoder)"), ("blip2", "pre-trained Q-Former (ITM)")):
+        print(f"| {label} | " + " | ".join(f"{100 * report[name].get(kind, float('nan')):.0f} %" for kind in VARIANTS) + " |")
+    print(json.dumps({"benchmark": "synthetic_diagnostics_pretrained", "split": split, **report}))
     return 0
 
 

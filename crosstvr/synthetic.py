@@ -296,7 +296,9 @@ def write_benchmark(
         directory/annotations/frame_captions_{train,val}.json
                                                   LAVIS's image-caption format, one record per frame:
                                                   {"image": "frames/<video_id>/<index>.png", "caption": [`frame_caption`],
-                                                  "image_id": "<video_id>/<index>", "group": "g<group>"}
+                                                  "image_id": "<video_id>/<index>", "group": "g<group>/<index>"}:
+                                                  a group is the same frame of the scene group's four videos,
+                                                  the near duplicates that differ only in the detail
         directory/videos/<video_id>.mp4
         directory/frames/<video_id>/<index:02d>.png   the decoded frames of the training and validation videos
 
@@ -329,7 +331,7 @@ def write_benchmark(
                             "image": os.path.relpath(path, root),
                             "caption": frame_caption(scene, index, num_frames),
                             "image_id": f"{video_id}/{index:02d}",
-                            "group": f"g{group_index:04d}",
+                            "group": f"g{group_index:04d}/{index:02d}",
                         }
                     )
         frame_records[split] = records

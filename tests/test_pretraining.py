@@ -60,8 +60,14 @@ def test_frame_captions_say_what_each_frame_shows(benchmark):
     records = json.load(open(os.path.join(benchmark, "annotations", "frame_captions_train.json")))
     assert len(records) == 2 * 4 * 6  # every frame of every training video
     assert all(os.path.isfile(os.path.join(benchmark, record["image"])) for record in records)
-    # Near duplicates share a group; the test split has no frame captions.
-    assert len({record["group"] for record in records}) == 2
+    # Near duplicates share a group: the same frame of the four videos of a scene group. The test split has no frame
+    # captions.
+    groups = {}
+    for record in records:
+        video_id, index = record["image_id"].split("/")
+        groups.setdefault(record["group"], set()).add((video_id.split("_")[0], index))
+    assert len(groups) == 2 * 6 and all(len(members) == 1 for members in groups.values())
+    assert all(len([r for r in records if r["group"] == group]) == 4 for group in groups)
     assert not os.path.exists(os.path.join(benchmark, "annotations", "frame_captions_test.json"))
 
 
