@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedType, gather_object, set_seed
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
 from .data import FORMATS, load_retrieval_dataset
@@ -105,6 +105,14 @@ class TrainingArguments:
         default=1, metadata={"help": "--hard_negatives stage1_top_k: how many of the caption's top K, drawn without "
                              "replacement, join its pairs"}
     )
+    neighbour_batches: int = field(
+        default=0,
+        metadata={
+            "help": "stage 2: > 0 assembles every batch from blocks of this many captions of stage-1 neighbours (a "
+            "caption, then one caption of each of its video's nearest videos in its stage-1 top K), so that ALBEF's "
+            "in-batch negatives are the near duplicates re-ranking faces; 0: random batches (the paper)"
+        },
+    )
     listwise_loss_weight: float = field(
         default=0.0,
         metadata={
@@ -168,6 +176,11 @@ class TrainingArguments:
             raise ValueError(
                 f"negatives_per_caption must be between 1 and hard_negatives_top_k={self.hard_negatives_top_k}, got "
                 f"{self.negatives_per_caption}"
+            )
+        if self.neighbour_batches and (self.stage != 2 or not 2 <= self.neighbour_batches <= self.hard_negatives_top_k + 1):
+            raise ValueError(
+                f"neighbour_batches={self.neighbour_batches} needs stage 2 and a value between 2 and "
+                f"hard_negatives_top_k + 1 = {self.hard_negatives_top_k + 1} (a caption and its K neighbours)"
             )
         if self.train_frame_sampling not in ("random", "center"):
             raise ValueError("train_frame_sampling must be 'random' or 'center'")
@@ -274,6 +287,46 @@ def stage_one_neighbours(
         similarity[torch.arange(len(similarity)), own[start : start + chunk_size]] = float("-inf")
         neighbours.append(similarity.topk(top_k, dim=1).indices)
     return torch.cat(neighbours)
+
+
+class StageOneNeighbourSampler(Sampler[int]):
+    """
+    Training rows in blocks of stage-1 neighbours: an anchor row drawn at random, then, for each of its `neighbours`
+    (cache indices of its stage-1 top-K videos, nearest first; see [`stage_one_neighbours`]), one row of that video not
+    drawn yet, until the block holds `block_size` rows. Every row appears once per epoch (a block is shorter when the
+    anchor's neighbours have run out of rows). A DataLoader reading consecutive indices then gets batches whose
+    captions and videos are each other's near duplicates, so that ALBEF's in-batch negatives
+    ([`sample_hard_negatives`]) are the candidates re-ranking faces. The order follows `generator`, which the training
+    loop seeds per epoch.
+    """
+
+    def __init__(self, row_videos: list[int], neighbours: torch.Tensor, block_size: int, generator: torch.Generator):
+        self.neighbours, self.block_size, self.generator = neighbours.tolist(), block_size, generator
+        self.row_videos = row_videos
+        self.rows_of_video = {}
+        for row, video in enumerate(row_videos):
+            self.rows_of_video.setdefault(video, []).append(row)
+
+    def __len__(self) -> int:
+        return len(self.row_videos)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.row_videos), generator=self.generator).tolist()
+        position = {row: rank for rank, row in enumerate(order)}  # a video's rows are drawn in this random order
+        unused = {video: sorted(rows, key=position.__getitem__) for video, rows in self.rows_of_video.items()}
+        drawn = set()
+        for anchor in order:
+            if anchor in drawn:
+                continue
+            block = [anchor]
+            unused[self.row_videos[anchor]].remove(anchor)
+            for video in self.neighbours[anchor]:
+                if len(block) == self.block_size:
+                    break
+                if unused[video]:
+                    block.append(unused[video].pop(0))
+            drawn.update(block)
+            yield from block
 
 
 def set_trainable_parameters(model: CrossTVRModel, stage: int) -> list[str]:
@@ -613,8 +666,9 @@ def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], Non
             build_token_cache(model, processor, videos, args.token_cache_dir, num_workers=args.num_workers)
         accelerator.wait_for_everyone()
         cache = TokenCache(args.token_cache_dir).check(model, processor)
-        if args.hard_negatives == "stage1_top_k":
+        if args.hard_negatives == "stage1_top_k" or args.neighbour_batches:
             neighbours = stage_one_neighbours(model, processor, rows, cache, args.hard_negatives_top_k)
+        if args.hard_negatives == "stage1_top_k":
             if neighbours.shape[1] < args.negatives_per_caption:
                 raise ValueError(
                     f"negatives_per_caption={args.negatives_per_caption}, but the {args.train_split} split has only "
@@ -634,10 +688,15 @@ def train(args: TrainingArguments, callbacks: Sequence[Callable[[int, dict], Non
     if args.lora_targets:
         model = apply_lora(model, args)
     sampler_generator = torch.Generator()
+    if args.neighbour_batches:
+        row_videos = [cache.index[path] for path in rows["video_path"]]
+        sampler = StageOneNeighbourSampler(row_videos, neighbours, args.neighbour_batches, sampler_generator)
+    else:
+        sampler = RandomSampler(rows, generator=sampler_generator)
     loader = DataLoader(
         rows,
         batch_size=args.per_device_batch_size,
-        sampler=RandomSampler(rows, generator=sampler_generator),
+        sampler=sampler,
         collate_fn=collator,
         num_workers=args.num_workers,
         drop_last=True,

@@ -450,6 +450,43 @@ def test_stage_two_trains_with_stage_one_top_k_negatives(workspace, tmp_path, pe
         arguments(workspace, tmp_path, hard_negatives="group")
 
 
+def test_neighbour_batches_hold_each_row_once_in_blocks_of_stage_one_neighbours():
+    from crosstvr.training import StageOneNeighbourSampler
+
+    row_videos = [0, 0, 1, 1, 2, 2, 3, 3, 4, 5]  # two captions of videos 0-3, one of 4 and 5
+    neighbours = torch.tensor([[1, 2, 3], [1, 2, 3], [0, 2, 3], [0, 2, 3], [3, 0, 1], [3, 0, 1], [2, 0, 1], [2, 0, 1],
+                               [5, 0, 1], [4, 0, 1]])  # (rows, K): other videos, nearest first
+    generator = torch.Generator()
+    sampler = StageOneNeighbourSampler(row_videos, neighbours, block_size=3, generator=generator)
+    generator.manual_seed(0)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(row_videos))) and len(sampler) == len(row_videos)
+    # Each block: an anchor, then rows of its nearest videos that still had rows, in that order.
+    position, drawn = 0, set()
+    while position < len(order):
+        anchor = order[position]
+        expected = [video for video in neighbours[anchor].tolist()
+                    if any(row_videos[row] == video and row not in drawn for row in range(len(row_videos)))][:2]
+        block = order[position : position + 1 + len(expected)]
+        assert [row_videos[row] for row in block[1:]] == expected
+        drawn.update(block)
+        position += len(block)
+    generator.manual_seed(0)
+    assert list(sampler) == order  # seeded
+    generator.manual_seed(1)
+    assert list(sampler) != order
+
+
+def test_stage_two_trains_on_neighbour_batches(workspace, tmp_path):
+    final = train(arguments(workspace, tmp_path / "neighbours", stage=2, max_steps=2, neighbour_batches=4,
+                            hard_negatives_top_k=3))
+    assert os.path.exists(os.path.join(final, "model.safetensors"))
+    for bad in ({"stage": 1, "neighbour_batches": 4}, {"stage": 2, "neighbour_batches": 5, "hard_negatives_top_k": 3},
+                {"stage": 2, "neighbour_batches": 1}):
+        with pytest.raises(ValueError, match="neighbour_batches"):
+            arguments(workspace, tmp_path / "bad", **bad)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("stage", [1, 2])
