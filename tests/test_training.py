@@ -335,7 +335,11 @@ def test_two_process_training_matches_one_process(workspace, tmp_path):
             # rounding noise, which Adam scales up to full-size steps of random sign.
             if name.endswith("k_proj.bias"):
                 continue
-            torch.testing.assert_close(actual[name], expected[name], atol=2e-5, rtol=1e-4, msg=name)
+            # Micro-batches sum in another order than one batch, and Adam divides by the root of the squared gradient,
+            # so an element whose gradient is nearly zero can move by a few percent of the learning rate more or less
+            # (3.7e-5 seen on a 2-core machine in 2026-12; the weights move by up to 3e-3 in these 3 steps at lr 1e-3).
+            # A wrong sum or average over processes or micro-batches moves them by the order of the learning rate.
+            torch.testing.assert_close(actual[name], expected[name], atol=1e-4, rtol=1e-4, msg=name)
     shutil.rmtree(tmp_path / "two" / "final")
 
 
