@@ -119,31 +119,29 @@ def _load_pretrained(name: str, folder: str) -> tuple:
             AutoImageProcessor.from_pretrained(folder))
 
 
-def _frame_scores(part: tuple, images: list, captions: list[str]) -> "torch.Tensor":
-    """`(captions, images)` scores of a pre-trained part: the dual encoder's cosine logits, or the log-odds of
-    BLIP-2's ITM head."""
+def _frame_scores(part: tuple, records: list[dict]) -> "torch.Tensor":
+    """`(captions, images)` scores of a pre-trained part on image-caption `records` (every caption against every
+    image): the dual encoder's cosine logits, or the log-odds of BLIP-2's ITM head."""
     from transformers import VisionTextDualEncoderModel
 
     from crosstvr.default_model import MAX_TEXT_LENGTH
+    from crosstvr.pretraining import ImageTextCollator
 
     model, tokenizer, image_processor = part
-    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
-    text = tokenizer(captions, padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt")
+    batch = ImageTextCollator(image_processor, tokenizer, MAX_TEXT_LENGTH)(records)
     if isinstance(model, VisionTextDualEncoderModel):
-        return model(**text, pixel_values=pixel_values).logits_per_text
-    rows = []
-    for index in range(len(captions)):  # caption `index` against every image
-        logits = model(pixel_values=pixel_values, input_ids=text["input_ids"][index].expand(len(images), -1),
-                       attention_mask=text["attention_mask"][index].expand(len(images), -1),
-                       use_image_text_matching_head=True).logits_per_image  # (images, 2)
-        rows.append(logits[:, 1] - logits[:, 0])
-    return torch.stack(rows)
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits_per_text
+    count = len(records)  # all count x count pairs in one pass, caption-major
+    logits = model(pixel_values=batch["pixel_values"].repeat(count, 1, 1, 1),
+                   input_ids=batch["input_ids"].repeat_interleave(count, dim=0),
+                   attention_mask=batch["attention_mask"].repeat_interleave(count, dim=0),
+                   use_image_text_matching_head=True).logits_per_image  # (count * count, 2)
+    return (logits[:, 1] - logits[:, 0]).view(count, count)
 
 
 def probe_pretrained(output: str, split: str) -> int:
     """`--pretrained`: pairwise frame-level accuracy of the pre-trained tower and Q-Former, per kind of detail."""
-    from PIL import Image
-
     from crosstvr.pretraining import register_blip2_vision_tower
 
     register_blip2_vision_tower()
@@ -165,13 +163,10 @@ def probe_pretrained(output: str, split: str) -> int:
             part = _load_pretrained(name, os.path.join(output, "pretrained", name))
             correct = {kind: [] for kind in VARIANTS}
             for members in frames.values():
-                variants = ["base", *VARIANTS]
-                images = []
-                for variant in variants:
-                    with Image.open(os.path.join(data, members[variant]["image"])) as image:
-                        images.append(image.convert("RGB"))
-                captions = [members[variant]["caption"] for variant in variants]
-                scores = _frame_scores(part, images, captions)
+                records = [{**members[variant], "image": os.path.join(data, members[variant]["image"])}
+                           for variant in ("base", *VARIANTS)]
+                captions = [record["caption"] for record in records]
+                scores = _frame_scores(part, records)
                 for position, kind in enumerate(VARIANTS, start=1):
                     if captions[position] == captions[0]:
                         continue  # this frame does not show the detail

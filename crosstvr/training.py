@@ -177,7 +177,8 @@ class TrainingArguments:
                 f"negatives_per_caption must be between 1 and hard_negatives_top_k={self.hard_negatives_top_k}, got "
                 f"{self.negatives_per_caption}"
             )
-        if self.neighbour_batches and (self.stage != 2 or not 2 <= self.neighbour_batches <= self.hard_negatives_top_k + 1):
+        neighbour_range = range(2, self.hard_negatives_top_k + 2)  # a caption and up to K neighbours
+        if self.neighbour_batches and (self.stage != 2 or self.neighbour_batches not in neighbour_range):
             raise ValueError(
                 f"neighbour_batches={self.neighbour_batches} needs stage 2 and a value between 2 and "
                 f"hard_negatives_top_k + 1 = {self.hard_negatives_top_k + 1} (a caption and its K neighbours)"
@@ -301,31 +302,28 @@ class StageOneNeighbourSampler(Sampler[int]):
     """
 
     def __init__(self, row_videos: list[int], neighbours: torch.Tensor, block_size: int, generator: torch.Generator):
-        self.neighbours, self.block_size, self.generator = neighbours.tolist(), block_size, generator
-        self.row_videos = row_videos
-        self.rows_of_video = {}
-        for row, video in enumerate(row_videos):
-            self.rows_of_video.setdefault(video, []).append(row)
+        self.row_videos, self.neighbours = row_videos, neighbours.tolist()
+        self.block_size, self.generator = block_size, generator
 
     def __len__(self) -> int:
         return len(self.row_videos)
 
     def __iter__(self):
         order = torch.randperm(len(self.row_videos), generator=self.generator).tolist()
-        position = {row: rank for rank, row in enumerate(order)}  # a video's rows are drawn in this random order
-        unused = {video: sorted(rows, key=position.__getitem__) for video, rows in self.rows_of_video.items()}
-        drawn = set()
+        unused = {}  # video -> its rows not drawn yet, in the epoch's random order
+        for row in order:
+            unused.setdefault(self.row_videos[row], []).append(row)
         for anchor in order:
-            if anchor in drawn:
-                continue
+            rows_of_anchor_video = unused[self.row_videos[anchor]]
+            if anchor not in rows_of_anchor_video:
+                continue  # drawn into an earlier block
+            rows_of_anchor_video.remove(anchor)
             block = [anchor]
-            unused[self.row_videos[anchor]].remove(anchor)
             for video in self.neighbours[anchor]:
                 if len(block) == self.block_size:
                     break
-                if unused[video]:
+                if unused.get(video):
                     block.append(unused[video].pop(0))
-            drawn.update(block)
             yield from block
 
 
