@@ -177,6 +177,8 @@ def _step_fingerprint(settings: dict, inputs: list[str]) -> str:
     benchmark's annotations) and of the code that runs it (the package, this script, the conversion script)."""
     import hashlib
 
+    # Float reductions (matrix products above all) are split by the thread count, so it is a setting too.
+    settings = {"torch_threads": torch.get_num_threads(), **settings}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     package = os.path.join(ROOT, "crosstvr")
     code = sorted(os.path.join(folder, name) for folder, _, names in os.walk(package) for name in names
@@ -484,14 +486,15 @@ def fusion_grid(model, encoded, similarity: torch.Tensor) -> dict[str, dict[str,
 
 
 def train_stage2(work: str, data: str, name: str, start: str, seed: int, settings: dict, **options) -> str:
-    """Step 4 for one fine module, from the token cache shared by the seed's runs."""
+    """Step 4 for one fine module, from the token cache shared by the seed's runs. The cache lies in stage 1's step
+    folder, which `_resumable` clears when stage 1 trains again: the cache holds stage 1's embeddings."""
     return _train(
         os.path.join(work, name),
         data,
         model_name_or_path=start,
         stage=2,
         seed=seed,
-        token_cache_dir=os.path.join(work, "token_cache"),
+        token_cache_dir=os.path.join(work, "stage1", "token_cache"),
         max_steps=settings["stage2_steps"],
         batch=settings["batch"],
         learning_rate=settings["stage2_learning_rate"],
@@ -657,7 +660,8 @@ def format_markdown(summary: dict, per_seed: dict, settings: dict, minutes: floa
         lines.append(f"| {depth} | " + " | ".join(f"{values[m][0]:.1f} ± {values[m][1]:.1f}"
                                              for m in ("t2v_R1", "t2v_R5", "t2v_R10")) + " |")
     ablations = sum(r["timings"].get("ablations", 0.0) for r in per_seed.values()) / 60
-    lines += ["", f"Wall time: {minutes:.1f} min" + (f", of which the ablations {ablations:.1f} min." if ablations else ".")]
+    lines += ["", f"Wall time: {minutes:.1f} min with {torch.get_num_threads()} torch threads"
+              + (f", of which the ablations {ablations:.1f} min." if ablations else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -761,7 +765,23 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"also train the other stage-2 designs {sorted(SYSTEMS)} on each seed's stage 1 (more rows)")
     parser.add_argument("--ablations", action="store_true",
                         help=f"also train the full model with each switch of {sorted(ABLATIONS)} (validation split)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch's intra-op threads for the run (default: torch's own choice for this machine). "
+                             "The weights depend on it in the last bits, so runs are bit-for-bit reproducible at a "
+                             "given N; 1 also where the machine's load varies (see the README)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: give a positive number of threads")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     budget = "smoke" if args.smoke else args.budget
@@ -790,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         file.write(markdown)
     report = {
         "settings": settings,
+        "torch_threads": torch.get_num_threads(),
         "minutes": minutes,
         "summary": summary,
         "per_seed": {seed: {k: v for k, v in r.items() if k not in ("evaluation", "final_model")}

@@ -62,6 +62,12 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> No
     """
     Write `(frames, height, width, 3)` uint8 RGB frames as a video whose container follows the file extension (MPEG-4
     Part 2 in .avi, VP9 in .webm, H.264 otherwise); height and width must be even.
+
+    The same frames give the same bytes in every process, so that a generated benchmark is the same data in every
+    invocation: the encoder runs in one thread, and libx264 without its macroblock-tree rate control (`mbtree=0`),
+    which, even single-threaded, wrote other bytes in about half of the runs on these small frames (as did adaptive
+    quantisation; B-frames, which the `reference_frames` decoding skips, are kept), and the muxer in its bit-exact
+    mode (WebM's muxer draws random track ids otherwise).
     """
     try:
         import av
@@ -71,9 +77,10 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> No
     if height % 2 or width % 2:
         raise ValueError(f"video frame sizes must be even, got {width}x{height}")
     codec = VIDEO_CODECS.get(os.path.splitext(os.fspath(path))[1].lower(), "libx264")
-    with av.open(os.fspath(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
+    with av.open(os.fspath(path), mode="w", container_options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream(codec, rate=fps, options={"x264-params": "mbtree=0"} if codec == "libx264" else {})
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.thread_count, stream.codec_context.thread_type = 1, "NONE"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())

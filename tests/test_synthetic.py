@@ -97,6 +97,27 @@ def test_write_benchmark_is_read_by_the_msvd_loader(tmp_path):
         assert (again / "annotations" / name).read_bytes() == (tmp_path / "annotations" / name).read_bytes()
 
 
+def test_generated_media_are_the_same_bytes_in_every_process(tmp_path):
+    # libx264 wrote other bytes in about half of all processes (threads, macroblock-tree rate control) and the WebM
+    # muxer random ids: every invocation of the benchmark trained on other data.
+    script = (
+        "import sys; from crosstvr.synthetic import render_scene, scene_groups, write_benchmark, write_video\n"
+        "write_benchmark(sys.argv[1], seed=0, groups=(2, 1, 1))\n"
+        "for extension in ('avi', 'webm'):\n"
+        "    write_video(f'{sys.argv[1]}/videos/extra.{extension}', render_scene(scene_groups(1, 0)[0]['base'], 8))\n"
+    )
+    digests = []
+    for run in range(3):
+        folder = tmp_path / str(run)
+        subprocess.run([sys.executable, "-c", script, str(folder)], check=True, cwd=ROOT)
+        files = sorted(path for path in folder.rglob("*") if path.is_file())
+        assert len(files) > 16 * 1 + 12 * 12  # the videos and the decoded frames of train and val
+        digests.append({path.relative_to(folder): path.read_bytes() for path in files})
+    for other in digests[1:]:
+        assert other.keys() == digests[0].keys()
+        assert [str(path) for path, content in other.items() if content != digests[0][path]] == []
+
+
 def _load_benchmark(name: str = "synthetic_benchmark"):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -106,14 +127,19 @@ def _load_benchmark(name: str = "synthetic_benchmark"):
 
 def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, capsys, monkeypatch):
     benchmark = _load_benchmark()
-    assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "0", "1", "--ablations", "--systems"]) == 0
+    threads = torch.get_num_threads()
+    command = ["--smoke", "--seeds", "0", "1", "--ablations", "--systems", "--threads", "1"]
+    assert benchmark.main([*command, "--output", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # --threads holds for the run only
     report = json.loads((tmp_path / "results.json").read_text())
-    # The same command again, in a fresh interpreter with another hash seed and another folder, gives the same
-    # weights bit for bit and the same table.
+    assert report["torch_threads"] == 1
+    # The same command again, in a fresh interpreter with another hash seed, another folder and another default thread
+    # count, gives the same weights bit for bit and the same table. (Without --threads the weights differ in the last
+    # bits between thread counts: matrix products split their sums by thread.)
     again = tmp_path / "again"
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "synthetic_benchmark.py"), "--smoke", "--output",
-                    str(again), "--seeds", "0", "1", "--ablations", "--systems"], check=True, capture_output=True, cwd=tmp_path,
-                   env={**os.environ, "PYTHONHASHSEED": "123"})
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "synthetic_benchmark.py"), *command, "--output",
+                    str(again)], check=True, capture_output=True, cwd=tmp_path,
+                   env={**os.environ, "PYTHONHASHSEED": "123", "OMP_NUM_THREADS": "2"})
     assert json.loads((again / "results.json").read_text())["summary"] == report["summary"]
     for model in ("stage1", "shared", "separate", "t2v2t", "ts2net_similarity-stage1"):
         for seed in (0, 1):
@@ -166,9 +192,13 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
                {"clip": "pretrained/clip", "stage1": "seed-1/stage1/final", "shared": "seed-1/shared/final"}.items()}
     stamps = {name: path.stat().st_mtime_ns for name, path in outputs.items()}
     monkeypatch.setitem(benchmark.SETTINGS["smoke"], "stage2_steps", benchmark.SETTINGS["smoke"]["stage2_steps"] + 1)
-    assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "1"]) == 0
+    assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "1", "--threads", "1"]) == 0
     changed = {name for name, path in outputs.items() if path.stat().st_mtime_ns != stamps[name]}
     assert changed == {"shared"}
+    # At another thread count the weights differ in their last bits, so every step runs again (and stage 2 with a
+    # token cache of the new stage 1).
+    assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "1", "--threads", "2"]) == 0
+    assert {name for name, path in outputs.items() if path.stat().st_mtime_ns != stamps[name]} == set(outputs)
     assert _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--model", "t2v2t"]) == 0
     assert "seed 0, t2v2t" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no trained model"):
