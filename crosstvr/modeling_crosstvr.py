@@ -59,19 +59,14 @@ logger = logging.get_logger(__name__)
 QFORMER_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 # The modules stage-2 training updates (the tower it reads is frozen).
-STAGE_TWO_TRAINABLE_MODULES = (
-    "query_tokens",
-    "qformer_embeddings",
-    "qformer",
-    "temporal_qformer_embeddings",
-    "temporal_qformer",
-    "fine_vision_projection",
-    "token_selector",
-    "frame_position_embeddings",
-    "token_frame_embeddings",
-    "text_to_video_fusion",
-    "matching_head",
-)
+STAGE_TWO_TRAINABLE_MODULES = ("fine_vision_projection", "fine_module")
+
+# Checkpoints written before the fine modules became sub-modules (`CrossTVRModel.fine_module`) kept their parameters at
+# the top level; `from_pretrained` renames them (anchored: stage 1's `temporal_aggregator.token_selector` stays).
+LEGACY_FINE_MODULE_KEYS = {
+    r"^(query_tokens|qformer_embeddings|qformer|temporal_qformer_embeddings|temporal_qformer|token_selector"
+    r"|frame_position_embeddings|token_frame_embeddings|text_to_video_fusion|matching_head)\b": r"fine_module.\1",
+}
 
 # What a `CrossTVRProcessor` returns; the encoding verbs ignore the keys of the other modality.
 PROCESSOR_OUTPUT_KEYS = (
@@ -1106,6 +1101,370 @@ SIMILARITY_HEAD_CLASSES = {
 }
 
 
+def check_num_frames(embeddings: torch.Tensor, num_frames: int) -> None:
+    """Raise if a fine module's per-frame embeddings (`(config.num_frames, width)`) have fewer rows than frames."""
+    if num_frames > embeddings.shape[0]:
+        raise ValueError(
+            f"The fine module has frame embeddings for {embeddings.shape[0]} frames (config.num_frames) but got "
+            f"{num_frames} frames."
+        )
+
+
+class CrossTVRDecoupledFineModule(nn.Module):
+    r"""
+    Stage 2 of CrossTVR (`fine_module="crosstvr"`): decoupled video-text cross attention, then the matching head.
+
+    A BLIP-2 Q-Former (`qformer_embeddings`, `qformer`, `query_tokens`) runs spatial text attention on every real
+    frame ([`spatial_text_attention`]); a token selector keeps M tokens of every frame; temporal text attention
+    ([`temporal_text_attention`]) lets X_spatial(t) (plus the frame position P_t) attend to the selected tokens of all
+    frames; `matching_head` maps the mean of its query outputs to {no match, match}. The `fine_attention` ablations
+    keep one pass: `"spatial"` feeds the masked mean of X_spatial(t) to the head, `"temporal"` uses the query tokens
+    as temporal queries (with the caption, as in Eq. 1). With `share_spatial_temporal=False` the temporal pass has its
+    own Q-Former (`temporal_qformer`, `temporal_qformer_embeddings`).
+    """
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__()
+        self.config = config
+        qformer_config = config.qformer_config
+        self.qformer_embeddings = Blip2TextEmbeddings(qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(qformer_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
+        both_passes = config.fine_attention == "spatial_temporal"
+        if both_passes and not config.share_spatial_temporal:
+            self.temporal_qformer_embeddings = Blip2TextEmbeddings(qformer_config)
+            self.temporal_qformer = Blip2QFormerModel._from_config(qformer_config)
+        else:
+            self.temporal_qformer_embeddings = None
+            self.temporal_qformer = None
+        if config.fine_attention == "spatial":
+            self.token_selector = None
+        else:
+            self.token_selector = CrossTVRTokenSelector(
+                config.fine_token_hidden_size,
+                config.num_selected_tokens,
+                keep_cls_token=False,
+                num_samples=config.token_selection_num_samples,
+                sigma=config.token_selection_sigma,
+            )
+        if both_passes and config.use_frame_position_embeddings:
+            self.frame_position_embeddings = nn.Parameter(torch.zeros(config.num_frames, qformer_config.hidden_size))
+        else:
+            self.frame_position_embeddings = None
+        if self.token_selector is not None and config.use_token_frame_embeddings:
+            self.token_frame_embeddings = nn.Parameter(torch.zeros(config.num_frames, config.fine_token_hidden_size))
+        else:
+            self.token_frame_embeddings = None
+        self.matching_head = nn.Linear(qformer_config.hidden_size, 2)
+
+    def unused_parameter_prefixes(self) -> list[str]:
+        """Prefixes (relative to this module) of the parameters no output depends on, see
+        [`CrossTVRModel.unused_parameter_names`]."""
+        last_layer = self.config.qformer_config.num_hidden_layers - 1
+        unused = [f"qformer.encoder.layer.{last_layer}.{module}." for module in ("intermediate", "output")]
+        if self.temporal_qformer is not None:
+            if self.config.temporal_text_input:
+                unused += [f"temporal_qformer.encoder.layer.{last_layer}.{m}." for m in ("intermediate", "output")]
+            else:
+                layers = range(self.config.qformer_config.num_hidden_layers)
+                unused += [f"temporal_qformer.encoder.layer.{i}.{m}." for i in layers for m in ("intermediate", "output")]
+                unused.append("temporal_qformer_embeddings.")
+        return unused
+
+    def forward(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        text_of_pair: torch.Tensor,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Matching logits of (text, video) pairs: `matching_head(fuse(...))`.
+
+        Args:
+            qformer_input_ids, qformer_attention_mask: `(texts, L)`, the distinct captions.
+            text_of_pair: `(pairs,)`, the caption of each pair.
+            vision_tokens: `(pairs, T, N, fine_token_hidden_size)`; video_mask: `(pairs, T)`, 1 for real frames.
+
+        Returns:
+            Matching logits `(pairs, 2)`: {no match, match}.
+        """
+        return self.matching_head(
+            self.fuse(qformer_input_ids, qformer_attention_mask, text_of_pair, vision_tokens, video_mask)
+        )
+
+    def spatial_text_attention(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        frame_tokens: torch.Tensor,
+        text_of_frame: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Spatial text attention, independently per frame (BLIP-2's image-text matching path on one frame):
+
+            z_{t,1} = Attn(Concat(Q, X), V_t),   z_{t,l} = Attn(z_{t,l-1}, V_t),  l = 2..L
+            X_spatial(t) = mean over the N_Q query positions of z_{t,L}
+
+        Queries Q and text X share self-attention; only the query positions cross-attend to V_t. The first layer's
+        self-attention does not depend on the frame, so it runs once per text (see [`qformer_query_outputs`]).
+
+        Args:
+            qformer_input_ids, qformer_attention_mask: `(texts, text_length)`; one text per frame when
+                `text_of_frame` is None.
+            frame_tokens: `(frames, tokens, fine_token_hidden_size)`, V_t.
+            text_of_frame: `(frames,)`, *optional*: the text each frame is paired with.
+
+        Returns:
+            X_spatial: `(frames, qformer_hidden_size)`.
+        """
+        num_texts = qformer_input_ids.shape[0]
+        queries = self.query_tokens.expand(num_texts, -1, -1)  # (texts, N_Q, hidden)
+        embeds = self.qformer_embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (texts, N_Q + L, hidden)
+        attention_mask = torch.cat([qformer_attention_mask.new_ones(queries.shape[:2]), qformer_attention_mask], dim=1)
+        query_states = qformer_query_outputs(
+            self.qformer,
+            embeds,
+            attention_mask,
+            queries.shape[1],
+            encoder_hidden_states=frame_tokens,
+            input_of_row=text_of_frame,
+        )  # (frames, N_Q, hidden)
+        return query_states.mean(dim=1)
+
+    def temporal_text_attention(
+        self,
+        queries: torch.Tensor,
+        query_mask: torch.Tensor,
+        selected_tokens: torch.Tensor,
+        token_mask: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Temporal text attention over the whole video (Eqs. 5-6): the queries attend to the M x T selected tokens of all
+        frames,
+
+            z_1 = Attn(Concat_t X_spatial(t), Concat_t V_select(t)),   z_l = Attn(z_{l-1}, Concat_t V_select(t))
+
+        In the paper's module the queries are X_spatial(t) of every frame, and the text reaches this pass only through
+        them. With `qformer_input_ids` the caption's tokens follow the queries, as in Eq. 1: the `"temporal"` ablation
+        (the learned query tokens and the text) and `temporal_text_input=True`. The same Q-Former as the spatial pass
+        runs unless `share_spatial_temporal=False`. Padding frames are masked both as queries and as keys.
+
+        Args:
+            queries: `(pairs, queries, qformer_hidden_size)`; query_mask: `(pairs, queries)`.
+            selected_tokens: `(pairs, frames * M, fine_token_hidden_size)`, V_select; token_mask: `(pairs, frames * M)`.
+            qformer_input_ids, qformer_attention_mask: `(pairs, text_length)`, *optional*.
+
+        Returns:
+            The masked mean of the last layer's query outputs: `(pairs, qformer_hidden_size)`.
+        """
+        if self.temporal_qformer is None:
+            qformer, embeddings = self.qformer, self.qformer_embeddings
+        else:
+            qformer, embeddings = self.temporal_qformer, self.temporal_qformer_embeddings
+        num_queries = queries.shape[1]
+        embeds = embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (pairs, queries (+ L), hidden)
+        attention_mask = query_mask.to(token_mask.dtype)
+        if qformer_input_ids is not None:
+            attention_mask = torch.cat([attention_mask, qformer_attention_mask.to(attention_mask.dtype)], dim=1)
+        # Only the query positions cross-attend, so the padding mask over the selected tokens is built for those rows.
+        encoder_attention_mask = create_bidirectional_mask(
+            config=qformer.config,
+            inputs_embeds=queries,
+            attention_mask=token_mask,
+            encoder_hidden_states=selected_tokens,
+        )
+        hidden_states = qformer_query_outputs(
+            qformer,
+            embeds,
+            attention_mask,
+            num_queries,
+            encoder_hidden_states=selected_tokens,
+            encoder_attention_mask=encoder_attention_mask,
+        )  # (pairs, queries, hidden)
+        weights = query_mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
+
+    def fuse(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        text_of_pair: torch.Tensor,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        The pair representation the matching head reads (see [`CrossTVRDecoupledFineModule`]): distinct texts
+        `(texts, L)`, the text of each pair `(pairs,)`, tokens `(pairs, T, N, D_v)` and `video_mask` `(pairs, T)` ->
+        `(pairs, hidden)`.
+        """
+        num_pairs, num_frames = vision_tokens.shape[:2]
+        fine_attention = self.config.fine_attention
+        # Only real frames go through the per-frame passes; padding frames stay zero and are masked later.
+        valid = video_mask.bool()  # (pairs, T)
+        pair_of_frame = torch.arange(num_pairs, device=valid.device).unsqueeze(1).expand_as(valid)[valid]  # (F,)
+        frame_tokens = vision_tokens[valid]  # (F, N, D_v)
+        if fine_attention != "temporal":
+            spatial = self.spatial_text_attention(
+                qformer_input_ids, qformer_attention_mask, frame_tokens, text_of_pair[pair_of_frame]
+            )  # (F, hidden)
+            spatial_embeds = spatial.new_zeros(num_pairs, num_frames, spatial.shape[-1])
+            spatial_embeds[valid] = spatial  # (pairs, T, hidden)
+        if fine_attention == "spatial":
+            weights = video_mask.to(spatial_embeds.dtype).unsqueeze(-1)
+            return (spatial_embeds * weights).sum(dim=1) / weights.sum(dim=1)
+
+        if self.config.use_temporal_difference_tokens:
+            # Motion for the temporal pass only: it selects among V_t and V_t - V_{t-1}; the spatial pass stays
+            # per-frame appearance, as in the paper.
+            frame_tokens = temporal_difference_tokens(vision_tokens, video_mask)[valid]  # (F, 2 N, D_v)
+        selected = self.token_selector(frame_tokens)  # (F, M, D_v)
+        selected_tokens = selected.new_zeros(num_pairs, num_frames, *selected.shape[1:])
+        selected_tokens[valid] = selected  # (pairs, T, M, D_v)
+        if self.token_frame_embeddings is not None:
+            check_num_frames(self.token_frame_embeddings, num_frames)
+            selected_tokens = selected_tokens + self.token_frame_embeddings[:num_frames, None]  # V_select(t) + E_t
+        token_mask = video_mask.repeat_interleave(selected.shape[1], dim=1)  # (pairs, T * M)
+        if fine_attention == "temporal":
+            queries = self.query_tokens.expand(num_pairs, -1, -1)  # (pairs, N_Q, hidden)
+            query_mask = torch.ones(queries.shape[:2], dtype=video_mask.dtype, device=queries.device)
+        else:
+            queries, query_mask = spatial_embeds, video_mask
+            if self.frame_position_embeddings is not None:
+                check_num_frames(self.frame_position_embeddings, num_frames)
+                queries = queries + self.frame_position_embeddings[:num_frames]
+        with_text = fine_attention == "temporal" or self.config.temporal_text_input
+        return self.temporal_text_attention(
+            queries,
+            query_mask,
+            selected_tokens.flatten(1, 2),  # (pairs, T * M, D_v)
+            token_mask,
+            qformer_input_ids[text_of_pair] if with_text else None,
+            qformer_attention_mask[text_of_pair] if with_text else None,
+        )
+
+
+
+class CrossTVRT2V2TFineModule(nn.Module):
+    r"""
+    Stage 2 of T2V2T (`fine_module="t2v2t"`): text-to-video fusion with bypass cross-attention on every frame
+    (`text_to_video_fusion`, [`CrossTVRTextToVideoFusion`]), video-to-text fusion of the caption over the fused frames
+    with the BLIP-2 Q-Former's stack (`qformer_embeddings`, `qformer`), and `matching_head` on the first position.
+    It uses every parameter it has.
+    """
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__()
+        self.use_temporal_difference_tokens = config.use_temporal_difference_tokens
+        self.qformer_embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        self.text_to_video_fusion = CrossTVRTextToVideoFusion(config)
+        self.matching_head = nn.Linear(config.qformer_config.hidden_size, 2)
+
+    def unused_parameter_prefixes(self) -> list[str]:
+        return []
+
+    def forward(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        text_of_pair: torch.Tensor,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Matching logits of (text, video) pairs: `matching_head(fuse(...))`.
+
+        Args:
+            qformer_input_ids, qformer_attention_mask: `(texts, L)`, the distinct captions.
+            text_of_pair: `(pairs,)`, the caption of each pair.
+            vision_tokens: `(pairs, T, N, fine_token_hidden_size)`; video_mask: `(pairs, T)`, 1 for real frames.
+
+        Returns:
+            Matching logits `(pairs, 2)`: {no match, match}.
+        """
+        return self.matching_head(
+            self.fuse(qformer_input_ids, qformer_attention_mask, text_of_pair, vision_tokens, video_mask)
+        )
+
+    def fuse(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        text_of_pair: torch.Tensor,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        r"""
+        T2V2T fusion of (text, video) pairs, up to the matching head:
+
+            F_T = Q-Former(Emb(text))                                   the caption alone (BLIP-2's text path)
+            F_T2V[t] = X-Attn(F_V[t], Concat(F_T W_T, F_V[t])) + E_t      every real frame, [`CrossTVRTextToVideoFusion`]
+            F_T2V2T = Q-Former(Emb(text), cross-attending to Concat_t F_T2V[t])     video-to-text fusion
+
+        and the first position of F_T2V2T goes to the matching head (VindLU's and ALBEF's matching heads read [CLS]).
+        The video-to-text pass runs the caption's embeddings as the Q-Former's query rows, so that one stack plays
+        VindLU's text encoder and its fusion layers at once: every layer's self-attention over the caption, the
+        cross-attention (in the layers that have it) to the fused tokens of all real frames, and the query
+        feed-forward. All of a BLIP-2 Q-Former's weights initialise both passes and the matching head; only W_T, the
+        fusion block and E_t are new. The poster's V2T fusion is cross-attention then self-attention; the Q-Former
+        alternates the two, self-attention first.
+
+        Args:
+            qformer_input_ids, qformer_attention_mask: `(texts, L)`, the distinct captions.
+            text_of_pair: `(pairs,)`, the caption of each pair.
+            vision_tokens: `(pairs, T, N, D_v)`, F_V (with `use_temporal_difference_tokens`, each frame's tokens are
+                followed by their differences to the previous frame's, see [`temporal_difference_tokens`]);
+                video_mask: `(pairs, T)`.
+
+        Returns:
+            `(pairs, qformer_hidden_size)`.
+        """
+        if self.use_temporal_difference_tokens:
+            vision_tokens = temporal_difference_tokens(vision_tokens, video_mask)  # (pairs, T, 2 N, D_v)
+        num_pairs, num_frames, num_tokens = vision_tokens.shape[:3]
+        text_embeds = self.qformer_embeddings(input_ids=qformer_input_ids)  # (texts, L, hidden)
+        text_features = self.qformer(
+            query_embeds=text_embeds, query_length=0, attention_mask=qformer_attention_mask
+        ).last_hidden_state  # (texts, L, hidden): F_T
+        valid = video_mask.bool()  # (pairs, T)
+        pair_of_frame = torch.arange(num_pairs, device=valid.device).unsqueeze(1).expand_as(valid)[valid]  # (F,)
+        frame_index = torch.arange(num_frames, device=valid.device).expand_as(valid)[valid]  # (F,)
+        text_of_frame = text_of_pair[pair_of_frame]
+        fused = self.text_to_video_fusion(
+            vision_tokens[valid],
+            text_features.index_select(0, text_of_frame),
+            qformer_attention_mask[text_of_frame],
+            frame_index,
+        )  # (F, N, D_v)
+        fused_tokens = fused.new_zeros(num_pairs, num_frames, num_tokens, fused.shape[-1])
+        fused_tokens[valid] = fused  # (pairs, T, N, D_v); padding frames stay zero and are masked
+        token_mask = video_mask.repeat_interleave(num_tokens, dim=1)  # (pairs, T * N)
+        embeds = text_embeds.index_select(0, text_of_pair)  # (pairs, L, hidden)
+        attention_mask = qformer_attention_mask[text_of_pair]
+        encoder_attention_mask = create_bidirectional_mask(
+            config=self.qformer.config,
+            inputs_embeds=embeds,
+            attention_mask=token_mask,
+            encoder_hidden_states=fused_tokens.flatten(1, 2),
+        )
+        hidden_states = qformer_query_outputs(
+            self.qformer,
+            embeds,
+            attention_mask,
+            embeds.shape[1],
+            encoder_hidden_states=fused_tokens.flatten(1, 2),  # (pairs, T * N, D_v)
+            encoder_attention_mask=encoder_attention_mask,
+        )  # (pairs, L, hidden): F_T2V2T
+        return hidden_states[:, 0]
+
+
+FINE_MODULE_CLASSES = {"crosstvr": CrossTVRDecoupledFineModule, "t2v2t": CrossTVRT2V2TFineModule}
+
+
 class CrossTVRPreTrainedModel(PreTrainedModel):
     config: CrossTVRConfig
     config_class = CrossTVRConfig
@@ -1123,8 +1482,7 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
     # Stage 2 stays in float32 under `dtype=torch.float16` and `torch.bfloat16`: the towers run in half precision
     # and `get_fine_logits` casts their tokens to float32 on entry. Stricter than BLIP-2's `_keep_in_fp32_modules`
     # (float16 only): the matching head ranks near duplicates, whose probabilities bfloat16's 8-bit mantissa merges.
-    # (transformers searches these as regular expressions in parameter names: anchored, so that stage 1's token
-    # selector and `temporal_qformer` do not match `token_selector` and `qformer`.)
+    # (transformers searches these as regular expressions in parameter names: anchored at the top level.)
     _keep_in_fp32_modules_strict = [rf"^{name}\b" for name in STAGE_TWO_TRAINABLE_MODULES]
     _no_split_modules = [
         "CLIPEncoderLayer",
@@ -1134,6 +1492,24 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
         "Blip2QFormerLayer",
         "Blip2TextEmbeddings",
     ]
+
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
+        """
+        As in transformers; checkpoints written before the fine modules became sub-modules load too (their top-level
+        stage-2 parameters are renamed into `fine_module`, see `LEGACY_FINE_MODULE_KEYS`), and are saved again in
+        today's layout.
+        """
+        key_mapping = {**LEGACY_FINE_MODULE_KEYS, **(key_mapping or {})}
+        loaded = super().from_pretrained(*args, key_mapping=key_mapping, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # transformers keeps the renamings a checkpoint used, to write it back in its own layout on saving.
+        model._weight_conversions = [
+            conversion
+            for conversion in getattr(model, "_weight_conversions", None) or []
+            if conversion.source_patterns != list(LEGACY_FINE_MODULE_KEYS)
+        ] or None
+        return loaded
 
     def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
         """
@@ -1154,19 +1530,18 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, config.logit_scale_init_value)
             init.normal_(module.text_projection.weight, std=config.text_config.hidden_size**-0.5)
             init.normal_(module.visual_projection.weight, std=config.vision_config.hidden_size**-0.5)
-            if module.query_tokens is not None:
-                init.normal_(module.query_tokens, std=config.initializer_range)
+        elif module is getattr(self, "fine_vision_projection", None):
+            # Orthogonal, scaled to keep each coordinate's variance (orthonormal columns when widening spread a token's
+            # norm over more coordinates): layer-normalised tower tokens arrive at the scale of the layer-normalised
+            # tokens the cross-attention was pre-trained on.
+            widening = max(module.out_features / module.in_features, 1.0)
+            init.orthogonal_(module.weight, gain=widening**0.5)
+            init.zeros_(module.bias)
+        elif isinstance(module, CrossTVRDecoupledFineModule):
+            init.normal_(module.query_tokens, std=config.initializer_range)
             for embeddings in (module.frame_position_embeddings, module.token_frame_embeddings):
                 if embeddings is not None:
                     init.zeros_(embeddings)
-            if module.fine_vision_projection is not None:
-                # Orthogonal, scaled to keep each coordinate's variance (orthonormal columns when widening spread a
-                # token's norm over more coordinates): layer-normalised tower tokens arrive at the scale of the
-                # layer-normalised tokens the cross-attention was pre-trained on.
-                projection = module.fine_vision_projection
-                widening = max(projection.out_features / projection.in_features, 1.0)
-                init.orthogonal_(projection.weight, gain=widening**0.5)
-                init.zeros_(projection.bias)
         elif isinstance(module, CrossTVRTextToVideoFusion):
             init.zeros_(module.frame_embeddings)
         elif isinstance(module, CrossTVRCRETSimilarity):
@@ -1182,6 +1557,10 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
     r"""
     CrossTVR: a CLIP dual encoder (stage 1) and a decoupled video-text cross-attention re-ranker (stage 2) over the
     tokens of a frozen vision tower.
+
+    Its parts are sub-modules that the configuration chooses: `temporal_aggregator` and `similarity_head` (stage 1:
+    how frame features become a video's representation and meet the text's) and `fine_module` (stage 2: how a (text,
+    video tokens) pair becomes matching logits — [`CrossTVRDecoupledFineModule`] or [`CrossTVRT2V2TFineModule`]).
 
     Public verbs, as in CLIP: [`get_text_features`], [`get_video_features`], [`get_vision_tokens`] and
     [`encode_video`] (both at once); [`get_fine_scores`] scores given (text, video) pairs with stage 2;
@@ -1205,7 +1584,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         self.temporal_aggregator = TEMPORAL_AGGREGATOR_CLASSES[config.temporal_aggregator](config)
         self.similarity_head = SIMILARITY_HEAD_CLASSES[config.similarity_head](config)
 
-        # Stage 2: frozen vision tower, Q-Former based spatial and temporal text attention, matching head.
+        # Stage 2: a frozen vision tower and the fine module (pair -> matching logits) over its tokens.
         if config.share_vision_tower:
             self.fine_vision_model = None
         else:
@@ -1219,41 +1598,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             self.fine_vision_projection = nn.Linear(config.fine_vision_hidden_size, config.fine_token_hidden_size)
         else:
             self.fine_vision_projection = None
-        self.qformer_embeddings = Blip2TextEmbeddings(qformer_config)
-        self.qformer = Blip2QFormerModel._from_config(qformer_config)
-        crosstvr = config.fine_module == "crosstvr"
-        if crosstvr:
-            self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
-            self.text_to_video_fusion = None
-        else:
-            self.query_tokens = None
-            self.text_to_video_fusion = CrossTVRTextToVideoFusion(config)
-        both_passes = crosstvr and config.fine_attention == "spatial_temporal"
-        if both_passes and not config.share_spatial_temporal:
-            self.temporal_qformer_embeddings = Blip2TextEmbeddings(qformer_config)
-            self.temporal_qformer = Blip2QFormerModel._from_config(qformer_config)
-        else:
-            self.temporal_qformer_embeddings = None
-            self.temporal_qformer = None
-        if not crosstvr or config.fine_attention == "spatial":
-            self.token_selector = None
-        else:
-            self.token_selector = CrossTVRTokenSelector(
-                config.fine_token_hidden_size,
-                config.num_selected_tokens,
-                keep_cls_token=False,
-                num_samples=config.token_selection_num_samples,
-                sigma=config.token_selection_sigma,
-            )
-        if both_passes and config.use_frame_position_embeddings:
-            self.frame_position_embeddings = nn.Parameter(torch.zeros(config.num_frames, qformer_config.hidden_size))
-        else:
-            self.frame_position_embeddings = None
-        if self.token_selector is not None and config.use_token_frame_embeddings:
-            self.token_frame_embeddings = nn.Parameter(torch.zeros(config.num_frames, config.fine_token_hidden_size))
-        else:
-            self.token_frame_embeddings = None
-        self.matching_head = nn.Linear(qformer_config.hidden_size, 2)
+        self.fine_module = FINE_MODULE_CLASSES[config.fine_module](config)
 
         self.post_init()
         self.train(self.training)  # freezes the separate stage-2 tower
@@ -1278,18 +1623,8 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         parameter. T2V2T (`fine_module="t2v2t"`) uses every parameter it has: its text pass runs all text
         feed-forwards.
         """
-        if self.config.fine_module == "t2v2t":
-            return []
-        last_layer = self.config.qformer_config.num_hidden_layers - 1
-        unused = [f"qformer.encoder.layer.{last_layer}.{module}." for module in ("intermediate", "output")]
-        if self.temporal_qformer is not None:
-            if self.config.temporal_text_input:
-                unused += [f"temporal_qformer.encoder.layer.{last_layer}.{m}." for m in ("intermediate", "output")]
-            else:
-                layers = range(self.config.qformer_config.num_hidden_layers)
-                unused += [f"temporal_qformer.encoder.layer.{i}.{m}." for i in layers for m in ("intermediate", "output")]
-                unused.append("temporal_qformer_embeddings.")
-        return [name for name, _ in self.named_parameters() if name.startswith(tuple(unused))]
+        unused = tuple(f"fine_module.{prefix}" for prefix in self.fine_module.unused_parameter_prefixes())
+        return [name for name, _ in self.named_parameters() if name.startswith(unused)]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Input checks
@@ -1315,14 +1650,6 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         if not video_mask.bool().any(dim=1).all():
             raise ValueError("video_mask marks a video with no real frame; every video needs at least one frame.")
         return video_mask
-
-    @staticmethod
-    def _check_num_frames(embeddings: torch.Tensor, num_frames: int) -> None:
-        if num_frames > embeddings.shape[0]:
-            raise ValueError(
-                f"The fine module has frame embeddings for {embeddings.shape[0]} frames (config.num_frames) but got "
-                f"{num_frames} frames."
-            )
 
     @staticmethod
     def _check_text_length(input_ids: torch.Tensor, max_length: int, name: str) -> None:
@@ -1455,7 +1782,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         return self._encode_video(pixel_values, video_mask, with_tokens=False)[0]
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Stage 2: decoupled video-text cross attention
+    # Stage 2: the fine module over the frozen tower's tokens
     # ----------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -1489,100 +1816,6 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         video_embeds, vision_tokens, _ = self._encode_video(pixel_values, video_mask, with_tokens=True)
         return CrossTVRVideoOutput(video_embeds=video_embeds, vision_tokens=vision_tokens)
 
-    def spatial_text_attention(
-        self,
-        qformer_input_ids: torch.Tensor,
-        qformer_attention_mask: torch.Tensor,
-        frame_tokens: torch.Tensor,
-        text_of_frame: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        r"""
-        Spatial text attention, independently per frame (BLIP-2's image-text matching path on one frame):
-
-            z_{t,1} = Attn(Concat(Q, X), V_t),   z_{t,l} = Attn(z_{t,l-1}, V_t),  l = 2..L
-            X_spatial(t) = mean over the N_Q query positions of z_{t,L}
-
-        Queries Q and text X share self-attention; only the query positions cross-attend to V_t. The first layer's
-        self-attention does not depend on the frame, so it runs once per text (see [`qformer_query_outputs`]).
-
-        Args:
-            qformer_input_ids, qformer_attention_mask: `(texts, text_length)`; one text per frame when
-                `text_of_frame` is None.
-            frame_tokens: `(frames, tokens, fine_token_hidden_size)`, V_t.
-            text_of_frame: `(frames,)`, *optional*: the text each frame is paired with.
-
-        Returns:
-            X_spatial: `(frames, qformer_hidden_size)`.
-        """
-        num_texts = qformer_input_ids.shape[0]
-        queries = self.query_tokens.expand(num_texts, -1, -1)  # (texts, N_Q, hidden)
-        embeds = self.qformer_embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (texts, N_Q + L, hidden)
-        attention_mask = torch.cat([qformer_attention_mask.new_ones(queries.shape[:2]), qformer_attention_mask], dim=1)
-        query_states = qformer_query_outputs(
-            self.qformer,
-            embeds,
-            attention_mask,
-            queries.shape[1],
-            encoder_hidden_states=frame_tokens,
-            input_of_row=text_of_frame,
-        )  # (frames, N_Q, hidden)
-        return query_states.mean(dim=1)
-
-    def temporal_text_attention(
-        self,
-        queries: torch.Tensor,
-        query_mask: torch.Tensor,
-        selected_tokens: torch.Tensor,
-        token_mask: torch.Tensor,
-        qformer_input_ids: torch.Tensor | None = None,
-        qformer_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        r"""
-        Temporal text attention over the whole video (Eqs. 5-6): the queries attend to the M x T selected tokens of all
-        frames,
-
-            z_1 = Attn(Concat_t X_spatial(t), Concat_t V_select(t)),   z_l = Attn(z_{l-1}, Concat_t V_select(t))
-
-        In the paper's module the queries are X_spatial(t) of every frame, and the text reaches this pass only through
-        them. With `qformer_input_ids` the caption's tokens follow the queries, as in Eq. 1: the `"temporal"` ablation
-        (the learned query tokens and the text) and `temporal_text_input=True`. The same Q-Former as the spatial pass
-        runs unless `share_spatial_temporal=False`. Padding frames are masked both as queries and as keys.
-
-        Args:
-            queries: `(pairs, queries, qformer_hidden_size)`; query_mask: `(pairs, queries)`.
-            selected_tokens: `(pairs, frames * M, fine_token_hidden_size)`, V_select; token_mask: `(pairs, frames * M)`.
-            qformer_input_ids, qformer_attention_mask: `(pairs, text_length)`, *optional*.
-
-        Returns:
-            The masked mean of the last layer's query outputs: `(pairs, qformer_hidden_size)`.
-        """
-        if self.temporal_qformer is None:
-            qformer, embeddings = self.qformer, self.qformer_embeddings
-        else:
-            qformer, embeddings = self.temporal_qformer, self.temporal_qformer_embeddings
-        num_queries = queries.shape[1]
-        embeds = embeddings(input_ids=qformer_input_ids, query_embeds=queries)  # (pairs, queries (+ L), hidden)
-        attention_mask = query_mask.to(token_mask.dtype)
-        if qformer_input_ids is not None:
-            attention_mask = torch.cat([attention_mask, qformer_attention_mask.to(attention_mask.dtype)], dim=1)
-        # Only the query positions cross-attend, so the padding mask over the selected tokens is built for those rows.
-        encoder_attention_mask = create_bidirectional_mask(
-            config=qformer.config,
-            inputs_embeds=queries,
-            attention_mask=token_mask,
-            encoder_hidden_states=selected_tokens,
-        )
-        hidden_states = qformer_query_outputs(
-            qformer,
-            embeds,
-            attention_mask,
-            num_queries,
-            encoder_hidden_states=selected_tokens,
-            encoder_attention_mask=encoder_attention_mask,
-        )  # (pairs, queries, hidden)
-        weights = query_mask.to(hidden_states.dtype).unsqueeze(-1)
-        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
-
     def get_fine_logits(
         self,
         qformer_input_ids: torch.Tensor,
@@ -1591,14 +1824,10 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         video_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
-        Matching-head logits of (text_i, video_i) pairs from the fine module `config.fine_module` names, then
-        `matching_head` (a linear layer to {no match, match}):
-
-        - `"crosstvr"`: spatial text attention on every real frame, token selection on every real frame, temporal text
-          attention with X_spatial(t) (plus the frame position P_t) as queries. The `fine_attention` ablations keep one
-          pass: `"spatial"` feeds the masked mean of X_spatial(t) to the head, `"temporal"` uses the query tokens as
-          temporal queries.
-        - `"t2v2t"`: T2V2T fusion, see [`t2v2t_fusion`].
+        Matching logits of (text_i, video_i) pairs from `fine_module`, the part `config.fine_module` names:
+        `"crosstvr"`, [`CrossTVRDecoupledFineModule`] (the paper's decoupled spatial and temporal text attention), or
+        `"t2v2t"`, [`CrossTVRT2V2TFineModule`] (T2V2T fusion). This method checks the inputs, projects the tokens
+        (`fine_vision_projection`) and runs each distinct caption's text-side computation once.
 
         Args:
             qformer_input_ids (`torch.LongTensor` of shape `(pairs, text_length)`): Q-Former (BERT) token ids.
@@ -1624,7 +1853,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
         if qformer_attention_mask is None:
             qformer_attention_mask = torch.ones_like(qformer_input_ids)
         video_mask = self._video_mask(video_mask, num_pairs, num_frames, vision_tokens.device)
-        vision_tokens = vision_tokens.to(self.matching_head.weight.dtype)
+        vision_tokens = vision_tokens.to(self.fine_module.matching_head.weight.dtype)
         if self.fine_vision_projection is not None:
             vision_tokens = self.fine_vision_projection(vision_tokens)  # (pairs, T, N, fine_token_hidden_size)
         qformer_input_ids, qformer_attention_mask = trim_text_padding(qformer_input_ids, qformer_attention_mask)
@@ -1634,137 +1863,7 @@ class CrossTVRModel(CrossTVRPreTrainedModel):
             torch.cat([qformer_input_ids, qformer_attention_mask], dim=1), dim=0, return_inverse=True
         )  # (texts, 2 L), (pairs,)
         texts = (texts[:, :text_length], texts[:, text_length:])
-        if self.config.fine_module == "t2v2t":
-            if self.config.use_temporal_difference_tokens:
-                vision_tokens = temporal_difference_tokens(vision_tokens, video_mask)  # (pairs, T, 2 N, D_v)
-            pooled = self.t2v2t_fusion(*texts, text_of_pair, vision_tokens, video_mask)
-        else:
-            pooled = self._decoupled_text_attention(*texts, text_of_pair, vision_tokens, video_mask)
-        return self.matching_head(pooled)
-
-    def _decoupled_text_attention(
-        self,
-        qformer_input_ids: torch.Tensor,
-        qformer_attention_mask: torch.Tensor,
-        text_of_pair: torch.Tensor,
-        vision_tokens: torch.Tensor,
-        video_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """
-        CrossTVR's fine module up to the matching head (see [`get_fine_logits`]): distinct texts `(texts, L)`, the text
-        of each pair `(pairs,)`, tokens `(pairs, T, N, D_v)` and `video_mask` `(pairs, T)` -> `(pairs, hidden)`.
-        """
-        num_pairs, num_frames = vision_tokens.shape[:2]
-        fine_attention = self.config.fine_attention
-        # Only real frames go through the per-frame passes; padding frames stay zero and are masked later.
-        valid = video_mask.bool()  # (pairs, T)
-        pair_of_frame = torch.arange(num_pairs, device=valid.device).unsqueeze(1).expand_as(valid)[valid]  # (F,)
-        frame_tokens = vision_tokens[valid]  # (F, N, D_v)
-        if fine_attention != "temporal":
-            spatial = self.spatial_text_attention(
-                qformer_input_ids, qformer_attention_mask, frame_tokens, text_of_pair[pair_of_frame]
-            )  # (F, hidden)
-            spatial_embeds = spatial.new_zeros(num_pairs, num_frames, spatial.shape[-1])
-            spatial_embeds[valid] = spatial  # (pairs, T, hidden)
-        if fine_attention == "spatial":
-            weights = video_mask.to(spatial_embeds.dtype).unsqueeze(-1)
-            return (spatial_embeds * weights).sum(dim=1) / weights.sum(dim=1)
-
-        if self.config.use_temporal_difference_tokens:
-            # Motion for the temporal pass only: it selects among V_t and V_t - V_{t-1}; the spatial pass stays
-            # per-frame appearance, as in the paper.
-            frame_tokens = temporal_difference_tokens(vision_tokens, video_mask)[valid]  # (F, 2 N, D_v)
-        selected = self.token_selector(frame_tokens)  # (F, M, D_v)
-        selected_tokens = selected.new_zeros(num_pairs, num_frames, *selected.shape[1:])
-        selected_tokens[valid] = selected  # (pairs, T, M, D_v)
-        if self.token_frame_embeddings is not None:
-            self._check_num_frames(self.token_frame_embeddings, num_frames)
-            selected_tokens = selected_tokens + self.token_frame_embeddings[:num_frames, None]  # V_select(t) + E_t
-        token_mask = video_mask.repeat_interleave(selected.shape[1], dim=1)  # (pairs, T * M)
-        if fine_attention == "temporal":
-            queries = self.query_tokens.expand(num_pairs, -1, -1)  # (pairs, N_Q, hidden)
-            query_mask = torch.ones(queries.shape[:2], dtype=video_mask.dtype, device=queries.device)
-        else:
-            queries, query_mask = spatial_embeds, video_mask
-            if self.frame_position_embeddings is not None:
-                self._check_num_frames(self.frame_position_embeddings, num_frames)
-                queries = queries + self.frame_position_embeddings[:num_frames]
-        with_text = fine_attention == "temporal" or self.config.temporal_text_input
-        return self.temporal_text_attention(
-            queries,
-            query_mask,
-            selected_tokens.flatten(1, 2),  # (pairs, T * M, D_v)
-            token_mask,
-            qformer_input_ids[text_of_pair] if with_text else None,
-            qformer_attention_mask[text_of_pair] if with_text else None,
-        )
-
-    def t2v2t_fusion(
-        self,
-        qformer_input_ids: torch.Tensor,
-        qformer_attention_mask: torch.Tensor,
-        text_of_pair: torch.Tensor,
-        vision_tokens: torch.Tensor,
-        video_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        r"""
-        T2V2T fusion (`fine_module="t2v2t"`) of (text, video) pairs up to the matching head:
-
-            F_T = Q-Former(Emb(text))                                   the caption alone (BLIP-2's text path)
-            F_T2V[t] = X-Attn(F_V[t], Concat(F_T W_T, F_V[t])) + E_t      every real frame, [`CrossTVRTextToVideoFusion`]
-            F_T2V2T = Q-Former(Emb(text), cross-attending to Concat_t F_T2V[t])     video-to-text fusion
-
-        and the first position of F_T2V2T goes to the matching head (VindLU's and ALBEF's matching heads read [CLS]).
-        The video-to-text pass runs the caption's embeddings as the Q-Former's query rows, so that one stack plays
-        VindLU's text encoder and its fusion layers at once: every layer's self-attention over the caption, the
-        cross-attention (in the layers that have it) to the fused tokens of all real frames, and the query
-        feed-forward. All of a BLIP-2 Q-Former's weights initialise both passes and the matching head; only W_T, the
-        fusion block and E_t are new. The poster's V2T fusion is cross-attention then self-attention; the Q-Former
-        alternates the two, self-attention first.
-
-        Args:
-            qformer_input_ids, qformer_attention_mask: `(texts, L)`, the distinct captions.
-            text_of_pair: `(pairs,)`, the caption of each pair.
-            vision_tokens: `(pairs, T, N, D_v)`, F_V; video_mask: `(pairs, T)`.
-
-        Returns:
-            `(pairs, qformer_hidden_size)`.
-        """
-        num_pairs, num_frames, num_tokens = vision_tokens.shape[:3]
-        text_embeds = self.qformer_embeddings(input_ids=qformer_input_ids)  # (texts, L, hidden)
-        text_features = self.qformer(
-            query_embeds=text_embeds, query_length=0, attention_mask=qformer_attention_mask
-        ).last_hidden_state  # (texts, L, hidden): F_T
-        valid = video_mask.bool()  # (pairs, T)
-        pair_of_frame = torch.arange(num_pairs, device=valid.device).unsqueeze(1).expand_as(valid)[valid]  # (F,)
-        frame_index = torch.arange(num_frames, device=valid.device).expand_as(valid)[valid]  # (F,)
-        text_of_frame = text_of_pair[pair_of_frame]
-        fused = self.text_to_video_fusion(
-            vision_tokens[valid],
-            text_features.index_select(0, text_of_frame),
-            qformer_attention_mask[text_of_frame],
-            frame_index,
-        )  # (F, N, D_v)
-        fused_tokens = fused.new_zeros(num_pairs, num_frames, num_tokens, fused.shape[-1])
-        fused_tokens[valid] = fused  # (pairs, T, N, D_v); padding frames stay zero and are masked
-        token_mask = video_mask.repeat_interleave(num_tokens, dim=1)  # (pairs, T * N)
-        embeds = text_embeds.index_select(0, text_of_pair)  # (pairs, L, hidden)
-        attention_mask = qformer_attention_mask[text_of_pair]
-        encoder_attention_mask = create_bidirectional_mask(
-            config=self.qformer.config,
-            inputs_embeds=embeds,
-            attention_mask=token_mask,
-            encoder_hidden_states=fused_tokens.flatten(1, 2),
-        )
-        hidden_states = qformer_query_outputs(
-            self.qformer,
-            embeds,
-            attention_mask,
-            embeds.shape[1],
-            encoder_hidden_states=fused_tokens.flatten(1, 2),  # (pairs, T * N, D_v)
-            encoder_attention_mask=encoder_attention_mask,
-        )  # (pairs, L, hidden): F_T2V2T
-        return hidden_states[:, 0]
+        return self.fine_module(*texts, text_of_pair, vision_tokens, video_mask)  # (pairs, 2)
 
     def get_fine_scores(
         self,

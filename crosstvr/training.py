@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 PRETRAINED_STAGE_ONE_MODULES = ("text_model", "vision_model", "text_projection", "visual_projection", "logit_scale")
 LORA_TARGETS = {
     "text": r"text_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
-    "qformer": r"(temporal_)?qformer\.encoder\.layer\.\d+\.(attention|crossattention)\.attention\.(query|key|value)",
+    "qformer": r"fine_module\.(temporal_)?qformer\.encoder\.layer\.\d+\.(attention|crossattention)\.attention\."
+    r"(query|key|value)",
 }
 HARD_NEGATIVES = ("in_batch", "stage1_top_k")
 # The optimizer is AdamW. Stage 1 follows the code of TS2-Net (the paper's stage 1), whose BertAdam decays weights by
@@ -65,7 +66,7 @@ STAGE_WEIGHT_DECAY = {1: 0.2, 2: 0.0}
 # What stays fully trainable beside the LoRA adapters, per stage.
 LORA_MODULES_TO_SAVE = {
     1: ["text_projection", "visual_projection", "temporal_aggregator"],
-    2: ["token_selector", "text_to_video_fusion", "matching_head"],
+    2: ["fine_module.token_selector", "fine_module.text_to_video_fusion", "fine_module.matching_head"],
 }
 
 

@@ -86,10 +86,13 @@ def model_fingerprint(
     config.pop("transformers_version", None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     state = model.state_dict()
-    for name in sorted(state):
+    # Weights are named as before the fine modules became sub-modules (`fine_module.` left out), so that indexes and
+    # token caches built then still open.
+    legacy_names = {name: name.removeprefix("fine_module.") for name in state}
+    for name in sorted(state, key=legacy_names.get):
         if modules is None or name.split(".")[0] in modules:
             tensor = state[name].detach().to("cpu").reshape(-1).contiguous()
-            digest.update(name.encode())
+            digest.update(legacy_names[name].encode())
             if tensor.numel():
                 digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()

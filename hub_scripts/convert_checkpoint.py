@@ -151,6 +151,18 @@ def build_config(clip, blip2, args, qformer_tokenizer):
     )
 
 
+# The fine module's parts that a Blip2ForImageTextRetrieval initialises, and its names for them (both of CrossTVR's
+# Q-Formers start as BLIP-2's; T2V2T runs BLIP-2's stack for its text and video-to-text passes).
+BLIP2_PARTS = {
+    "query_tokens": "query_tokens",
+    "matching_head": "itm_head",
+    "qformer": "qformer",
+    "temporal_qformer": "qformer",
+    "qformer_embeddings": "embeddings",
+    "temporal_qformer_embeddings": "embeddings",
+}
+
+
 def source_map(model, clip, blip2, args) -> dict[str, tuple[str, torch.Tensor | None]]:
     """For every parameter of the new model: (where it comes from, the tensor to load or None to keep the init)."""
     clip_state, blip2_state = clip.state_dict(), blip2.state_dict() if blip2 is not None else {}
@@ -168,6 +180,7 @@ def source_map(model, clip, blip2, args) -> dict[str, tuple[str, torch.Tensor | 
 
     for name in target:
         top, _, rest = name.partition(".")
+        part, _, part_rest = rest.partition(".")  # within the fine module
         if top in ("text_model", "vision_model", "text_projection", "visual_projection", "logit_scale"):
             take(name, "clip", clip_state, name)
         elif top == "fine_vision_model":
@@ -184,16 +197,8 @@ def source_map(model, clip, blip2, args) -> dict[str, tuple[str, torch.Tensor | 
             rows = min(len(clip_positions), target[name].shape[0])
             origin = f"clip:text_model.embeddings.position_embedding.weight[:{rows}] (rest new)"
             sources[name] = (origin, clip_positions[:rows])
-        elif blip2 is not None and top in ("query_tokens", "matching_head", "qformer", "qformer_embeddings",
-                                           "temporal_qformer", "temporal_qformer_embeddings"):
-            key = {
-                "query_tokens": "query_tokens",
-                "matching_head": f"itm_head.{rest}",
-                "qformer": f"qformer.{rest}",
-                "temporal_qformer": f"qformer.{rest}",
-                "qformer_embeddings": f"embeddings.{rest}",
-                "temporal_qformer_embeddings": f"embeddings.{rest}",
-            }[top]
+        elif blip2 is not None and top == "fine_module" and part in BLIP2_PARTS:
+            key = BLIP2_PARTS[part] + (f".{part_rest}" if part_rest else "")
             cross_attention_kv = ".crossattention.attention.key." in name or ".crossattention.attention.value." in name
             if cross_attention_kv and blip2_state[key].shape != target[name].shape:
                 sources[name] = (

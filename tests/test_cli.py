@@ -80,7 +80,8 @@ def test_an_index_records_its_precision_and_loads_the_model_in_it(tmp_path):
     assert read_index_settings(tmp_path / "index")["dtype"] == "bfloat16"
     reopened = VideoIndex.open(tmp_path / "index", device="cpu")  # the embedded default, in bfloat16 again
     assert reopened.model.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in reopened.model.matching_head.parameters())  # stage 2 stays float32
+    # Stage 2 stays float32.
+    assert all(p.dtype == torch.float32 for p in reopened.model.fine_module.matching_head.parameters())
     result = reopened.search("a red circle moves left", k=4, top_k_rerank=2)
     assert [hit.reranked for hit in result.hits] == [True, True, False, False]
     full, processor = load_model(device="cpu")

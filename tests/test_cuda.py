@@ -44,7 +44,7 @@ def test_bfloat16_towers_with_a_float32_stage_two_rank_as_float32_does():
     full, processor = load_model(device="cuda", dtype="float32")
     half, _ = load_model(device="cuda", dtype="bfloat16")
     assert half.text_model.embeddings.token_embedding.weight.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in half.matching_head.parameters())
+    assert all(p.dtype == torch.float32 for p in half.fine_module.matching_head.parameters())
     captions = ["a red circle moves left", "a blue square moves up", "a green triangle moves down"]
     text = processor(text=captions)
     with torch.no_grad():

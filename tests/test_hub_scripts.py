@@ -119,8 +119,9 @@ def test_conversion_keeps_clip_embeddings_and_blip2_weights(sources, tmp_path, t
     report = run_conversion(sources, output, *args)
     model = CrossTVRModel.from_pretrained(output).eval()
     assert set(report["weights"]) == set(model.state_dict())
-    new = {name.split(".")[0] for name, origin in report["weights"].items() if origin.startswith("new")}
-    assert new == {"token_selector", "frame_position_embeddings"}  # everything else comes from CLIP or BLIP-2
+    new = {tuple(name.split(".")[:2]) for name, origin in report["weights"].items() if origin.startswith("new")}
+    # Everything else comes from CLIP or BLIP-2.
+    assert new == {("fine_module", "token_selector"), ("fine_module", "frame_position_embeddings")}
 
     # Stage 1 is CLIP: texts, single frames, and the mean of normalised frames.
     clip = sources["clip"]
@@ -139,7 +140,7 @@ def test_conversion_keeps_clip_embeddings_and_blip2_weights(sources, tmp_path, t
     # Stage 2 is BLIP-2's: Q-Former, its text embeddings, query tokens, ITM head and EVA tower.
     blip2_state, state = sources["blip2"].state_dict(), model.state_dict()
     for name, tensor in state.items():
-        top, _, rest = name.partition(".")
+        top, _, rest = name.removeprefix("fine_module.").partition(".")
         counterpart = {
             "qformer": f"qformer.{rest}",
             "qformer_embeddings": f"embeddings.{rest}",
@@ -164,12 +165,12 @@ def test_t2v2t_conversion_takes_the_qformer_and_matching_head_from_blip2(sources
     assert (model.config.fine_module, model.config.t2v2t_bypass) == ("t2v2t", False)
     assert model.config.similarity_head == "text_conditioned"
     new = {name for name, origin in report["weights"].items() if origin.startswith("new")}
-    assert {name.split(".")[0] for name in new} == {"text_to_video_fusion"}
-    assert report["weights"]["text_to_video_fusion.frame_embeddings"] == "new: initialised (zeros)"
+    assert {name.split(".")[1] for name in new} == {"text_to_video_fusion"}
+    assert report["weights"]["fine_module.text_to_video_fusion.frame_embeddings"] == "new: initialised (zeros)"
     blip2_state = sources["blip2"].state_dict()
-    torch.testing.assert_close(model.matching_head.weight, blip2_state["itm_head.weight"])
+    torch.testing.assert_close(model.fine_module.matching_head.weight, blip2_state["itm_head.weight"])
     torch.testing.assert_close(
-        model.qformer.encoder.layer[1].output_query.dense.weight,
+        model.fine_module.qformer.encoder.layer[1].output_query.dense.weight,
         blip2_state["qformer.encoder.layer.1.output_query.dense.weight"],
     )
     inputs = tester.get_inputs(batch_size=2)
@@ -190,16 +191,14 @@ def test_cross_attention_to_a_narrower_tower_is_reinitialised_and_reported(sourc
     report = run_conversion(sources, tmp_path / "base", "--blip2", str(sources["root"] / "blip2"))
     reinitialised = {name for name, origin in report["weights"].items() if "re-initialised" in origin}
     assert reinitialised == {
-        f"qformer.encoder.layer.0.crossattention.attention.{kind}.{param}"
-        for kind in ("key", "value")
-        for param in ("weight", "bias")
-    } - {"qformer.encoder.layer.0.crossattention.attention.key.bias", "qformer.encoder.layer.0.crossattention.attention.value.bias"}
+        f"fine_module.qformer.encoder.layer.0.crossattention.attention.{kind}.weight" for kind in ("key", "value")
+    }
     assert "24-wide tower but the stage-2 tower is 32 wide" in report["weights"][
-        "qformer.encoder.layer.0.crossattention.attention.key.weight"
+        "fine_module.qformer.encoder.layer.0.crossattention.attention.key.weight"
     ]
     model = CrossTVRModel.from_pretrained(tmp_path / "base")
     torch.testing.assert_close(
-        model.qformer.encoder.layer[0].crossattention.attention.query.weight,
+        model.fine_module.qformer.encoder.layer[0].crossattention.attention.query.weight,
         sources["blip2"].qformer.encoder.layer[0].crossattention.attention.query.weight,
     )
 
@@ -220,7 +219,9 @@ def test_conversion_without_blip2_initialises_the_temporal_transformer_from_clip
         "[:16] (rest new)"
     )
     assert all(
-        origin.startswith("new") for name, origin in report["weights"].items() if name.startswith(("qformer.", "query"))
+        origin.startswith("new")
+        for name, origin in report["weights"].items()
+        if name.startswith(("fine_module.qformer.", "fine_module.query"))
     )
 
 
@@ -372,7 +373,8 @@ def test_cross_attention_can_keep_blip2_weights_behind_a_projection(sources, tmp
     model = CrossTVRModel.from_pretrained(tmp_path / "base").eval()
     assert model.config.fine_vision_projection and model.config.fine_token_hidden_size == 24
     blip2_layer = sources["blip2"].qformer.encoder.layer[0].crossattention.attention
-    torch.testing.assert_close(model.qformer.encoder.layer[0].crossattention.attention.key.weight, blip2_layer.key.weight)
+    cross_attention = model.fine_module.qformer.encoder.layer[0].crossattention.attention
+    torch.testing.assert_close(cross_attention.key.weight, blip2_layer.key.weight)
     # The projection keeps a coordinate's variance: unit-variance tokens stay at unit variance.
     tokens = torch.randn(4096, 32)
     projected = tokens @ model.fine_vision_projection.weight.t()
@@ -435,7 +437,7 @@ def test_conversion_builds_on_the_meta_device_and_shares_the_sources_storage(sou
     pairs = {
         "text_model.embeddings.token_embedding.weight": clip.text_model.embeddings.token_embedding.weight,
         "vision_model.encoder.layers.0.mlp.fc1.weight": clip.vision_model.encoder.layers[0].mlp.fc1.weight,
-        "qformer.encoder.layer.0.attention.attention.query.weight":
+        "fine_module.qformer.encoder.layer.0.attention.attention.query.weight":
             blip2.qformer.encoder.layer[0].attention.attention.query.weight,
     }
     for name, source in pairs.items():

@@ -118,7 +118,7 @@ def test_qformer_query_outputs_equal_the_plain_qformer(tester, num_layers, train
     the plain transformers Q-Former run on every row, with padded text and a masked cross-attention."""
     model = tester.get_model(qformer_config={**tester.get_config().qformer_config.to_dict(),
                                              "num_hidden_layers": num_layers}).train(training)
-    qformer, num_queries = model.qformer, model.config.num_query_tokens
+    qformer, num_queries = model.fine_module.qformer, model.config.num_query_tokens
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, num_queries + 5, 32, generator=generator)  # 2 inputs: shared queries, different texts
     embeds[1, :num_queries] = embeds[0, :num_queries]
@@ -156,12 +156,12 @@ def test_spatial_pass_is_independent_per_frame(tester):
     frame_tokens = model.get_vision_tokens(inputs["pixel_values"])[1]  # (frames, tokens, width) of video 1
     ids = inputs["qformer_input_ids"][1:2].expand(tester.num_frames, -1)
     mask = inputs["qformer_attention_mask"][1:2].expand(tester.num_frames, -1)
-    spatial = model.spatial_text_attention(ids, mask, frame_tokens)
+    spatial = model.fine_module.spatial_text_attention(ids, mask, frame_tokens)
     assert spatial.shape == (tester.num_frames, 32)
 
     changed = frame_tokens.clone()
     changed[2] = torch.randn_like(changed[2])
-    spatial_changed = model.spatial_text_attention(ids, mask, changed)
+    spatial_changed = model.fine_module.spatial_text_attention(ids, mask, changed)
     unchanged = [t for t in range(tester.num_frames) if t != 2]
     torch.testing.assert_close(spatial_changed[unchanged], spatial[unchanged])
     assert not torch.allclose(spatial_changed[2], spatial[2])
@@ -233,8 +233,8 @@ def test_token_shift_moves_patches_between_neighbouring_real_frames():
 def test_sharing_changes_the_parameter_count_by_one_qformer(tester):
     shared = tester.get_model(share_spatial_temporal=True)
     separate = tester.get_model(share_spatial_temporal=False)
-    extra = sum(p.numel() for p in shared.qformer.parameters()) + sum(
-        p.numel() for p in shared.qformer_embeddings.parameters()
+    extra = sum(p.numel() for p in shared.fine_module.qformer.parameters()) + sum(
+        p.numel() for p in shared.fine_module.qformer_embeddings.parameters()
     )
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     assert count(separate) - count(shared) == extra
@@ -243,7 +243,7 @@ def test_sharing_changes_the_parameter_count_by_one_qformer(tester):
     separate.eval()
     scores = separate.get_fine_scores(*fine_inputs(separate, inputs))
     # The temporal pass of the unshared model runs through its own Q-Former.
-    separate.temporal_qformer.encoder.layer[-1].output_query.LayerNorm.bias.data.add_(1.0)
+    separate.fine_module.temporal_qformer.encoder.layer[-1].output_query.LayerNorm.bias.data.add_(1.0)
     assert not torch.allclose(separate.get_fine_scores(*fine_inputs(separate, inputs)), scores)
 
 
@@ -285,11 +285,12 @@ def test_gradients_reach_the_fine_module_and_not_the_frozen_tower(tester):
     outputs.loss.backward()
     assert all(p.grad is None for p in model.fine_vision_model.parameters())
     for name in ("query_tokens", "matching_head.weight", "token_selector.fc1.weight", "frame_position_embeddings"):
+        name = f"fine_module.{name}"
         assert model.get_parameter(name).grad is not None, name
     unused = set(model.unused_parameter_names())
     assert unused and all(".intermediate." in name or ".output." in name for name in unused)
     for name, parameter in model.named_parameters():
-        if name.startswith("qformer."):  # every Q-Former parameter but the unused ones gets a gradient
+        if name.startswith("fine_module.qformer."):  # every Q-Former parameter but the unused ones gets a gradient
             assert (parameter.grad is None) == (name in unused), name
     assert model.vision_model.embeddings.patch_embedding.weight.grad is not None  # stage 1 is trainable
 
@@ -330,12 +331,12 @@ def test_activation_checkpointing_gives_the_same_gradients(tester):
         model = tester.get_model().train()  # checkpointing acts in training mode only; the tiny config has no dropout
         if checkpointing:
             model.activation_checkpointing_enable()
-            assert model.qformer.encoder.layer[0].gradient_checkpointing
+            assert model.fine_module.qformer.encoder.layer[0].gradient_checkpointing
         torch.manual_seed(0)  # same token-selection noise and hard negatives in both runs
         model(**inputs).loss.backward()
         grads.append(
             (
-                model.qformer.encoder.layer[0].attention.attention.query.weight.grad,
+                model.fine_module.qformer.encoder.layer[0].attention.attention.query.weight.grad,
                 model.vision_model.encoder.layers[0].mlp.fc1.weight.grad,
             )
         )
@@ -450,19 +451,47 @@ def test_model_is_a_pretrained_model_with_safetensors_round_trip(tester, tmp_pat
     assert not any(p.requires_grad for p in loaded.fine_vision_model.parameters())
 
 
+@pytest.mark.parametrize("fine_module", ["crosstvr", "t2v2t"])
+def test_checkpoints_from_before_the_fine_module_parts_load_and_save_in_todays_layout(tester, tmp_path, fine_module):
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    from crosstvr.video_store import model_fingerprint
+
+    options = {"share_spatial_temporal": False, "use_token_frame_embeddings": True} if fine_module == "crosstvr" else {}
+    model = tester.get_model(fine_module=fine_module, **options).eval()
+    # The layout of earlier versions: the fine module's parameters at the top level ("qformer.", "matching_head.").
+    legacy = {name.removeprefix("fine_module."): tensor.contiguous() for name, tensor in model.state_dict().items()}
+    assert "matching_head.weight" in legacy
+    assert "temporal_aggregator.token_selector.fc1.weight" in legacy  # stage 1's selector: not renamed on loading
+    model.config.save_pretrained(tmp_path / "legacy")
+    save_file(legacy, tmp_path / "legacy" / "model.safetensors", metadata={"format": "pt"})
+    loaded = CrossTVRModel.from_pretrained(tmp_path / "legacy").eval()
+    reference = model.state_dict()
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in loaded.state_dict().items())
+    loaded.save_pretrained(tmp_path / "today")
+    assert set(load_file(tmp_path / "today" / "model.safetensors")) == set(reference)
+    # Indexes and token caches record a fingerprint of the model; the layout does not change it.
+    legacy_model = SimpleNamespace(config=model.config, state_dict=lambda: legacy)
+    assert model_fingerprint(model) == model_fingerprint(legacy_model)
+
+
 @pytest.mark.parametrize("fine_attention", ["spatial", "temporal"])
 def test_fine_attention_ablations_keep_one_pass(tester, fine_attention):
     model = tester.get_model(fine_attention=fine_attention, share_spatial_temporal=False)
     full = tester.get_model(share_spatial_temporal=False)
-    assert (model.token_selector is None) == (fine_attention == "spatial")
-    assert model.frame_position_embeddings is None and model.temporal_qformer is None  # one pass, nothing to share
+    assert (model.fine_module.token_selector is None) == (fine_attention == "spatial")
+    # One pass, nothing to share.
+    assert model.fine_module.frame_position_embeddings is None and model.fine_module.temporal_qformer is None
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
     inputs = tester.get_inputs()
     model.train()
     model(**inputs).loss.backward()
     trained = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    assert any(name.startswith("qformer.") for name in trained) and "matching_head.weight" in trained
-    assert ("token_selector.fc1.weight" in trained) == (fine_attention == "temporal")
+    assert any(name.startswith("fine_module.qformer.") for name in trained)
+    assert "fine_module.matching_head.weight" in trained
+    assert ("fine_module.token_selector.fc1.weight" in trained) == (fine_attention == "temporal")
     model.eval()
     changed = {**inputs, "pixel_values": inputs["pixel_values"].clone()}
     changed["pixel_values"][0, -1] = torch.randn_like(changed["pixel_values"][0, -1])  # a padding frame
@@ -480,7 +509,7 @@ def test_temporal_pass_reads_the_caption_only_through_the_spatial_outputs(tester
     inputs = tester.get_inputs()
     ids, mask, tokens, video_mask = fine_inputs(model, inputs)
     spatial = torch.randn(int(video_mask.sum()), model.config.qformer_config.hidden_size)
-    model.spatial_text_attention = lambda *args, **kwargs: spatial  # X_spatial(t) held fixed
+    model.fine_module.spatial_text_attention = lambda *args, **kwargs: spatial  # X_spatial(t) held fixed
     other_ids = ids.roll(1, dims=0)  # every pair gets another caption
     other_mask = mask.roll(1, dims=0)
     changed = model.get_fine_logits(other_ids, other_mask, tokens, video_mask) - model.get_fine_logits(
@@ -494,9 +523,9 @@ def test_every_fine_parameter_but_the_unused_ones_gets_a_gradient(tester, tempor
     model = tester.get_model(share_spatial_temporal=False, temporal_text_input=temporal_text_input).train()
     model(**tester.get_inputs()).loss.backward()
     unused = set(model.unused_parameter_names())
-    assert any(name.startswith("temporal_qformer_embeddings.") for name in unused) != temporal_text_input
+    assert any(name.startswith("fine_module.temporal_qformer_embeddings.") for name in unused) != temporal_text_input
     for name, parameter in model.named_parameters():
-        if name.startswith(("qformer", "temporal_qformer")):
+        if name.startswith(("fine_module.qformer", "fine_module.temporal_qformer")):
             assert (parameter.grad is None) == (name in unused), name
 
 
@@ -559,12 +588,13 @@ def test_half_precision_loading_keeps_stage_two_in_float32(tester, tmp_path, dty
     for name, parameter in model.named_parameters():
         stage_two = name.split(".")[0] in STAGE_TWO_TRAINABLE_MODULES
         assert parameter.dtype == (torch.float32 if stage_two else dtype), name
-    present = {name.split(".")[0] for name, _ in model.named_parameters()} & set(STAGE_TWO_TRAINABLE_MODULES)
+    parts = {name.split(".")[1] for name, _ in model.named_parameters() if name.startswith("fine_module.")}
     t2v2t_only = {"text_to_video_fusion"}
-    if fine_module == "crosstvr":
-        assert present == set(STAGE_TWO_TRAINABLE_MODULES) - t2v2t_only
-    else:
-        assert present == {"qformer_embeddings", "qformer", "fine_vision_projection", "matching_head"} | t2v2t_only
+    crosstvr_only = {"query_tokens", "temporal_qformer_embeddings", "temporal_qformer", "token_selector",
+                     "frame_position_embeddings", "token_frame_embeddings"}
+    common = {"qformer_embeddings", "qformer", "matching_head"}
+    assert parts == common | (crosstvr_only if fine_module == "crosstvr" else t2v2t_only)
+    assert model.fine_vision_projection.weight.dtype == torch.float32
     inputs = tester.get_inputs()
     with torch.no_grad():
         tokens = model.get_vision_tokens(inputs["pixel_values"].to(dtype))
@@ -605,7 +635,7 @@ def test_flex_attention_runs_in_the_towers_and_the_qformer_keeps_sdpa(tester):
         "qformer_config": "sdpa",
     }
     assert flex.vision_model.config._attn_implementation == "flex_attention"
-    assert flex.qformer.config._attn_implementation == "sdpa"
+    assert flex.fine_module.qformer.config._attn_implementation == "sdpa"
     with torch.no_grad():
         for model_outputs in zip(
             *(
@@ -620,7 +650,7 @@ def test_flex_attention_runs_in_the_towers_and_the_qformer_keeps_sdpa(tester):
     # Requested on a loaded model as one string, the same routing applies.
     eager.set_attn_implementation("flex_attention")
     assert eager.text_model.config._attn_implementation == "flex_attention"
-    assert eager.qformer.config._attn_implementation == "sdpa"
+    assert eager.fine_module.qformer.config._attn_implementation == "sdpa"
 
 
 def test_flash_attention_is_supported_where_the_sub_models_support_it(tester):
@@ -668,7 +698,8 @@ def test_token_frame_embeddings_tell_the_temporal_pass_the_frame_order(tester, f
     paper = tester.get_model(fine_attention=fine_attention, use_frame_position_embeddings=False).eval()
     model = tester.get_model(fine_attention=fine_attention, use_frame_position_embeddings=False,
                              use_token_frame_embeddings=True).eval()
-    assert model.load_state_dict(paper.state_dict(), strict=False).missing_keys == ["token_frame_embeddings"]
+    missing = model.load_state_dict(paper.state_dict(), strict=False).missing_keys
+    assert missing == ["fine_module.token_frame_embeddings"]
     ids, mask, tokens, _ = fine_inputs(model, tester.get_inputs())
     video_mask = torch.ones(tokens.shape[:2], dtype=torch.long)
     reversed_tokens = tokens.flip(1)
@@ -678,7 +709,8 @@ def test_token_frame_embeddings_tell_the_temporal_pass_the_frame_order(tester, f
         ids, mask, tokens, video_mask
     )
     with torch.no_grad():
-        model.token_frame_embeddings.normal_(std=tokens.std().item(), generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        model.fine_module.token_frame_embeddings.normal_(std=tokens.std().item(), generator=generator)
     changed = model.get_fine_logits(ids, mask, reversed_tokens, video_mask) - model.get_fine_logits(
         ids, mask, tokens, video_mask
     )

@@ -188,8 +188,8 @@ def test_pretraining_then_conversion_is_the_blip2_path(benchmark, tmp_path):
                          "--max-text-length", "24"]) == 0
     model = CrossTVRModel.from_pretrained(output)
     torch.testing.assert_close(model.fine_vision_model.state_dict(), trained.vision_model.state_dict())
-    torch.testing.assert_close(model.qformer.state_dict(), trained.qformer.state_dict())
-    torch.testing.assert_close(model.query_tokens, trained.query_tokens)
+    torch.testing.assert_close(model.fine_module.qformer.state_dict(), trained.qformer.state_dict())
+    torch.testing.assert_close(model.fine_module.query_tokens, trained.query_tokens)
 
 
 def test_command_line_reads_both_option_sets():

@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from crosstvr import CrossTVRConfig, CrossTVRModel
+from crosstvr.modeling_crosstvr import CrossTVRT2V2TFineModule
 
 
 def t2v2t_model(tester, seed=0, **overrides):
     model = tester.get_model(seed=seed, fine_module="t2v2t", **overrides).eval()
     with torch.no_grad():  # E_t starts at zero; make the frame order visible to every test
-        model.text_to_video_fusion.frame_embeddings.normal_(generator=torch.Generator().manual_seed(seed))
+        model.fine_module.text_to_video_fusion.frame_embeddings.normal_(generator=torch.Generator().manual_seed(seed))
     return model
 
 
@@ -27,7 +28,7 @@ def bert_layer_norm(layer_norm, hidden_states):
 @pytest.mark.parametrize("bypass", [True, False])
 def test_text_to_video_fusion_equals_a_hand_computation(tester, bypass):
     # F_T2V[t] = FFN(X-Attn(F_V[t], Concat(F_T W_T, F_V[t]))) + E_t, written out with the block's own weights.
-    fusion = t2v2t_model(tester, t2v2t_bypass=bypass).text_to_video_fusion
+    fusion = t2v2t_model(tester, t2v2t_bypass=bypass).fine_module.text_to_video_fusion
     generator = torch.Generator().manual_seed(0)
     frames, tokens, text_length, width, heads = 3, 5, 4, 32, 4
     frame_tokens = torch.randn(frames, tokens, width, generator=generator)
@@ -66,22 +67,22 @@ def test_logits_equal_the_plain_qformer_over_the_fused_tokens(tester):
     expected = []
     for i in range(len(ids)):
         real = video_mask[i].bool()
-        embeds = model.qformer_embeddings(input_ids=ids[i : i + 1])
-        text_features = model.qformer(query_embeds=embeds, query_length=0, attention_mask=mask[i : i + 1])
+        embeds = model.fine_module.qformer_embeddings(input_ids=ids[i : i + 1])
+        text_features = model.fine_module.qformer(query_embeds=embeds, query_length=0, attention_mask=mask[i : i + 1])
         num_frames = int(real.sum())
-        fused = model.text_to_video_fusion(
+        fused = model.fine_module.text_to_video_fusion(
             tokens[i, real],
             text_features.last_hidden_state.expand(num_frames, -1, -1),
             mask[i : i + 1].expand(num_frames, -1),
             torch.arange(len(real))[real],
         ).flatten(0, 1)[None]  # (1, real frames * N, width)
-        output = model.qformer(
+        output = model.fine_module.qformer(
             query_embeds=embeds,
             query_length=embeds.shape[1],
             attention_mask=mask[i : i + 1],
             encoder_hidden_states=fused,
         ).last_hidden_state
-        expected.append(model.matching_head(output[:, 0]))
+        expected.append(model.fine_module.matching_head(output[:, 0]))
     torch.testing.assert_close(model.get_fine_logits(ids, mask, tokens, video_mask), torch.cat(expected))
 
 
@@ -132,11 +133,13 @@ def test_bypass_lets_a_frame_attend_to_itself(tester):
 
 def test_every_parameter_gets_a_gradient_and_crosstvr_parts_are_absent(tester):
     model = t2v2t_model(tester).train()
-    assert model.query_tokens is None and model.token_selector is None and model.temporal_qformer is None
-    assert model.frame_position_embeddings is None and model.unused_parameter_names() == []
+    assert isinstance(model.fine_module, CrossTVRT2V2TFineModule) and model.unused_parameter_names() == []
+    parts = {name.split(".")[1] for name, _ in model.named_parameters() if name.startswith("fine_module.")}
+    assert parts == {"qformer_embeddings", "qformer", "text_to_video_fusion", "matching_head"}
     inputs = tester.get_inputs()
     model(**inputs, generator=torch.Generator().manual_seed(0)).loss_matching.backward()
-    fine = [name for name, _ in model.named_parameters() if name.split(".")[0] in ("qformer", "text_to_video_fusion")]
+    parts = ("fine_module.qformer.", "fine_module.text_to_video_fusion.")
+    fine = [name for name, _ in model.named_parameters() if name.startswith(parts)]
     assert fine and all(model.get_parameter(name).grad is not None for name in fine)
     assert all(p.grad is None for p in model.fine_vision_model.parameters())
 

@@ -19,6 +19,7 @@ from crosstvr.training import CachedVideoTextCollator, TrainingArguments, train
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAD = "fine_module.matching_head.weight"  # a stage-2 weight
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_stage_one_lowers_the_contrastive_loss(workspace, tmp_path):
     assert {"configuration_crosstvr.py", "modeling_crosstvr.py", "model.safetensors"} <= set(os.listdir(final))
     # Only stage 1 moved.
     start_state, trained_state = start.state_dict(), trained.state_dict()
-    assert torch.equal(start_state["matching_head.weight"], trained_state["matching_head.weight"])
+    assert torch.equal(start_state[HEAD], trained_state[HEAD])
     assert not torch.equal(start_state["text_projection.weight"], trained_state["text_projection.weight"])
 
 
@@ -125,7 +126,7 @@ def test_stage_two_from_the_token_cache_lowers_the_matching_loss(workspace, tmp_
         start_state["fine_vision_model.embeddings.patch_embedding.weight"],
         trained_state["fine_vision_model.embeddings.patch_embedding.weight"],
     )
-    assert not torch.equal(start_state["matching_head.weight"], trained_state["matching_head.weight"])
+    assert not torch.equal(start_state[HEAD], trained_state[HEAD])
 
 
 def cached_training_rows(workspace, tmp_path):
@@ -204,7 +205,7 @@ def test_token_cache_build_resumes_and_refuses_other_models(workspace, tmp_path,
         build_token_cache(model, processor, videos[:3], tmp_path / "resumed")
     # The fine module is not part of the cached values: training it leaves the cache valid.
     with torch.no_grad():
-        model.matching_head.weight.add_(1.0)
+        model.fine_module.matching_head.weight.add_(1.0)
     resumed.check(model, processor)
 
 
@@ -513,5 +514,5 @@ def test_bf16_mixed_precision_training(workspace, tmp_path, monkeypatch, stage, 
     # The optimizer updates float32 master weights; autocast only lowers the precision of the computation.
     assert all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in weights.values())
     start = load_file(os.path.join(workspace["checkpoints"]["token_shift_select"], "model.safetensors"))
-    trained = ("text_model", "logit_scale") if stage == 1 else ("qformer", "matching_head")
+    trained = ("text_model", "logit_scale") if stage == 1 else ("fine_module.qformer", "fine_module.matching_head")
     assert any(not torch.equal(weights[name], start[name]) for name in weights if name.startswith(trained))
