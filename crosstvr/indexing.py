@@ -292,6 +292,9 @@ class VideoIndex:
                 )
         settings = self.catalog.settings()
         self._check(settings)
+        if settings["model"] != self.fingerprint["model"]:  # `_check` accepted the fingerprint of an earlier version
+            with self.catalog.transaction() as connection:
+                self.catalog.set_settings(connection, model=self.fingerprint["model"])
         self.token_storage = settings.get("token_storage", "float16")  # indexes from before the option: float16
         if token_storage is not None and token_storage != self.token_storage:
             raise IndexMismatchError(
@@ -349,7 +352,11 @@ class VideoIndex:
                 f"{self.index_dir} was indexed with other frame sampling or preprocessing; rebuild it with this "
                 "processor or use the processor it was built with"
             )
-        if settings["model"] != self.fingerprint["model"]:
+        # Indexes built before fingerprints left out where the model was loaded from recorded it with that.
+        same_model = settings["model"] == self.fingerprint["model"] or settings["model"] == model_fingerprint(
+            self.model, with_name_or_path=True
+        )
+        if not same_model:
             recorded = settings.get("model_name") or "the embedded default model"
             dtype = settings.get("dtype", "float32")  # indexes from before the setting: float32
             if dtype != _dtype_name(self.model):

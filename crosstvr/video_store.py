@@ -74,16 +74,23 @@ def write_json_atomically(path: str, payload) -> None:
 
 
 def model_fingerprint(
-    model: CrossTVRModel, modules: tuple[str, ...] | None = None, config_keys: tuple[str, ...] | None = None
+    model: CrossTVRModel,
+    modules: tuple[str, ...] | None = None,
+    config_keys: tuple[str, ...] | None = None,
+    with_name_or_path: bool = False,
 ) -> str:
     """
     SHA-256 of the model's configuration and weights: of the configuration entries `config_keys` and the weights of
-    the top-level `modules` when given, of everything otherwise.
+    the top-level `modules` when given, of everything otherwise. Where the model was loaded from (`_name_or_path`: a
+    relative or absolute path, a Hub id) is not part of it; `with_name_or_path=True` gives the fingerprint of earlier
+    versions, which included it.
     """
     config = model.config.to_dict()
     if config_keys is not None:
         config = {key: config.get(key) for key in config_keys}
     config.pop("transformers_version", None)
+    if not with_name_or_path:
+        config.pop("_name_or_path", None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     state = model.state_dict()
     # Weights are named as before the fine modules became sub-modules (`fine_module.` left out), so that indexes and

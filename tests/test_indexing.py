@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from crosstvr import CrossTVRModel
 from crosstvr.cli import main
 from crosstvr.default_model import build_tiny_model, load_default_model
 from crosstvr.index_catalog import IndexCatalog
@@ -194,6 +195,25 @@ def test_index_refuses_another_model_or_processor(model_and_processor, library, 
         VideoIndex(tmp_path / "index", model, other_processor)
     with pytest.raises(FileNotFoundError, match="not a video index"):
         VideoIndex.open(tmp_path / "nowhere")
+
+
+def test_where_the_model_was_loaded_from_does_not_change_the_model(model_and_processor, library, tmp_path, monkeypatch):
+    from crosstvr.video_store import model_fingerprint
+
+    model, processor = model_and_processor
+    model.save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = (CrossTVRModel.from_pretrained(path).eval() for path in ("model", tmp_path / "model"))
+    assert relative.config._name_or_path != absolute.config._name_or_path
+    built = VideoIndex.build(library, tmp_path / "index", relative, processor, num_workers=0)
+    assert len(VideoIndex(tmp_path / "index", absolute, processor)) == len(built) > 0
+    # An index from before: its fingerprint included `_name_or_path`. It opens, and is recorded anew.
+    index = VideoIndex(tmp_path / "index", relative, processor)
+    with index.catalog.transaction() as connection:
+        index.catalog.set_settings(connection, model=model_fingerprint(relative, with_name_or_path=True))
+    assert VideoIndex(tmp_path / "index", relative, processor).catalog.settings()["model"] == model_fingerprint(absolute)
+    with pytest.raises(IndexMismatchError, match="another model"):
+        VideoIndex(tmp_path / "index", build_tiny_model(seed=1)[0], processor)
 
 
 def test_index_command_with_reference_frame_decoding(library, tmp_path):
