@@ -1365,6 +1365,7 @@ class CrossTVRT2V2TFineModule(nn.Module):
         self.matching_head = nn.Linear(config.qformer_config.hidden_size, 2)
 
     def unused_parameter_prefixes(self) -> list[str]:
+        """None: the text pass runs every text feed-forward (see [`CrossTVRModel.unused_parameter_names`])."""
         return []
 
     def forward(
