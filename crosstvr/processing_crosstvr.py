@@ -224,8 +224,12 @@ def _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_t
             if start > 0:  # to the keyframe before the clip
                 container.seek(first_pts + int(start / fps / stream.time_base), stream=stream, backward=True)
 
+            # The frame index of a timestamp, (pts - first_pts) * time_base * fps; the integer product over the
+            # denominator is the correctly rounded float(Fraction) without a Fraction per frame (8 % of the time).
+            numerator, denominator = stream.time_base.numerator, stream.time_base.denominator
+
             def position(pts: int) -> float:
-                return float((pts - first_pts) * stream.time_base) * fps
+                return (pts - first_pts) * numerator / denominator * fps
 
             frames = _nearest_frames(_decode_towards(container, stream, indices, position), indices, position)
     except av.FFmpegError as error:
