@@ -1110,7 +1110,50 @@ def check_num_frames(embeddings: torch.Tensor, num_frames: int) -> None:
         )
 
 
-class CrossTVRDecoupledFineModule(nn.Module):
+class CrossTVRFineModule(nn.Module):
+    """
+    Stage 2's part: how (text, video tokens) pairs become matching logits, `matching_head(fuse(...))`. Every fine
+    module runs a BLIP-2 Q-Former (`qformer_embeddings`, `qformer`) and ends in `matching_head` (a linear layer to {no
+    match, match}, BLIP-2's ITM head); subclasses build the rest, then the head, and implement `fuse`, which takes `forward`'s
+    arguments and returns the pair representation `(pairs, qformer_hidden_size)` the head reads.
+    """
+
+    def __init__(self, config: CrossTVRConfig):
+        super().__init__()
+        self.config = config
+        self.qformer_embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+
+    def unused_parameter_prefixes(self) -> list[str]:
+        """Prefixes (relative to this module) of the parameters no output depends on, see
+        [`CrossTVRModel.unused_parameter_names`]; none unless a subclass says otherwise."""
+        return []
+
+    def forward(
+        self,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+        text_of_pair: torch.Tensor,
+        vision_tokens: torch.Tensor,
+        video_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Matching logits of (text, video) pairs: `matching_head(fuse(...))`.
+
+        Args:
+            qformer_input_ids, qformer_attention_mask: `(texts, L)`, the distinct captions.
+            text_of_pair: `(pairs,)`, the caption of each pair.
+            vision_tokens: `(pairs, T, N, fine_token_hidden_size)`; video_mask: `(pairs, T)`, 1 for real frames.
+
+        Returns:
+            Matching logits `(pairs, 2)`: {no match, match}.
+        """
+        return self.matching_head(
+            self.fuse(qformer_input_ids, qformer_attention_mask, text_of_pair, vision_tokens, video_mask)
+        )
+
+
+class CrossTVRDecoupledFineModule(CrossTVRFineModule):
     r"""
     Stage 2 of CrossTVR (`fine_module="crosstvr"`): decoupled video-text cross attention, then the matching head.
 
@@ -1124,11 +1167,8 @@ class CrossTVRDecoupledFineModule(nn.Module):
     """
 
     def __init__(self, config: CrossTVRConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         qformer_config = config.qformer_config
-        self.qformer_embeddings = Blip2TextEmbeddings(qformer_config)
-        self.qformer = Blip2QFormerModel._from_config(qformer_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         both_passes = config.fine_attention == "spatial_temporal"
         if both_passes and not config.share_spatial_temporal:
@@ -1158,8 +1198,7 @@ class CrossTVRDecoupledFineModule(nn.Module):
         self.matching_head = nn.Linear(qformer_config.hidden_size, 2)
 
     def unused_parameter_prefixes(self) -> list[str]:
-        """Prefixes (relative to this module) of the parameters no output depends on, see
-        [`CrossTVRModel.unused_parameter_names`]."""
+        """The last Q-Former layer's text feed-forward, and a separate temporal Q-Former's text parts it never runs."""
         last_layer = self.config.qformer_config.num_hidden_layers - 1
         unused = [f"qformer.encoder.layer.{last_layer}.{module}." for module in ("intermediate", "output")]
         if self.temporal_qformer is not None:
@@ -1170,29 +1209,6 @@ class CrossTVRDecoupledFineModule(nn.Module):
                 unused += [f"temporal_qformer.encoder.layer.{i}.{m}." for i in layers for m in ("intermediate", "output")]
                 unused.append("temporal_qformer_embeddings.")
         return unused
-
-    def forward(
-        self,
-        qformer_input_ids: torch.Tensor,
-        qformer_attention_mask: torch.Tensor,
-        text_of_pair: torch.Tensor,
-        vision_tokens: torch.Tensor,
-        video_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """
-        Matching logits of (text, video) pairs: `matching_head(fuse(...))`.
-
-        Args:
-            qformer_input_ids, qformer_attention_mask: `(texts, L)`, the distinct captions.
-            text_of_pair: `(pairs,)`, the caption of each pair.
-            vision_tokens: `(pairs, T, N, fine_token_hidden_size)`; video_mask: `(pairs, T)`, 1 for real frames.
-
-        Returns:
-            Matching logits `(pairs, 2)`: {no match, match}.
-        """
-        return self.matching_head(
-            self.fuse(qformer_input_ids, qformer_attention_mask, text_of_pair, vision_tokens, video_mask)
-        )
 
     def spatial_text_attention(
         self,
@@ -1348,7 +1364,7 @@ class CrossTVRDecoupledFineModule(nn.Module):
 
 
 
-class CrossTVRT2V2TFineModule(nn.Module):
+class CrossTVRT2V2TFineModule(CrossTVRFineModule):
     r"""
     Stage 2 of T2V2T (`fine_module="t2v2t"`): text-to-video fusion with bypass cross-attention on every frame
     (`text_to_video_fusion`, [`CrossTVRTextToVideoFusion`]), video-to-text fusion of the caption over the fused frames
@@ -1357,39 +1373,9 @@ class CrossTVRT2V2TFineModule(nn.Module):
     """
 
     def __init__(self, config: CrossTVRConfig):
-        super().__init__()
-        self.use_temporal_difference_tokens = config.use_temporal_difference_tokens
-        self.qformer_embeddings = Blip2TextEmbeddings(config.qformer_config)
-        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        super().__init__(config)
         self.text_to_video_fusion = CrossTVRTextToVideoFusion(config)
         self.matching_head = nn.Linear(config.qformer_config.hidden_size, 2)
-
-    def unused_parameter_prefixes(self) -> list[str]:
-        """None: the text pass runs every text feed-forward (see [`CrossTVRModel.unused_parameter_names`])."""
-        return []
-
-    def forward(
-        self,
-        qformer_input_ids: torch.Tensor,
-        qformer_attention_mask: torch.Tensor,
-        text_of_pair: torch.Tensor,
-        vision_tokens: torch.Tensor,
-        video_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """
-        Matching logits of (text, video) pairs: `matching_head(fuse(...))`.
-
-        Args:
-            qformer_input_ids, qformer_attention_mask: `(texts, L)`, the distinct captions.
-            text_of_pair: `(pairs,)`, the caption of each pair.
-            vision_tokens: `(pairs, T, N, fine_token_hidden_size)`; video_mask: `(pairs, T)`, 1 for real frames.
-
-        Returns:
-            Matching logits `(pairs, 2)`: {no match, match}.
-        """
-        return self.matching_head(
-            self.fuse(qformer_input_ids, qformer_attention_mask, text_of_pair, vision_tokens, video_mask)
-        )
 
     def fuse(
         self,
@@ -1424,7 +1410,7 @@ class CrossTVRT2V2TFineModule(nn.Module):
         Returns:
             `(pairs, qformer_hidden_size)`.
         """
-        if self.use_temporal_difference_tokens:
+        if self.config.use_temporal_difference_tokens:
             vision_tokens = temporal_difference_tokens(vision_tokens, video_mask)  # (pairs, T, 2 N, D_v)
         num_pairs, num_frames, num_tokens = vision_tokens.shape[:3]
         text_embeds = self.qformer_embeddings(input_ids=qformer_input_ids)  # (texts, L, hidden)
