@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 
 
 CATALOG = "catalog.sqlite"
+LOCK_TIMEOUT_S = 60.0  # how long a statement waits for another connection's lock before giving up
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,12 +48,26 @@ class IndexCatalog:
 
     def __init__(self, path: str):
         self.path = path
-        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_TIMEOUT_S)
         self._lock = threading.RLock()
         with self._lock:
-            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._enter_wal_mode()
             self._connection.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints, never corrupt (WAL)
             self._connection.executescript(SCHEMA)
+
+    def _enter_wal_mode(self) -> None:
+        """Switch the database to WAL. The switch takes an exclusive lock and SQLite answers "database is locked" at
+        once, without its busy timeout, when another connection holds any lock meanwhile (two processes of one
+        `torchrun` opening a new index together): wait and retry, as the timeout would."""
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                self._connection.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @staticmethod
     def path_in(index_dir: str | os.PathLike) -> str:
@@ -89,6 +104,13 @@ class IndexCatalog:
     def settings(self) -> dict:
         return {key: json.loads(value) for key, value in self._query("SELECT key, value FROM settings")}
 
+    def create_settings(self, **values) -> None:
+        """Store `values` as the settings of a new catalog, in one transaction that first checks there are none: of
+        several processes creating one index together, one writes them and the others find them."""
+        with self.transaction() as connection:
+            if not connection.execute("SELECT 1 FROM settings LIMIT 1").fetchone():
+                self.set_settings(connection, **values)
+
     def set_settings(self, connection: sqlite3.Connection, **values) -> None:
         """Inside a transaction: store `values` (JSON-serialisable) under their keys."""
         connection.executemany(
@@ -112,7 +134,7 @@ class IndexCatalog:
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         """A connection of its own reading one snapshot, for long reads that hand out rows as they go."""
-        connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=60)
+        connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=LOCK_TIMEOUT_S)
         try:
             connection.execute("BEGIN")
             yield connection

@@ -281,15 +281,12 @@ class VideoIndex:
         if not os.path.exists(catalog_path) and os.path.exists(os.path.join(self.index_dir, LEGACY_MANIFEST)):
             self._check(read_index_settings(self.index_dir))
             migrate_legacy_manifest(self.index_dir)
-        new = not os.path.exists(catalog_path)
         os.makedirs(self.index_dir, exist_ok=True)
         self.catalog = IndexCatalog(catalog_path)
-        if new:
-            with self.catalog.transaction() as connection:
-                self.catalog.set_settings(
-                    connection, format_version=FORMAT_VERSION, model_name=model_name, **self.fingerprint, faiss=None,
-                    generation=0, token_storage=token_storage or "float16", dtype=_dtype_name(model),
-                )
+        self.catalog.create_settings(
+            format_version=FORMAT_VERSION, model_name=model_name, **self.fingerprint, faiss=None, generation=0,
+            token_storage=token_storage or "float16", dtype=_dtype_name(model),
+        )
         settings = self.catalog.settings()
         self._check(settings)
         if settings["model"] != self.fingerprint["model"]:  # `_check` accepted the fingerprint of an earlier version

@@ -1,8 +1,10 @@
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -268,6 +270,33 @@ def test_two_processes_split_the_indexing(library, tmp_path):
     assert expected.keys() == actual.keys()
     for path in expected:
         torch.testing.assert_close(actual[path][0], expected[path][0])
+
+
+def test_connections_that_create_one_catalog_together_all_open_it(tmp_path):
+    # What two `torchrun` processes do when they start indexing into a new folder at once. SQLite refuses the switch to
+    # WAL without waiting when another connection holds a lock, and a connection may find the file before its
+    # creator has written the settings: both happened in a few of a hundred new catalogs with eight openers.
+    for trial in range(100):
+        path, barrier, settings, errors = IndexCatalog.path_in(tmp_path / str(trial)), threading.Barrier(8), [], []
+        os.makedirs(os.path.dirname(path))
+
+        def open_catalog(number: int) -> None:
+            barrier.wait()
+            try:
+                catalog = IndexCatalog(path)
+                catalog.create_settings(format_version=2, opener=number)
+                settings.append(catalog.settings())
+                catalog.close()
+            except sqlite3.Error as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=open_catalog, args=(number,)) for number in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert len(settings) == 8 and all(found == settings[0] for found in settings)  # one opener wrote them
 
 
 def test_ivf_index_trains_on_a_sample_and_finds_every_vector():
