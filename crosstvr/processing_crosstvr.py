@@ -19,6 +19,8 @@ files, is imported when a video file is read.
 
 import bisect
 import os
+from collections.abc import Iterable, Iterator
+from queue import Empty, SimpleQueue
 
 import torch
 from transformers import BatchFeature, Pipeline
@@ -111,8 +113,13 @@ def read_video(
       `skip_frame=NONREF`: most B-frames) and jumping from each sampled frame to the keyframe before the next one
       where there is one in between; each sampled index gets the nearest reference frame, at most 2 frames away with
       x264's default 3 B-frames. The chosen frames are those a full pass would choose; about a third of the frames
-      are decoded, at 2x the speed of `"exact"`. The frame count comes from the container's metadata. Clips with
-      fewer than `MIN_FRAMES_PER_SAMPLE_TO_SKIP` frames per sampled frame decode every frame, so samples stay distinct.
+      are decoded, at 2x the speed of `"exact"` in one thread. The stretches from a keyframe to the sampled frames
+      after it are independent and are decoded in `num_threads` threads (libavcodec's slice threading does nothing
+      for the common one-slice H.264 frames). The frame count comes from the container's metadata. Clips with fewer
+      than `MIN_FRAMES_PER_SAMPLE_TO_SKIP` frames per sampled frame decode every frame, so samples stay distinct.
+
+    `num_threads`: decoder threads; 0 (default) lets decord choose, and gives `"reference_frames"` one thread per core
+    the process may use.
 
     Returns:
         A `(frames, height, width, 3)` uint8 array with at most `num_frames` frames.
@@ -127,7 +134,7 @@ def read_video(
     if decoding not in DECODING_MODES:
         raise ValueError(f"decoding={decoding!r} is not one of {DECODING_MODES}")
     if decoding == "reference_frames":
-        return _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_time, generator)
+        return _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_time, generator, num_threads)
     try:
         import decord
     except ImportError as error:
@@ -198,8 +205,9 @@ def _import_av(path: str):
     return av
 
 
-def _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_time, generator):
-    """`read_video(..., decoding="reference_frames")`: skips non-reference frames and jumps to keyframes."""
+def _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_time, generator, num_threads):
+    """`read_video(..., decoding="reference_frames")`: skips non-reference frames and jumps to keyframes; the stretches
+    from a keyframe to the sampled frames after it are decoded in `num_threads` threads (0: one per usable core)."""
     av = _import_av(path)
     try:
         with av.open(path) as container:
@@ -217,9 +225,7 @@ def _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_t
             start, end, indices = _clip_frame_indices(
                 path, num_video_frames, fps, num_frames, sampling, start_time, end_time, generator
             )
-            if end - start >= MIN_FRAMES_PER_SAMPLE_TO_SKIP * num_frames:
-                stream.codec_context.skip_frame = "NONREF"
-            stream.thread_type = "SLICE"
+            skip_non_reference = end - start >= MIN_FRAMES_PER_SAMPLE_TO_SKIP * num_frames
             first_pts = stream.start_time or 0
             if start > 0:  # to the keyframe before the clip
                 container.seek(first_pts + int(start / fps / stream.time_base), stream=stream, backward=True)
@@ -231,50 +237,125 @@ def _read_nearest_reference_frames(path, num_frames, sampling, start_time, end_t
             def position(pts: int) -> float:
                 return (pts - first_pts) * numerator / denominator * fps
 
-            frames = _nearest_frames(_decode_towards(container, stream, indices, position), indices, position)
+            packets = _packets_through(container, stream, indices[-1], position)
+            segments = _keyframe_segments(packets, indices, position)
+            num_threads = min(len(segments), num_threads or _usable_cores())
+
+            def decode_segments(codec, numbers: Iterable[int]) -> None:
+                if skip_non_reference:
+                    codec.skip_frame = "NONREF"
+                # Slice threading (libavcodec's fastest here) in one thread; with several, they use the cores.
+                codec.thread_type = "SLICE"
+                if num_threads > 1:
+                    codec.thread_count = 1
+                for number in numbers:
+                    first_packet, segment_indices = segments[number]
+                    codec.flush_buffers()
+                    frames = _decode_towards(codec, packets[first_packet:], segment_indices, position)
+                    chosen[number] = _nearest_frames(frames, segment_indices, position)
+
+            chosen = [None] * len(segments)  # the frames chosen for each segment's indices
+            if num_threads <= 1:
+                decode_segments(stream.codec_context, range(len(segments)))
+            else:
+                # Longest first, each to the next free thread: the frames a segment decodes grow with the distance
+                # from its keyframe to its last index.
+                lengths = [segment_indices[-1] - position(packets[k].pts) for k, segment_indices in segments]
+                order = sorted(range(len(segments)), key=lambda number: -lengths[number])
+                _decode_in_threads(av, path, stream.codec_context, decode_segments, order, num_threads)
+        # Converted here, not in the threads: the conversion holds Python's lock, and the threads' decoding would
+        # wait for it (12 % slower end to end).
+        arrays = _frame_arrays([frame for frames in chosen for frame in frames])
     except av.FFmpegError as error:
         raise VideoDecodeError(f"video {path!r} could not be decoded: {error}") from error
-    if not frames:
+    if not arrays:
         raise VideoDecodeError(f"video {path!r}: no frame of the clip could be decoded")
+    return torch.stack(arrays).numpy()
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _decode_in_threads(av, path: str, codec, decode_segments, order: list[int], num_threads: int) -> None:
+    """Run `decode_segments(codec, segment numbers)` in `num_threads` threads that take the segments in `order`, each
+    as it becomes free: this one with `codec`, the others with decoders of their own (from their own opening of the
+    file; the packets are shared). libavcodec runs without Python's lock, so the threads decode in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    queue = SimpleQueue()
+    for number in order:
+        queue.put(number)
+
+    def numbers() -> Iterator[int]:
+        while True:
+            try:
+                yield queue.get_nowait()
+            except Empty:
+                return
+
+    def run() -> None:
+        with av.open(path) as container:
+            decode_segments(container.streams.video[0].codec_context, numbers())
+
+    with ThreadPoolExecutor(num_threads - 1) as pool:
+        others = [pool.submit(run) for _ in range(num_threads - 1)]
+        decode_segments(codec, numbers())
+        for other in others:
+            other.result()  # re-raises a thread's error
+
+
+def _frame_arrays(frames: list) -> list[torch.Tensor]:
+    """The RGB arrays of decoded frames; a frame chosen for several indices is converted once."""
     arrays = {}
-    for frame in frames:  # a frame chosen for several indices is converted once
+    for frame in frames:
         if id(frame) not in arrays:
             arrays[id(frame)] = torch.from_numpy(frame.to_ndarray(format="rgb24"))
-    return torch.stack([arrays[id(frame)] for frame in frames]).numpy()
+    return [arrays[id(frame)] for frame in frames]
 
 
-def _decode_towards(container, stream, indices: list[int], position):
-    """
-    The decoded frames of `stream` in presentation order, as far as choosing the nearest frame to each of the
-    increasing `indices` needs them. Once a frame at or past index i has come out, decoding jumps ahead to the last
-    keyframe at or before index i + 1 if there is one ahead (the decoder is flushed and restarts there): no frame in
-    between can be nearer to index i + 1 than that keyframe. The packets, read first up to the keyframe past the last
-    index, tell where the keyframes are (reading them costs a few percent of decoding).
-    """
+def _packets_through(container, stream, last_index: int, position) -> list:
+    """The packets of `stream` from where the container stands up to the first keyframe past frame `last_index` (which
+    tells that no frame of the clip follows); reading them costs a few percent of decoding."""
     packets = []
     for packet in container.demux(stream):
         if packet.size == 0:  # the demuxer's end-of-stream marker
             continue
         packets.append(packet)
-        if packet.is_keyframe and packet.pts is not None and position(packet.pts) > indices[-1]:
+        if packet.is_keyframe and packet.pts is not None and position(packet.pts) > last_index:
             break
+    return packets
+
+
+def _keyframe_segments(packets: list, indices: list[int], position) -> list[tuple[int, list[int]]]:
+    """
+    The increasing `indices` grouped by the last keyframe at or before each: `(first packet, indices)` per group, in
+    order. Decoding a group from its keyframe yields the same frames as decoding from the start (a keyframe needs no
+    earlier frame), and no frame before it can be nearer to its indices than the keyframe itself, so the groups are
+    independent. Indices before the first keyframe decode from the first packet.
+    """
     keyframe_packets = [k for k, packet in enumerate(packets) if packet.is_keyframe and packet.pts is not None]
     keyframe_positions = [position(packets[k].pts) for k in keyframe_packets]  # increasing
-    codec, reached, looked_up, k = stream.codec_context, 0, None, 0
-    while k < len(packets):
-        for frame in codec.decode(packets[k]):
+    segments = {}
+    for index in indices:
+        last = bisect.bisect_right(keyframe_positions, index) - 1
+        segments.setdefault(keyframe_packets[last] if last >= 0 else 0, []).append(index)
+    return list(segments.items())
+
+
+def _decode_towards(codec, packets: list, indices: list[int], position):
+    """
+    The frames `codec` decodes from `packets`, in presentation order, as far as choosing the nearest frame to each of
+    the increasing `indices` needs them: up to the first frame at or past the last index.
+    """
+    reached = 0
+    for packet in packets:
+        for frame in codec.decode(packet):
             yield frame
             while frame.pts is not None and reached < len(indices) and position(frame.pts) >= indices[reached]:
                 reached += 1
         if reached == len(indices):
             return
-        k += 1
-        if looked_up != reached:  # once per index: the last keyframe at or before it, if that lies ahead
-            looked_up = reached
-            last = bisect.bisect_right(keyframe_positions, indices[reached]) - 1
-            if last >= 0 and keyframe_packets[last] > k:
-                codec.flush_buffers()
-                k = keyframe_packets[last]
     yield from codec.decode(None)
 
 

@@ -111,16 +111,21 @@ def test_reference_frame_decoding_takes_the_nearest_reference_frames(numbered_vi
     assert max(offsets) <= 2 and any(offsets)  # some sampled frames were skipped and replaced by a neighbour
 
 
+@pytest.mark.parametrize("num_threads", [1, 3])
 @pytest.mark.parametrize("keyframe_interval", [10, 40, 250])
-def test_reference_frame_decoding_jumps_to_keyframes_without_changing_the_frames(tmp_path, keyframe_interval):
-    # With 4 samples 30 frames apart and keyframes every 10, decoding skips from each sample to the next keyframe;
-    # the frames chosen must still be the nearest of all reference frames.
+def test_reference_frame_decoding_jumps_to_keyframes_without_changing_the_frames(tmp_path, keyframe_interval,
+                                                                                 num_threads):
+    # With 4 samples 30 frames apart and keyframes every 10, decoding skips from each sample to the next keyframe
+    # (and with several threads, decodes the stretches after different keyframes at once); the frames chosen must
+    # still be the nearest of all reference frames, and the arrays the same in any number of threads.
     video = write_numbered_video(os.fspath(tmp_path / "video.mp4"), keyframe_interval)
     references = reference_frame_numbers(video)
     assert len(references) < 100  # non-reference frames exist
     targets = sample_frame_indices(120, 4)
     nearest = [int(references[np.abs(references - target).argmin()]) for target in targets]
-    assert frame_numbers(read_video(video, 4, decoding="reference_frames"), video) == nearest
+    frames = read_video(video, 4, decoding="reference_frames", num_threads=num_threads)
+    assert frame_numbers(frames, video) == nearest
+    np.testing.assert_array_equal(frames, read_video(video, 4, decoding="reference_frames", num_threads=1))
 
 
 def test_reference_frame_decoding_of_a_clip(numbered_video):
