@@ -26,8 +26,8 @@ def _print_table(result, root: str | None = None) -> None:
 
 def _report_update(update: dict, index) -> None:
     print(
-        f"indexed {update['total']} videos in {index.index_dir} ({len(update['added'])} added, "
-        f"{len(update['updated'])} re-encoded, {len(update['removed'])} removed)"
+        f"indexed {update['total']} videos in {index.index_dir} ({update['added']} added, "
+        f"{update['updated']} re-encoded, {update['removed']} removed)"
     )
     for path, reason in update["skipped"].items():
         print(f"skipped {path}: {reason}", file=sys.stderr)

@@ -8,19 +8,25 @@ could not be read and why, and the order of the videos in the stage-1 search str
       skipped(path, size, mtime_ns, reason)
       chunks(name)                          every chunk recorded (its videos may since have been re-encoded elsewhere)
       positions(position, path)             row i of the FAISS index / stage-1 matrix is the video at position i
+      listing(path, size, mtime_ns)         the library's files as the running update found them
+      changes(position, kind, path, size, mtime_ns)
+                                            the last update's plan: the files to encode ("added", "updated") numbered
+                                            from 1 in path order, then the videos it "removed"
 
-The database runs in WAL mode: readers (searches) never wait for the writer, and every chunk is recorded in one
+An update compares the library with the catalog in SQL (`record_listing`, then `plan_update`), so neither side is
+ever held in memory whole. The database runs in WAL mode: readers (searches) never wait for the writer, and every chunk is recorded in one
 transaction, so an index killed at any moment reopens at the last recorded chunk. Memory and disk writes grow with a
 chunk, not with the library: nothing holds the whole library in memory except what a caller asks for.
 """
 
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 
 CATALOG = "catalog.sqlite"
@@ -36,7 +42,14 @@ CREATE TABLE IF NOT EXISTS skipped (path TEXT PRIMARY KEY, size INTEGER NOT NULL
                                     reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS positions (position INTEGER PRIMARY KEY, path TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS listing (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (position INTEGER PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
+                                    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
 """
+# A listed file the catalog already knows in this version (indexed, or skipped as unreadable): nothing to do.
+UNCHANGED = """(v.path IS NOT NULL AND v.size = l.size AND v.mtime_ns = l.mtime_ns)
+               OR (s.path IS NOT NULL AND s.size = l.size AND s.mtime_ns = l.mtime_ns)"""
+BATCH = 10_000  # rows per statement batch when a table is read or written in pieces
 
 
 class IndexCatalog:
@@ -141,14 +154,6 @@ class IndexCatalog:
         finally:
             connection.close()
 
-    def stats(self) -> Iterator[tuple[str, list[int], bool]]:
-        """Every indexed or skipped file: `(path, [size, mtime_ns], indexed)`, read in batches."""
-        with self._snapshot() as connection:
-            for table, indexed in (("videos", True), ("skipped", False)):
-                cursor = connection.execute(f"SELECT path, size, mtime_ns FROM {table} ORDER BY path")
-                while rows := cursor.fetchmany(10_000):
-                    yield from ((path, [size, mtime], indexed) for path, size, mtime in rows)
-
     def skipped(self) -> dict[str, tuple[list[int], str]]:
         """Files that could not be indexed: path -> ([size, mtime_ns], reason)."""
         return {path: ([size, mtime], reason)
@@ -185,11 +190,85 @@ class IndexCatalog:
             )
             connection.execute("INSERT OR IGNORE INTO chunks (name) VALUES (?)", (name,))
 
-    def forget(self, videos: Iterable[str] = (), skipped: Iterable[str] = ()) -> None:
-        """Drop `videos` (deleted or about to be re-encoded) and `skipped` entries (their files changed or went)."""
+    # -- updates: the library against the catalog ---------------------------------------------------------------------
+
+    def record_listing(self, files: Iterable[tuple[str, int, int]]) -> None:
+        """Replace the listing with `files` (path, size, mtime_ns), written in batches in one transaction: the library
+        is never held in memory."""
+        files = iter(files)
         with self.transaction() as connection:
-            connection.executemany("DELETE FROM videos WHERE path = ?", [(path,) for path in videos])
-            connection.executemany("DELETE FROM skipped WHERE path = ?", [(path,) for path in skipped])
+            connection.execute("DELETE FROM listing")
+            while batch := list(itertools.islice(files, BATCH)):
+                connection.executemany("INSERT OR REPLACE INTO listing (path, size, mtime_ns) VALUES (?, ?, ?)", batch)
+
+    def plan_update(self, removes: Callable[[str], bool]) -> None:
+        """
+        In one transaction, from the listing: number the files to encode in path order (`changes` "added": new, or
+        skipped before and changed since; "updated": indexed in another version), record as "removed" the indexed
+        videos missing from the listing for which `removes(path)` holds, and drop from the catalog what the update
+        replaces (the removed and updated videos, and the skipped files that changed or went).
+        """
+        with self.transaction() as connection:
+            connection.execute("DELETE FROM changes")
+            connection.execute(f"""
+                INSERT INTO changes (position, kind, path, size, mtime_ns)
+                SELECT ROW_NUMBER() OVER (ORDER BY l.path), CASE WHEN v.path IS NULL THEN 'added' ELSE 'updated' END,
+                       l.path, l.size, l.mtime_ns
+                FROM listing l LEFT JOIN videos v ON v.path = l.path LEFT JOIN skipped s ON s.path = l.path
+                WHERE NOT ({UNCHANGED})""")
+            first = connection.execute("SELECT COUNT(*) FROM changes").fetchone()[0] + 1
+            missing = connection.execute(
+                "SELECT v.path, v.size, v.mtime_ns FROM videos v LEFT JOIN listing l ON l.path = v.path"
+                " WHERE l.path IS NULL ORDER BY v.path")
+            numbered = itertools.count(first)
+            gone = ((next(numbered), "removed", *row) for row in missing if removes(row[0]))
+            while batch := list(itertools.islice(gone, BATCH)):
+                connection.executemany(
+                    "INSERT INTO changes (position, kind, path, size, mtime_ns) VALUES (?, ?, ?, ?, ?)", batch)
+            connection.execute("DELETE FROM videos WHERE path IN (SELECT path FROM changes WHERE kind != 'added')")
+            connection.execute("""
+                DELETE FROM skipped WHERE path NOT IN (
+                    SELECT s.path FROM skipped s JOIN listing l ON l.path = s.path
+                    WHERE s.size = l.size AND s.mtime_ns = l.mtime_ns)""")
+
+    def planned_count(self) -> int:
+        """How many files the last planned update encodes."""
+        return self._query("SELECT COUNT(*) FROM changes WHERE kind != 'removed'")[0][0]
+
+    def planned(self, start: int, stop: int) -> list[tuple[str, list[int]]]:
+        """Files `start` to `stop` - 1 (from 0, in path order) that the last planned update encodes: (path, [size,
+        mtime_ns])."""
+        rows = self._query(
+            "SELECT path, size, mtime_ns FROM changes WHERE kind != 'removed' AND position > ? AND position <= ?"
+            " ORDER BY position", (start, stop))
+        return [(path, [size, mtime]) for path, size, mtime in rows]
+
+    def changes(self, kind: str) -> Iterator[str]:
+        """The paths of one kind of change ("added", "updated", "removed") of the last update, in path order, read in
+        batches; "added" and "updated" count only the files it did index."""
+        join = "" if kind == "removed" else " JOIN videos v ON v.path = c.path"
+        with self._snapshot() as connection:
+            cursor = connection.execute(f"SELECT c.path FROM changes c{join} WHERE c.kind = ? ORDER BY c.position",
+                                        (kind,))
+            while rows := cursor.fetchmany(BATCH):
+                yield from (path for (path,) in rows)
+
+    def change_counts(self) -> dict[str, int]:
+        """How many of each kind of change the last update made (see [`changes`])."""
+        counts = dict(self._query(
+            "SELECT c.kind, COUNT(*) FROM changes c JOIN videos v ON v.path = c.path GROUP BY c.kind"))
+        counts["removed"] = self._query("SELECT COUNT(*) FROM changes WHERE kind = 'removed'")[0][0]
+        return {kind: counts.get(kind, 0) for kind in ("added", "updated", "removed")}
+
+    def skipped_in_update(self) -> dict[str, str]:
+        """The files the last update tried to encode and could not: path -> reason."""
+        return dict(self._query(
+            "SELECT s.path, s.reason FROM changes c JOIN skipped s ON s.path = c.path WHERE c.kind != 'removed'"
+            " ORDER BY c.position"))
+
+    def clear_listing(self) -> None:
+        with self.transaction() as connection:
+            connection.execute("DELETE FROM listing")
 
     def dead_chunks(self) -> list[str]:
         """Chunks none of whose rows is indexed any more."""

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from .index_catalog import CATALOG, IndexCatalog
 from .loading import load_model
 from .modeling_crosstvr import CrossTVRModel
 from .processing_crosstvr import CrossTVRProcessor
-from .search import SearchHit, SearchResult, find_videos
+from .search import SearchHit, SearchResult, walk_videos
 from .video_store import (
     TOKEN_STORAGES,
     ShardReader,
@@ -145,10 +145,15 @@ def _stat(path: str) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _chunk_name(paths: list[str], files: dict[str, list[int]]) -> str:
-    """A name that depends on the chunk's videos and their versions (so re-encoding a changed video never meets the
-    finished chunk of its earlier version)."""
-    return "chunk-" + hashlib.sha1("\n".join(f"{path}\t{files[path]}" for path in paths).encode()).hexdigest()[:16]
+def _unchanged(path: str, stat: list[int]) -> bool:
+    """Whether the file `path` exists and still has the `[size, mtime_ns]` it had when it was encoded."""
+    return os.path.exists(path) and _stat(path) == stat
+
+
+def _chunk_name(files: list[tuple[str, list[int]]]) -> str:
+    """A name that depends on the chunk's videos (path, [size, mtime_ns]) and their versions (so re-encoding a
+    changed video never meets the finished chunk of its earlier version)."""
+    return "chunk-" + hashlib.sha1("\n".join(f"{path}\t{stat}" for path, stat in files).encode()).hexdigest()[:16]
 
 
 def _faiss():
@@ -375,10 +380,9 @@ class VideoIndex:
         """Record a finished chunk (its JSON) in the catalog; each entry counts when its file is unchanged on disk."""
         with open(os.path.join(self.index_dir, CHUNKS, f"{name}.json"), encoding="utf-8") as file:
             record = json.load(file)
-        videos = [(path, stat, row) for row, (path, stat) in enumerate(record["videos"])
-                  if os.path.exists(path) and _stat(path) == stat]
+        videos = [(path, stat, row) for row, (path, stat) in enumerate(record["videos"]) if _unchanged(path, stat)]
         skipped = {path: (stat, reason) for path, (stat, reason) in record["skipped"].items()
-                   if os.path.exists(path) and _stat(path) == stat}
+                   if _unchanged(path, stat)}
         self.catalog.record_chunk(name, videos, skipped)
 
     def _merge_finished_chunks(self) -> None:
@@ -402,26 +406,6 @@ class VideoIndex:
                     os.remove(path)
         self.catalog.drop_chunks(dead)
 
-    def _changes(self, files: dict[str, list[int]], root: str) -> tuple[list[str], list[str], list[str], list[str]]:
-        """Compare the catalog with the library's `files` (path -> [size, mtime_ns]) under `root`: the videos
-        `added` (new, or skipped before and changed since), `updated` (changed), `removed` (deleted, or gone from
-        `root`), and the `stale_skips` (skipped files that changed or went)."""
-        removed, updated, stale_skips, unchanged = [], [], [], set()
-        for path, stat, indexed in self.catalog.stats():
-            current = files.get(path)
-            if indexed and current is None:
-                if path.startswith(root) or not os.path.exists(path):
-                    removed.append(path)
-            elif indexed and current != stat:
-                updated.append(path)
-            elif not indexed and current != stat:
-                stale_skips.append(path)
-            else:
-                unchanged.add(path)
-        changed = set(updated)
-        added = sorted(path for path in files if path not in unchanged and path not in changed)
-        return added, updated, removed, stale_skips
-
     def add(
         self,
         video_dir: str | os.PathLike,
@@ -436,8 +420,14 @@ class VideoIndex:
         Bring the index up to date with `video_dir` (searched recursively): encode new and changed videos, drop
         deleted ones, and rebuild the FAISS index (`faiss_index`: "flat", "ivf", "hnsw", or None for exact search
         only; ignored when FAISS is not installed). `on_progress(done, total)` is called as this process's videos are
-        encoded (for a progress display other than the tqdm bar). Returns what changed: lists `added`, `updated`,
-        `removed`, the files `skipped` (path -> reason), and the `total` of indexed videos.
+        encoded (for a progress display other than the tqdm bar). Returns what changed: the counts `added`,
+        `updated` and `removed` (their paths: [`changes`]), the files `skipped` (path -> reason), and the `total` of
+        indexed videos.
+
+        The library's listing and its comparison with the catalog live in the catalog's SQLite tables (see
+        `crosstvr.index_catalog`), and each process reads one chunk of the plan at a time: memory does not grow with
+        the library. Under `torchrun` / `accelerate launch` the main process lists and plans, and the processes
+        share the chunks.
         """
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
@@ -447,21 +437,19 @@ class VideoIndex:
         # Like `Accelerator`, honour ACCELERATE_USE_CPU: without it, PartialState under torchrun on a machine without
         # GPUs reports a single process, and every process would index every video.
         state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-        files = {os.path.abspath(path): _stat(path) for path in find_videos(video_dir)}
         root = os.path.abspath(video_dir) + os.sep
-        if state.is_main_process:  # the catalog's one writer
+        files = walk_videos(video_dir)  # every process: a missing folder is an error everywhere, not a hang
+        if state.is_main_process:  # the catalog's one writer; the others wait, then read its plan
             self._merge_finished_chunks()
+            self.catalog.record_listing(files)
+            self.catalog.plan_update(removes=lambda path: path.startswith(root) or not os.path.exists(path))
         state.wait_for_everyone()
-        added, updated, removed, stale_skips = self._changes(files, root)
-        state.wait_for_everyone()  # every process has read the catalog before the main process changes it
-        if state.is_main_process:
-            self.catalog.forget(videos=removed + updated, skipped=stale_skips)
 
-        todo = sorted(added + updated)
-        chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
-        mine = chunks[state.process_index :: state.num_processes]
+        planned = self.catalog.planned_count()
+        starts = range(0, planned, chunk_size)
+        mine = starts[state.process_index :: state.num_processes]
         os.makedirs(os.path.join(self.index_dir, CHUNKS), exist_ok=True)
-        total = sum(map(len, mine))
+        total = sum(min(chunk_size, planned - start) for start in mine)
         bar = tqdm(total=total, desc="indexing", unit="video", disable=not (progress and state.is_local_main_process))
         done = 0
 
@@ -472,13 +460,16 @@ class VideoIndex:
             if on_progress is not None:
                 on_progress(done, total)
 
-        for chunk in mine:
-            name = _chunk_name(chunk, files)
+        for start in mine:
+            chunk = self.catalog.planned(start, start + chunk_size)  # (path, [size, mtime_ns])
+            name = _chunk_name(chunk)
             if os.path.exists(os.path.join(self.index_dir, CHUNKS, f"{name}.json")):
                 advance(len(chunk))  # finished before an interruption
                 continue
+            files = dict(chunk)
             batches = []
-            for batch in encode_videos(self.model, self.processor, chunk, batch_size, num_workers, self.token_storage):
+            for batch in encode_videos(self.model, self.processor, list(files), batch_size, num_workers,
+                                       self.token_storage):
                 batches.append(batch)
                 advance(len(batch.paths) + len(batch.errors))
             failures = {path: reason for batch in batches for path, reason in batch.errors.items()}
@@ -503,15 +494,16 @@ class VideoIndex:
             self._merge_finished_chunks()
             self._delete_dead_chunks()
             self._rebuild_stage1_structures(faiss_index)
+            self.catalog.clear_listing()
         state.wait_for_everyone()
-        skipped = self.catalog.skipped()
-        return {
-            "added": [path for path in added if path in self.catalog],
-            "updated": [path for path in updated if path in self.catalog],
-            "removed": removed,
-            "skipped": {path: skipped[path][1] for path in todo if path in skipped},
-            "total": len(self),
-        }
+        return {**self.catalog.change_counts(), "skipped": self.catalog.skipped_in_update(), "total": len(self)}
+
+    def changes(self, kind: str) -> Iterator[str]:
+        """The paths the last [`add`] "added", "updated" (re-encoded) or "removed", in path order, read from the
+        catalog in batches (a first build of a million videos adds a million paths: they are not returned)."""
+        if kind not in ("added", "updated", "removed"):
+            raise ValueError(f"kind={kind!r} is not one of 'added', 'updated', 'removed'")
+        return self.catalog.changes(kind)
 
     def _rebuild_stage1_structures(self, kind: str | None) -> None:
         """A new generation: the FAISS index of the stage-1 embeddings in path order (its own file), then, in one

@@ -171,8 +171,8 @@ class LibraryService:
             self._open()
         finally:
             self._adding.release()
-        summary = (f"Indexed {update['total']} videos: {len(update['added'])} added, {len(update['updated'])} "
-                   f"re-encoded, {len(update['removed'])} removed.")
+        summary = (f"Indexed {update['total']} videos: {update['added']} added, {update['updated']} "
+                   f"re-encoded, {update['removed']} removed.")
         if update["skipped"]:
             skipped = (f"{os.path.basename(path)} ({why})" for path, why in update["skipped"].items())
             summary += " Skipped: " + "; ".join(skipped)

@@ -56,7 +56,8 @@ def test_index_and_search_round_trip(library, tmp_path):
     model, processor = load_default_model()
     index = VideoIndex.build(library, tmp_path / "index", model, processor, chunk_size=4, num_workers=0)
     update = index.last_update
-    assert update["total"] == len(index) == 9 and len(update["added"]) == 9 and update["skipped"] == {}
+    assert update["total"] == len(index) == 9 and update["added"] == 9 and update["skipped"] == {}
+    assert list(index.changes("added")) == sorted(index.paths)
     assert all(path.startswith(str(library)) for path in index.paths)
 
     # Stage-1 scores are the model's cosine similarities; the top K is re-ranked, the rest keeps stage-1 order.
@@ -137,7 +138,7 @@ def test_incremental_updates(model_and_processor, library, tmp_path):
     before = index_contents(index)
 
     update = index.add(library, num_workers=0)
-    assert update == {"added": [], "updated": [], "removed": [], "skipped": {}, "total": 9}
+    assert update == {"added": 0, "updated": 0, "removed": 0, "skipped": {}, "total": 9}
 
     shutil.rmtree(library / "b")  # a whole chunk's videos go
     os.remove(first[0])
@@ -145,9 +146,10 @@ def test_incremental_updates(model_and_processor, library, tmp_path):
     write_sample_library(library / "c", count=2, seed=5, size=48)
     chunks_before = index.catalog.chunks()
     update = index.add(library, chunk_size=3, num_workers=0)
-    assert update["removed"] == sorted([first[0], *nested])
-    assert update["updated"] == [first[1]]
-    assert len(update["added"]) == 2 and all("/c/" in path for path in update["added"])
+    assert (update["removed"], update["updated"], update["added"]) == (4, 1, 2)
+    assert list(index.changes("removed")) == sorted([first[0], *nested])
+    assert list(index.changes("updated")) == [first[1]]
+    assert len(list(index.changes("added"))) == 2 and all("/c/" in path for path in index.changes("added"))
     assert update["total"] == len(index) == 9 - 4 + 2
     after = index_contents(index)
     torch.testing.assert_close(after[first[1]][0], after[first[2]][0])  # re-encoded from its new content
@@ -155,6 +157,20 @@ def test_incremental_updates(model_and_processor, library, tmp_path):
     # The chunk that held only the nested videos is gone from disk and catalog.
     gone = chunks_before - index.catalog.chunks()
     assert gone and not any(name.startswith(tuple(gone)) for name in os.listdir(tmp_path / "index" / "chunks"))
+
+
+def test_updating_from_another_folder_keeps_the_first_folders_videos(model_and_processor, library, tmp_path):
+    model, processor = model_and_processor
+    index = VideoIndex.build(library / "a", tmp_path / "index", model, processor, num_workers=0, faiss_index=None)
+    update = index.add(library / "b", num_workers=0, faiss_index=None)
+    assert (update["added"], update["removed"], update["total"]) == (3, 0, 9)
+    gone = sorted(p for p in index.paths if "/a/" in p)[0]
+    os.remove(gone)  # outside the folder being updated, but no longer on disk
+    update = index.add(library / "b", num_workers=0, faiss_index=None)
+    assert (update["added"], update["removed"], update["total"]) == (0, 1, 8)
+    assert list(index.changes("removed")) == [gone]
+    with pytest.raises(ValueError, match="kind='deleted'"):
+        index.changes("deleted")
 
 
 def test_unreadable_files_are_skipped_and_reported(model_and_processor, media_dir, tmp_path, capsys):
@@ -172,8 +188,8 @@ def test_unreadable_files_are_skipped_and_reported(model_and_processor, media_di
     # Unchanged failures are not retried; a repaired file is.
     assert index.add(library, num_workers=0)["skipped"] == {}
     shutil.copy(os.path.join(media_dir, "blue_square_up.mp4"), library / "notes.mp4")
-    update = index.add(library, num_workers=0)
-    assert [os.path.basename(p) for p in update["added"]] == ["notes.mp4"] and len(index) == 2
+    assert index.add(library, num_workers=0)["added"] == 1 and len(index) == 2
+    assert [os.path.basename(p) for p in index.changes("added")] == ["notes.mp4"]
 
     assert main(["index", str(library), "--index", str(tmp_path / "cli")]) == 0
     captured = capsys.readouterr()
@@ -272,6 +288,28 @@ def test_two_processes_split_the_indexing(library, tmp_path):
         torch.testing.assert_close(actual[path][0], expected[path][0])
 
 
+def test_walking_a_library_lists_every_video_once_with_its_stat(tmp_path):
+    from crosstvr.search import find_videos, walk_videos
+
+    (tmp_path / "lib" / "deep" / "er").mkdir(parents=True)
+    for name in ("a.mp4", "deep/B.MKV", "deep/er/c.webm", "notes.txt"):
+        (tmp_path / "lib" / name).write_bytes(b"x" * len(name))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "d.mp4").write_bytes(b"d")
+    os.symlink(tmp_path / "elsewhere" / "d.mp4", tmp_path / "lib" / "link.mp4")  # a link to a file: followed
+    os.symlink(tmp_path / "elsewhere", tmp_path / "lib" / "linked-folder")  # a link to a folder: not entered
+    os.symlink(tmp_path / "nowhere.mp4", tmp_path / "lib" / "broken.mp4")  # leads nowhere: left out
+    found = sorted(walk_videos(tmp_path / "lib"))
+    root = str(tmp_path / "lib")
+    assert [path for path, _, _ in found] == [f"{root}/a.mp4", f"{root}/deep/B.MKV", f"{root}/deep/er/c.webm",
+                                              f"{root}/link.mp4"]
+    assert [size for _, size, _ in found] == [5, 10, 14, 1]
+    assert found[0][2] == os.stat(found[0][0]).st_mtime_ns
+    assert find_videos(tmp_path / "lib") == [path for path, _, _ in found]
+    with pytest.raises(NotADirectoryError, match="missing"):
+        walk_videos(tmp_path / "missing")  # at the call, before any iteration
+
+
 def test_connections_that_create_one_catalog_together_all_open_it(tmp_path):
     # What two `torchrun` processes do when they start indexing into a new folder at once. SQLite refuses the switch to
     # WAL without waiting when another connection holds a lock, and a connection may find the file before its
@@ -354,9 +392,9 @@ def test_first_format_index_is_migrated_on_open(model_and_processor, media_dir, 
     assert after == before
     assert index_contents(migrated).keys() == contents.keys()
     # Updating the migrated index works as on any other: the unchanged library adds nothing, a new video is added.
-    assert migrated.add(library, num_workers=0)["added"] == []
+    assert migrated.add(library, num_workers=0)["added"] == 0
     write_sample_library(library / "new", count=1, seed=9)
-    assert len(migrated.add(library, num_workers=0)["added"]) == 1 and len(migrated) == 10
+    assert migrated.add(library, num_workers=0)["added"] == 1 and len(migrated) == 10
 
 
 def test_index_of_an_unknown_format_is_refused_with_the_fix(model_and_processor, library, tmp_path):
@@ -378,7 +416,7 @@ def test_a_changed_video_alone_in_its_chunk_is_re_encoded(model_and_processor, t
     write_sample_library(tmp_path / "other", count=1, seed=4, size=48)
     shutil.copy(tmp_path / "other" / os.path.basename(path), path)  # same name, other content
     update = index.add(library, num_workers=0, faiss_index=None)
-    assert update["updated"] == [path] and update["total"] == len(index) == 1
+    assert update["updated"] == 1 and list(index.changes("updated")) == [path] and update["total"] == len(index) == 1
     assert not torch.allclose(index.stage1_embeddings(), before)
     assert index.search("a red circle", k=1).hits[0].path == path
 
