@@ -11,7 +11,9 @@ each kind of hard negative (the dot's colour, a movement's direction, the order 
   another scene group: mean |X(scene) - X(variant)| / mean |X(scene) - X(other group's scene)| (0 means the tower
   cannot see the detail at all);
 - within-group accuracy: for each caption, whether its own video scores highest among the four videos of its group,
-  by stage 1 (cosine) and by stage 2 (s_fine) — chance is 25 %.
+  by stage 1 (cosine) and by stage 2 (s_fine) — chance is 25 %;
+- how sharp stage 2's token selection is in training, against the hard choice evaluation makes (see
+  `selection_sharpness`).
 
 With `--pretrained`, the pre-trained parts instead (`<output>/pretrained/tower`, the dual encoder whose vision tower
 becomes stage 2's, and `<output>/pretrained/blip2`, the Q-Former's ITM head over it), on single frames of the split
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage1_within_group_accuracy": {name: mean(v) for name, v in stage1.items()},
         "stage2_within_group_accuracy": {name: mean(v) for name, v in stage2.items()},
         "groups": len(groups),
+        **selection_sharpness(model, tokens),
     }
     print(f"| {args.split} split, seed {args.seed}, {args.model}, {len(groups)} groups | base | dot colour | direction "
           "| order |")
@@ -106,8 +109,42 @@ def main(argv: list[str] | None = None) -> int:
     for key, label in (("stage1_within_group_accuracy", "stage 1 within-group accuracy"),
                        ("stage2_within_group_accuracy", "stage 2 within-group accuracy")):
         print(f"| {label} | " + " | ".join(f"{100 * report[key][n]:.0f} %" for n in ("base", *VARIANTS)) + " |")
+    if "selection_slot_weight" in report:
+        print(f"\nstage-2 token selection: a slot's largest weight in training {report['selection_slot_weight']:.2f} "
+              f"(1 = the hard choice evaluation makes, {1 / report['selection_candidates']:.3f} = uniform over the "
+              f"{report['selection_candidates']} tokens); log p spans {report['selection_log_p_range']:.3f} within a "
+              "frame")
     print(json.dumps({"benchmark": "synthetic_diagnostics", **report}))
     return 0
+
+
+def selection_sharpness(model, vision_tokens: "torch.Tensor") -> dict:
+    """
+    How close stage 2's token selection in training (perturbed top-k: each of the M slots a mixture of tokens) is to
+    the hard top-k evaluation uses, on these videos: the mean over frames and slots of a slot's largest weight, and
+    the mean range of the selector's log p within a frame. With scores flatter than the perturbation (sigma), every
+    slot averages many tokens in training while evaluation picks single ones: the fine module is then evaluated on
+    inputs unlike those it was trained on. Empty for a fine module without token selection.
+    """
+    from crosstvr.modeling_crosstvr import PerturbedTopK, temporal_difference_tokens
+
+    selector = getattr(model.fine_module, "token_selector", None)
+    if selector is None:
+        return {}
+    with torch.no_grad():
+        tokens = vision_tokens.float()  # (videos, frames, tokens, width)
+        if model.fine_vision_projection is not None:
+            tokens = model.fine_vision_projection(tokens)
+        if model.config.use_temporal_difference_tokens:
+            tokens = temporal_difference_tokens(tokens, torch.ones(tokens.shape[:2], dtype=torch.long))
+        log_probs = selector.token_log_probs(tokens.flatten(0, 1))  # (frames, candidates)
+        torch.manual_seed(0)
+        weights = PerturbedTopK.apply(log_probs, selector.num_selected, selector.num_samples, selector.sigma)
+    return {
+        "selection_slot_weight": float(weights.max(dim=-1).values.mean()),
+        "selection_log_p_range": float((log_probs.max(dim=-1).values - log_probs.min(dim=-1).values).mean()),
+        "selection_candidates": log_probs.shape[-1],
+    }
 
 
 def _load_pretrained(name: str, folder: str) -> tuple:

@@ -186,6 +186,7 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     diagnostics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(diagnostics["stage2_within_group_accuracy"]) == {"base", "dot_colour", "direction", "order"}
     assert all(0 <= value <= 1 for value in diagnostics["stage1_within_group_accuracy"].values())
+    assert 1 / diagnostics["selection_candidates"] <= diagnostics["selection_slot_weight"] <= 1
     # Run again in the same folder (as after a kill), with stage 2's steps changed: every finished step whose setting,
     # inputs and code are unchanged is reused, the others run again.
     outputs = {name: tmp_path / path / "model.safetensors" for name, path in
@@ -200,9 +201,27 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     assert benchmark.main(["--smoke", "--output", str(tmp_path), "--seeds", "1", "--threads", "2"]) == 0
     assert {name for name, path in outputs.items() if path.stat().st_mtime_ns != stamps[name]} == set(outputs)
     assert _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--model", "t2v2t"]) == 0
-    assert "seed 0, t2v2t" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "seed 0, t2v2t" in output and "selection_slot_weight" not in output  # T2V2T selects no tokens
     with pytest.raises(SystemExit, match="no trained model"):
         _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--model", "nope"])
+
+
+def test_selection_sharpness_tells_a_flat_selector_from_a_peaked_one():
+    from crosstvr.default_model import build_tiny_model
+
+    sharpness = _load_benchmark("synthetic_diagnostics").selection_sharpness
+    model, _ = build_tiny_model()
+    selector = model.fine_module.token_selector
+    tokens = torch.randn(3, model.config.num_frames, 10, model.config.fine_vision_hidden_size,
+                         generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        selector.fc2.weight.zero_()  # every token scores the same: each slot averages many tokens in training
+        flat = sharpness(model, tokens)
+        selector.fc2.weight.normal_(0, 100.0, generator=torch.Generator().manual_seed(1))  # far apart: one token a slot
+        peaked = sharpness(model, tokens)
+    assert flat["selection_log_p_range"] == 0 and flat["selection_slot_weight"] < 0.5
+    assert peaked["selection_slot_weight"] > 0.9 and peaked["selection_candidates"] == 10
 
 
 def test_embedded_default_loads_with_remote_code_and_retrieves(tmp_path):
