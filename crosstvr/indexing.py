@@ -427,7 +427,8 @@ class VideoIndex:
         The library's listing and its comparison with the catalog live in the catalog's SQLite tables (see
         `crosstvr.index_catalog`), and each process reads one chunk of the plan at a time: memory does not grow with
         the library. Under `torchrun` / `accelerate launch` the main process lists and plans, and the processes
-        share the chunks.
+        share the chunks. One update at a time per index: two independent updates would share those tables (searches
+        may run meanwhile).
         """
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
