@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import asdict
 
@@ -91,7 +92,7 @@ def search(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from .indexing import VideoIndex, write_contact_sheet
+    from .indexing import IndexMismatchError, VideoIndex, write_contact_sheet
 
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     video_dir = args.videos
@@ -103,7 +104,15 @@ def demo(args: argparse.Namespace) -> int:
         captions = write_sample_library(video_dir, count=args.num_samples)
         queries = queries or list(captions.values())[:3]
     queries = queries or ["a red circle moves left"]
-    video_index = VideoIndex.build(video_dir, os.path.join(args.output, "index"), model, processor, model_name=args.model)
+    index_dir = os.path.join(args.output, "index")
+    try:
+        video_index = VideoIndex.build(video_dir, index_dir, model, processor, model_name=args.model)
+    except IndexMismatchError as error:
+        # The demo's own index from another model (an earlier run with another --model, or an upgraded default):
+        # it is the demo's output, so it is rebuilt rather than refused.
+        logging.getLogger(__name__).warning("%s; rebuilding the demo's index", error)
+        shutil.rmtree(index_dir)
+        video_index = VideoIndex.build(video_dir, index_dir, model, processor, model_name=args.model)
     if not args.json:
         _report_update(video_index.last_update, video_index)
     if not len(video_index):

@@ -54,6 +54,19 @@ def test_demo_with_a_saved_model(tmp_path, capsys):
     assert table.count("query:") == 3 and "rank" in table and "contact sheets:" in table
 
 
+def test_demo_rebuilds_its_own_index_of_another_model(tmp_path, capsys):
+    # A demo folder left by another model (an earlier run with another --model, or the default before an upgrade).
+    for seed in (1, 2):
+        model, processor = build_tiny_model(seed=seed)
+        model.save_pretrained(tmp_path / f"model{seed}")
+        processor.save_pretrained(tmp_path / f"model{seed}")
+    argv = ["demo", "--num-samples", "3", "-k", "2", "--output", str(tmp_path / "o")]
+    assert main([*argv, "--model", str(tmp_path / "model1")]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--model", str(tmp_path / "model2")]) == 0
+    assert "indexed 3 videos" in capsys.readouterr().out
+
+
 def test_demo_without_videos_fails_clearly(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["demo", "--videos", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 1
