@@ -14,9 +14,10 @@ could not be read and why, and the order of the videos in the stage-1 search str
                                             from 1 in path order, then the videos it "removed"
 
 An update compares the library with the catalog in SQL (`record_listing`, then `plan_update`), so neither side is
-ever held in memory whole. The database runs in WAL mode: readers (searches) never wait for the writer, and every chunk is recorded in one
-transaction, so an index killed at any moment reopens at the last recorded chunk. Memory and disk writes grow with a
-chunk, not with the library: nothing holds the whole library in memory except what a caller asks for.
+ever held in memory whole. The database runs in WAL mode: readers (searches) never wait for the writer, and every
+chunk is recorded in one transaction, so an index killed at any moment reopens at the last recorded chunk. Memory and
+disk writes grow with a chunk, not with the library: nothing holds the whole library in memory except what a caller
+asks for.
 """
 
 import contextlib
@@ -147,7 +148,9 @@ class IndexCatalog:
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         """A connection of its own reading one snapshot, for long reads that hand out rows as they go."""
-        connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=LOCK_TIMEOUT_S)
+        connection = sqlite3.connect(
+            f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=LOCK_TIMEOUT_S
+        )
         try:
             connection.execute("BEGIN")
             yield connection
