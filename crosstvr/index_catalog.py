@@ -8,13 +8,13 @@ could not be read and why, and the order of the videos in the stage-1 search str
       skipped(path, size, mtime_ns, reason)
       chunks(name)                          every chunk recorded (its videos may since have been re-encoded elsewhere)
       positions(position, path)             row i of the FAISS index / stage-1 matrix is the video at position i
-      listing(path, size, mtime_ns)         the library's files as the running update found them
+      listing(path, size, mtime_ns)         the library's files while an update compares them (empty otherwise)
       changes(position, kind, path, size, mtime_ns)
                                             the last update's plan: the files to encode ("added", "updated") numbered
                                             from 1 in path order, then the videos it "removed"
 
-An update compares the library with the catalog in SQL (`record_listing`, then `plan_update`), so neither side is
-ever held in memory whole. The database runs in WAL mode: readers (searches) never wait for the writer, and every
+An update compares the library with the catalog in SQL (`plan_update`), so neither side is ever held in memory
+whole. The database runs in WAL mode: readers (searches) never wait for the writer, and every
 chunk is recorded in one transaction, so an index killed at any moment reopens at the last recorded chunk. Memory and
 disk writes grow with a chunk, not with the library: nothing holds the whole library in memory except what a caller
 asks for.
@@ -195,23 +195,19 @@ class IndexCatalog:
 
     # -- updates: the library against the catalog ---------------------------------------------------------------------
 
-    def record_listing(self, files: Iterable[tuple[str, int, int]]) -> None:
-        """Replace the listing with `files` (path, size, mtime_ns), written in batches in one transaction: the library
-        is never held in memory."""
+    def plan_update(self, files: Iterable[tuple[str, int, int]], removes: Callable[[str], bool]) -> None:
+        """
+        Compare the library's `files` (path, size, mtime_ns) with the catalog, in one transaction: the files go into
+        the `listing` table in batches (the library is never held in memory); then number the files to encode in
+        path order (`changes` "added": new, or skipped before and changed since; "updated": indexed in another
+        version), record as "removed" the indexed videos missing from the listing for which `removes(path)` holds,
+        drop from the catalog what the update replaces (the removed and updated videos, and the skipped files that
+        changed or went), and empty the listing again.
+        """
         files = iter(files)
-        with self.transaction() as connection:
-            connection.execute("DELETE FROM listing")
+        with self.transaction() as connection:  # the listing is empty outside it (a killed update rolls back)
             while batch := list(itertools.islice(files, BATCH)):
                 connection.executemany("INSERT OR REPLACE INTO listing (path, size, mtime_ns) VALUES (?, ?, ?)", batch)
-
-    def plan_update(self, removes: Callable[[str], bool]) -> None:
-        """
-        In one transaction, from the listing: number the files to encode in path order (`changes` "added": new, or
-        skipped before and changed since; "updated": indexed in another version), record as "removed" the indexed
-        videos missing from the listing for which `removes(path)` holds, and drop from the catalog what the update
-        replaces (the removed and updated videos, and the skipped files that changed or went).
-        """
-        with self.transaction() as connection:
             connection.execute("DELETE FROM changes")
             connection.execute(f"""
                 INSERT INTO changes (position, kind, path, size, mtime_ns)
@@ -230,9 +226,10 @@ class IndexCatalog:
                     "INSERT INTO changes (position, kind, path, size, mtime_ns) VALUES (?, ?, ?, ?, ?)", batch)
             connection.execute("DELETE FROM videos WHERE path IN (SELECT path FROM changes WHERE kind != 'added')")
             connection.execute("""
-                DELETE FROM skipped WHERE path NOT IN (
-                    SELECT s.path FROM skipped s JOIN listing l ON l.path = s.path
-                    WHERE s.size = l.size AND s.mtime_ns = l.mtime_ns)""")
+                DELETE FROM skipped WHERE NOT EXISTS (
+                    SELECT 1 FROM listing l
+                    WHERE l.path = skipped.path AND l.size = skipped.size AND l.mtime_ns = skipped.mtime_ns)""")
+            connection.execute("DELETE FROM listing")
 
     def planned_count(self) -> int:
         """How many files the last planned update encodes."""
@@ -268,10 +265,6 @@ class IndexCatalog:
         return dict(self._query(
             "SELECT s.path, s.reason FROM changes c JOIN skipped s ON s.path = c.path WHERE c.kind != 'removed'"
             " ORDER BY c.position"))
-
-    def clear_listing(self) -> None:
-        with self.transaction() as connection:
-            connection.execute("DELETE FROM listing")
 
     def dead_chunks(self) -> list[str]:
         """Chunks none of whose rows is indexed any more."""
@@ -324,7 +317,7 @@ class IndexCatalog:
     def position_count(self) -> int:
         return self._query("SELECT COUNT(*) FROM positions")[0][0]
 
-    def rows_in_order(self, by_path: bool = False, batch: int = 10_000) -> Iterator[tuple[int, str, str, int]]:
+    def rows_in_order(self, by_path: bool = False, batch: int = BATCH) -> Iterator[tuple[int, str, str, int]]:
         """`(position, path, chunk, row)` of every numbered video in position order (`by_path`: of every indexed
         video in path order, numbered as the next `renumber` numbers them), read in batches from one snapshot. While
         an update is under way, positions whose video has gone are left out."""

@@ -442,8 +442,7 @@ class VideoIndex:
         files = walk_videos(video_dir)  # every process: a missing folder is an error everywhere, not a hang
         if state.is_main_process:  # the catalog's one writer; the others wait, then read its plan
             self._merge_finished_chunks()
-            self.catalog.record_listing(files)
-            self.catalog.plan_update(removes=lambda path: path.startswith(root) or not os.path.exists(path))
+            self.catalog.plan_update(files, removes=lambda path: path.startswith(root) or not os.path.exists(path))
         state.wait_for_everyone()
 
         planned = self.catalog.planned_count()
@@ -495,7 +494,6 @@ class VideoIndex:
             self._merge_finished_chunks()
             self._delete_dead_chunks()
             self._rebuild_stage1_structures(faiss_index)
-            self.catalog.clear_listing()
         state.wait_for_everyone()
         return {**self.catalog.change_counts(), "skipped": self.catalog.skipped_in_update(), "total": len(self)}
 
@@ -677,7 +675,7 @@ class VideoIndex:
         paths = [path for path, _, _ in entries]
         for path in paths:
             entry = self.catalog.entry(path)
-            if not os.path.exists(path) or entry is None or _stat(path) != entry["stat"]:
+            if entry is None or not _unchanged(path, entry["stat"]):
                 raise FileNotFoundError(
                     f"{path} is gone or changed since it was indexed, and this index keeps no stage-2 tokens "
                     "(token storage none) to re-rank it with; run `crosstvr index` on the library again"
