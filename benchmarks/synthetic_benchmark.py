@@ -40,7 +40,9 @@ full model of the seed that gains most T2V R@1 on the validation split, with its
 `crosstvr/default_checkpoint/` (the embedded default); `--ship-from RUN` does the same for a finished run without
 training. `--budget long` trains longer (pre-training and 1,200 stage-2 steps; not measured since the tower's
 initialisation was fixed). `--smoke` runs the whole recipe at toy sizes. Runs are reproducible: every step is seeded, runs
-single-threaded work in a fixed number of threads, and reads no state from the environment (see the README). Runs
+single-threaded work in a fixed number of threads, and reads no state from the environment (see the README); the
+weights also depend on the CPU's vector instruction set (torch's AVX2 and AVX-512 kernels), which the reports record.
+Runs
 resume: the same command on the same `--output` reuses every finished (pre-)training whose settings, inputs and code are
 unchanged (`_resumable`).
 """
@@ -177,8 +179,10 @@ def _step_fingerprint(settings: dict, inputs: list[str]) -> str:
     benchmark's annotations) and of the code that runs it (the package, this script, the conversion script)."""
     import hashlib
 
-    # Float reductions (matrix products above all) are split by the thread count, so it is a setting too.
-    settings = {"torch_threads": torch.get_num_threads(), **settings}
+    # Float reductions (matrix products above all) are split by the thread count and vectorised by the CPU's instruction
+    # set (torch's kernels for AVX2 and AVX-512 add in other orders), so both are settings too.
+    settings = {"torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                **settings}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     package = os.path.join(ROOT, "crosstvr")
     code = sorted(os.path.join(folder, name) for folder, _, names in os.walk(package) for name in names
@@ -660,7 +664,8 @@ def format_markdown(summary: dict, per_seed: dict, settings: dict, minutes: floa
         lines.append(f"| {depth} | " + " | ".join(f"{values[m][0]:.1f} ± {values[m][1]:.1f}"
                                              for m in ("t2v_R1", "t2v_R5", "t2v_R10")) + " |")
     ablations = sum(r["timings"].get("ablations", 0.0) for r in per_seed.values()) / 60
-    lines += ["", f"Wall time: {minutes:.1f} min with {torch.get_num_threads()} torch threads"
+    lines += ["", f"Wall time: {minutes:.1f} min with {torch.get_num_threads()} torch threads "
+              f"({torch.backends.cpu.get_cpu_capability()} kernels)"
               + (f", of which the ablations {ablations:.1f} min." if ablations else ".")]
     return "\n".join(lines) + "\n"
 
@@ -811,6 +816,7 @@ def _main(args: argparse.Namespace) -> int:
     report = {
         "settings": settings,
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "minutes": minutes,
         "summary": summary,
         "per_seed": {seed: {k: v for k, v in r.items() if k not in ("evaluation", "final_model")}

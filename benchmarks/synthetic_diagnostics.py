@@ -11,7 +11,10 @@ each kind of hard negative (the dot's colour, a movement's direction, the order 
   another scene group: mean |X(scene) - X(variant)| / mean |X(scene) - X(other group's scene)| (0 means the tower
   cannot see the detail at all);
 - within-group accuracy: for each caption, whether its own video scores highest among the four videos of its group,
-  by stage 1 (cosine) and by stage 2 (s_fine) — chance is 25 %;
+  by stage 1 (cosine) and by stage 2 (s_fine) — chance is 25 %; for the direction variant's caption also split by
+  the axis of the first movement: an object's rest height is fixed (the top or bottom band), so "up" or "down" shows
+  in any single frame of the movement, while its rest x is drawn per scene, so "left" or "right" shows only against
+  another frame of the video;
 - how sharp stage 2's token selection is in training, against the hard choice evaluation makes (see
   `selection_sharpness`).
 
@@ -33,6 +36,12 @@ import torch
 
 
 VARIANTS = ("dot_colour", "direction", "order")
+AXES = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
+
+
+def first_direction(scene: dict) -> str:
+    """The direction of a scene's first movement, from its record in `scenes.json`."""
+    return (scene["top"] if scene["top_first"] else scene["bottom"])["direction"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         distance = {name: [] for name in VARIANTS}
         stage1 = {name: [] for name in ("base", *VARIANTS)}
         stage2 = {name: [] for name in ("base", *VARIANTS)}
+        by_axis = {stage: {axis: [] for axis in AXES.values()} for stage in ("stage1", "stage2")}
         group_list = list(groups.values())
         for position, members in enumerate(group_list):
             other = group_list[(position + 1) % len(group_list)]["base"]
@@ -92,12 +102,19 @@ def main(argv: list[str] | None = None) -> int:
                 fine = model.get_fine_scores(ids, mask, tokens[order])
                 stage1[name].append(float(order[int(coarse.argmax())] == query))
                 stage2[name].append(float(order[int(fine.argmax())] == query))
+                if name == "direction":
+                    axis = AXES[first_direction(scenes[video_ids[query]]["scene"])]
+                    by_axis["stage1"][axis].append(stage1[name][-1])
+                    by_axis["stage2"][axis].append(stage2[name][-1])
 
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     report = {
         "token_distance_vs_other_group": {name: mean(v) for name, v in distance.items()},
         "stage1_within_group_accuracy": {name: mean(v) for name, v in stage1.items()},
         "stage2_within_group_accuracy": {name: mean(v) for name, v in stage2.items()},
+        "direction_within_group_accuracy_by_axis": {
+            stage: {axis: mean(v) for axis, v in values.items() if v} for stage, values in by_axis.items()
+        },
         "groups": len(groups),
         **selection_sharpness(model, tokens),
     }
@@ -109,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, label in (("stage1_within_group_accuracy", "stage 1 within-group accuracy"),
                        ("stage2_within_group_accuracy", "stage 2 within-group accuracy")):
         print(f"| {label} | " + " | ".join(f"{100 * report[key][n]:.0f} %" for n in ("base", *VARIANTS)) + " |")
+    by_axis = report["direction_within_group_accuracy_by_axis"]
+    print("\ndirection variant's caption, by the axis of the first movement: " + "; ".join(
+        f"{stage.replace('stage', 'stage ')} " + ", ".join(f"{axis} {100 * value:.0f} %" for axis, value in values.items())
+        for stage, values in by_axis.items()))
     if "selection_slot_weight" in report:
         print(f"\nstage-2 token selection: a slot's largest weight in training {report['selection_slot_weight']:.2f} "
               f"(1 = the hard choice evaluation makes, {1 / report['selection_candidates']:.3f} = uniform over the "

@@ -133,6 +133,7 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     assert torch.get_num_threads() == threads  # --threads holds for the run only
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["torch_threads"] == 1
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     # The same command again, in a fresh interpreter with another hash seed, another folder and another default thread
     # count, gives the same weights bit for bit and the same table. (Without --threads the weights differ in the last
     # bits between thread counts: matrix products split their sums by thread.)
@@ -187,6 +188,9 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     assert set(diagnostics["stage2_within_group_accuracy"]) == {"base", "dot_colour", "direction", "order"}
     assert all(0 <= value <= 1 for value in diagnostics["stage1_within_group_accuracy"].values())
     assert 1 / diagnostics["selection_candidates"] <= diagnostics["selection_slot_weight"] <= 1
+    by_axis = diagnostics["direction_within_group_accuracy_by_axis"]
+    assert by_axis["stage2"] and set(by_axis["stage2"]) == set(by_axis["stage1"]) <= {"horizontal", "vertical"}
+    assert all(0 <= value <= 1 for values in by_axis.values() for value in values.values())
     # Run again in the same folder (as after a kill), with stage 2's steps changed: every finished step whose setting,
     # inputs and code are unchanged is reused, the others run again.
     outputs = {name: tmp_path / path / "model.safetensors" for name, path in
@@ -262,3 +266,15 @@ def test_embedded_default_loads_with_remote_code_and_retrieves(tmp_path):
     # Chance is 1 hit in 16 queries (and 4 of 16 in the top 4); the model finds each query's group of near-duplicates
     # and, within it, its own video more often than a guess would.
     assert hits >= 3 and in_top4 >= 12, ranking[:, :4]
+
+
+def test_a_step_computed_with_another_instruction_set_is_not_reused(tmp_path, monkeypatch):
+    # torch's AVX2 and AVX-512 kernels add in other orders, so a step's weights depend on the CPU's kernels: a run
+    # resumed on another machine must train the step again rather than mix numerics.
+    benchmark = _load_benchmark()
+    inputs = [str(tmp_path)]
+    here = benchmark._step_fingerprint({"steps": 1}, inputs)
+    assert benchmark._step_fingerprint({"steps": 1}, inputs) == here
+    other = "AVX2" if torch.backends.cpu.get_cpu_capability() != "AVX2" else "AVX512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    assert benchmark._step_fingerprint({"steps": 1}, inputs) != here
