@@ -42,9 +42,8 @@ training. `--budget long` trains longer (pre-training and 1,200 stage-2 steps; n
 initialisation was fixed). `--smoke` runs the whole recipe at toy sizes. Runs are reproducible: every step is seeded, runs
 single-threaded work in a fixed number of threads, and reads no state from the environment (see the README); the
 weights also depend on the CPU's vector instruction set (torch's AVX2 and AVX-512 kernels), which the reports record.
-Runs
-resume: the same command on the same `--output` reuses every finished (pre-)training whose settings, inputs and code are
-unchanged (`_resumable`).
+Runs resume: the same command on the same `--output` reuses every finished (pre-)training whose settings, inputs, code
+and CPU kernels are unchanged (`_resumable`).
 """
 
 import argparse
