@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         distance = {name: [] for name in VARIANTS}
         stage1 = {name: [] for name in ("base", *VARIANTS)}
         stage2 = {name: [] for name in ("base", *VARIANTS)}
-        by_axis = {stage: {axis: [] for axis in AXES.values()} for stage in ("stage1", "stage2")}
+        direction_axes = []  # the axis of each direction caption, in the order of stage1/stage2["direction"]
         group_list = list(groups.values())
         for position, members in enumerate(group_list):
             other = group_list[(position + 1) % len(group_list)]["base"]
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 stage1[name].append(float(order[int(coarse.argmax())] == query))
                 stage2[name].append(float(order[int(fine.argmax())] == query))
                 if name == "direction":
-                    axis = AXES[first_direction(scenes[video_ids[query]]["scene"])]
-                    by_axis["stage1"][axis].append(stage1[name][-1])
-                    by_axis["stage2"][axis].append(stage2[name][-1])
+                    direction_axes.append(AXES[first_direction(scenes[video_ids[query]]["scene"])])
 
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     report = {
@@ -113,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         "stage1_within_group_accuracy": {name: mean(v) for name, v in stage1.items()},
         "stage2_within_group_accuracy": {name: mean(v) for name, v in stage2.items()},
         "direction_within_group_accuracy_by_axis": {
-            stage: {axis: mean(v) for axis, v in values.items() if v} for stage, values in by_axis.items()
+            stage: {axis: mean([hit for hit, a in zip(hits["direction"], direction_axes) if a == axis])
+                    for axis in sorted(set(direction_axes))}
+            for stage, hits in (("stage1", stage1), ("stage2", stage2))
         },
         "groups": len(groups),
         **selection_sharpness(model, tokens),
