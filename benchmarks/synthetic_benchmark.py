@@ -246,7 +246,12 @@ def _train_now(output_dir: str, data: str, batch: int, **options) -> str:
 
 
 def captions_with_video_captions(data: str, output: str) -> str:
-    """The frame captions, plus every training frame paired with its video's captions (in turn); returns the file."""
+    """The frame captions, plus every training frame paired with its video's captions (in turn); returns the file.
+
+    Every row's `image_id` is its frame caption, the scene state the frame shows: near-duplicate videos share most of
+    their frames (the dot colour's variant differs only while the dot flashes), and a frame paired with its video's
+    caption must not be the negative of the same-looking frame of the near duplicate paired with that one's caption.
+    """
     with open(os.path.join(data, "annotations", "frame_captions_train.json"), encoding="utf-8") as file:
         records = json.load(file)
     with open(os.path.join(data, "annotations", "raw-captions.json"), encoding="utf-8") as file:
@@ -255,8 +260,9 @@ def captions_with_video_captions(data: str, output: str) -> str:
     for index, record in enumerate(records):
         phrasings = video_captions[record["image_id"].split("/")[0]]
         with_videos.append({**record, "caption": phrasings[index % len(phrasings)]})
+    records = [{**record, "image_id": frame["caption"]} for record, frame in zip(records + with_videos, records * 2)]
     with open(output, "w", encoding="utf-8") as file:
-        json.dump(records + with_videos, file)
+        json.dump(records, file)
     return output
 
 

@@ -16,8 +16,10 @@ regime in miniature:
   it as it takes `Salesforce/blip2-itm-vit-g`.
 
 Data is LAVIS's image-caption format, a JSON list of `{"image": path relative to the image root, "caption": str}`, with
-an optional `"group"`: images of one group are near duplicates that differ in fine details (e.g. the same frame of
-videos that differ in one detail). With `images_per_group > 0`, every batch is made of whole groups, so that the batch
+an optional `"image_id"` and an optional `"group"`. Rows with the same `image_id` (by default, the same image file)
+show the same image, as COCO's five captions of one image do: like rows with the same caption, they are not each
+other's negatives (ALBEF and BLIP-2 mask negatives by image id the same way). Images of one group are near duplicates
+that differ in fine details (e.g. the same frame of videos that differ in one detail). With `images_per_group > 0`, every batch is made of whole groups, so that the batch
 holds the hard negatives that a web-scale batch of tens of thousands would contain by chance.
 
 Training runs on `transformers.Trainer`: its options (`output_dir`, `learning_rate`, `max_steps`, `save_steps`,
@@ -79,21 +81,23 @@ class PretrainingArguments:
 
 def load_image_text_records(train_file: str, image_root: str) -> list[dict]:
     """
-    The records of a LAVIS-format annotation file, with `image` resolved against `image_root` and `group` defaulting
-    to the record's own index (no near duplicates). Raises one `FileNotFoundError` listing every missing image.
+    The records of a LAVIS-format annotation file, with `image` resolved against `image_root`, `image_id` defaulting
+    to the resolved path (one file, one image) and `group` to the record's own index (no near duplicates). Raises one
+    `FileNotFoundError` listing every missing image.
     """
     with open(train_file, encoding="utf-8") as file:
         records = json.load(file)
     if not isinstance(records, list) or not all({"image", "caption"} <= set(record) for record in records):
         raise ValueError(f"{train_file} must hold a JSON list of records with 'image' and 'caption' (LAVIS's format)")
-    rows = [
-        {
-            "image": os.path.join(image_root, record["image"]),
+    rows = []
+    for index, record in enumerate(records):
+        image = os.path.join(image_root, record["image"])
+        rows.append({
+            "image": image,
             "caption": record["caption"],
+            "image_id": str(record.get("image_id", image)),
             "group": str(record.get("group", f"#{index}")),
-        }
-        for index, record in enumerate(records)
-    ]
+        })
     missing = [row["image"] for row in rows if not os.path.isfile(row["image"])]
     if missing:
         raise FileNotFoundError(
@@ -104,8 +108,9 @@ def load_image_text_records(train_file: str, image_root: str) -> list[dict]:
 
 
 class ImageTextCollator:
-    """Rows (`image`, `caption`) to model inputs: pixel values, tokenized captions, and `positive_mask`, True where two
-    rows have the same caption (those are not each other's negatives)."""
+    """Rows (`image`, `caption`, optional `image_id`) to model inputs: pixel values, tokenized captions, and
+    `positive_mask`, True where two rows have the same caption or the same `image_id` (those are not each other's
+    negatives: a caption of an image also describes every other row of that image)."""
 
     def __init__(self, image_processor, tokenizer, max_text_length: int = 32):
         self.image_processor, self.tokenizer, self.max_text_length = image_processor, tokenizer, max_text_length
@@ -118,6 +123,8 @@ class ImageTextCollator:
             with Image.open(row["image"]) as image:
                 images.append(image.convert("RGB"))
         captions = [row["caption"] for row in rows]
+        image_ids = [row.get("image_id", row["image"]) for row in rows]
+        same_image = torch.tensor([[a == b for b in image_ids] for a in image_ids])
         text = self.tokenizer(
             captions, padding="max_length", truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )
@@ -125,7 +132,7 @@ class ImageTextCollator:
             "pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"],
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
-            "positive_mask": torch.tensor([[a == b for b in captions] for a in captions]),
+            "positive_mask": torch.tensor([[a == b for b in captions] for a in captions]) | same_image,
         }
 
 

@@ -13,9 +13,11 @@ from crosstvr.default_model import (
     build_tiny_eva_dual_encoder,
     build_tiny_processor,
 )
+from crosstvr.modeling_crosstvr import sample_hard_negatives
 from crosstvr.pretrain import parse_arguments
 from crosstvr.pretraining import (
     GroupedRandomSampler,
+    ImageTextCollator,
     PretrainingArguments,
     blip2_pretraining_losses,
     load_image_text_records,
@@ -94,6 +96,35 @@ def test_missing_images_are_all_listed(benchmark, tmp_path):
     path.write_text(json.dumps([{"picture": "x.png"}]))
     with pytest.raises(ValueError, match="LAVIS"):
         load_image_text_records(str(path), benchmark)
+
+
+def test_rows_of_one_image_are_not_each_others_negatives(benchmark, tmp_path):
+    """Two captions of one image (COCO's five, or a frame with its frame caption and its video's caption) must not be
+    negatives of each other: the rows of an `image_id` (by default one image file) are positives, like equal
+    captions, so ITC leaves them out of its denominators and ITM never draws them as negatives."""
+    frames = json.load(open(os.path.join(benchmark, "annotations", "frame_captions_train.json")))
+    first, second = frames[0]["image"], frames[1]["image"]
+    records = [
+        {"image": first, "caption": "one"},
+        {"image": first, "caption": "two"},  # the same file: the same image
+        {"image": second, "caption": "three", "image_id": "shown"},
+        {"image": second, "caption": "four", "image_id": "shown"},
+        {"image": second, "caption": "one"},  # another image, but the first row's caption
+        {"image": second, "caption": "five", "image_id": "elsewhere"},
+    ]
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(records))
+    rows = load_image_text_records(str(path), benchmark)
+    assert rows[0]["image_id"] == rows[1]["image_id"] == os.path.join(benchmark, first)
+    processor = build_tiny_processor()
+    mask = ImageTextCollator(processor.image_processor, processor.tokenizer)(rows)["positive_mask"]
+    expected = torch.eye(6, dtype=torch.bool)
+    for i, j in ((0, 1), (2, 3), (0, 4)):  # one file; one image_id; one caption (an explicit image_id wins over the file)
+        expected[i, j] = expected[j, i] = True
+    assert mask.tolist() == expected.tolist()
+    for draw in range(64):
+        images, texts = sample_hard_negatives(torch.zeros(6, 6), mask, torch.Generator().manual_seed(draw))
+        assert not mask[torch.arange(6), images].any() and not mask[texts, torch.arange(6)].any()
 
 
 def test_a_fresh_eva_style_tower_sees_a_small_detail():

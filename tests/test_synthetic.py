@@ -97,6 +97,21 @@ def test_write_benchmark_is_read_by_the_msvd_loader(tmp_path):
         assert (again / "annotations" / name).read_bytes() == (tmp_path / "annotations" / name).read_bytes()
 
 
+def test_pretraining_rows_of_one_scene_state_share_an_image_id(tmp_path):
+    """The recipe pairs every training frame with its frame caption and with its video's caption. Frames of near
+    duplicates that show the same state (e.g. before the dot flashes) must be one image for the negatives, or ITM would
+    learn that the same picture both matches and does not match "... purple dot flashes"."""
+    write_benchmark(tmp_path, seed=0, groups=(2, 1, 1), num_frames=6)
+    path = _load_benchmark().captions_with_video_captions(str(tmp_path), str(tmp_path / "mixed.json"))
+    frames = json.loads((tmp_path / "annotations" / "frame_captions_train.json").read_text())
+    rows = json.loads(open(path).read())
+    assert len(rows) == 2 * len(frames)
+    assert [row["image_id"] for row in rows] == [frame["caption"] for frame in frames] * 2
+    base, dot = (f"{frames[0]['image_id'].split('_')[0]}_{variant}/00" for variant in ("base", "dot_colour"))
+    first = {row["image_id"] for row in rows if row["image"].endswith((f"{base}.png", f"{dot}.png"))}
+    assert len(first) == 1  # frame 0 of the scene and of its dot-colour variant: one state, no dot yet
+
+
 def test_generated_media_are_the_same_bytes_in_every_process(tmp_path):
     # libx264 wrote other bytes in about half of all processes (threads, macroblock-tree rate control) and the WebM
     # muxer random ids: every invocation of the benchmark trained on other data.
