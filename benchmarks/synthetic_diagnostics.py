@@ -22,7 +22,10 @@ With `--pretrained`, the pre-trained parts instead (`<output>/pretrained/tower`,
 becomes stage 2's, and `<output>/pretrained/blip2`, the Q-Former's ITM head over it), on single frames of the split
 (train or val; the test split has no frame captions): for every frame whose caption differs from the same frame of a
 near duplicate, whether the frame's own caption scores it above the near duplicate's frame, and the other way round
-(pairwise accuracy, chance 50 %), per kind of detail. This shows where a detail is lost before the video stages.
+(pairwise accuracy, chance 50 %), per kind of detail. This shows where a detail is lost before the video stages. It
+also probes the frozen tower for the dot's colour directly: a linear classifier fitted on the training frames that
+show the dot, scored on the split's, once on the tower's output token at the patch holding the dot (what stage 2's
+Q-Former can attend to) and once on its pooled image embedding (what the dual encoder's caption scores compare).
 
 Prints a table and one JSON line.
 """
@@ -231,12 +234,72 @@ def probe_pretrained(output: str, split: str) -> int:
                     correct[kind] += [float(scores[0, 0] > scores[0, position]),
                                       float(scores[position, position] > scores[position, 0])]
             report[name] = {kind: sum(v) / len(v) for kind, v in correct.items() if v}
+        report["dot_colour_linear_probe"] = dot_colour_probe(output, split, scenes)
     print(f"| {split} frames, pairwise accuracy (chance 50 %) | dot colour | direction | order |")
     print("| --- | --- | --- | --- |")
     for name, label in (("tower", "pre-trained tower (dual encoder)"), ("blip2", "pre-trained Q-Former (ITM)")):
         print(f"| {label} | " + " | ".join(f"{100 * report[name].get(kind, float('nan')):.0f} %" for kind in VARIANTS) + " |")
+    probe = report["dot_colour_linear_probe"]
+    print(f"\nthe dot's colour from the frozen tower, linear probe on {split} frames (chance "
+          f"{100 / probe['colours']:.0f} %): token at the dot's patch {100 * probe['dot_patch_token']:.0f} %, pooled "
+          f"image embedding {100 * probe['pooled_embedding']:.0f} %")
     print(json.dumps({"benchmark": "synthetic_diagnostics_pretrained", "split": split, **report}))
     return 0
+
+
+def dot_colour_probe(output: str, split: str, scenes: dict, steps: int = 300) -> dict:
+    r"""
+    Accuracy of a linear classifier of the dot's colour on the frozen tower's features of the frames of `split` that
+    show the dot, fitted (seeded, full-batch Adam on the cross-entropy, features standardised by the training frames'
+    statistics) on the training frames that show it. Two features: the tower's output token at the patch holding the
+    dot's centre, and the dual encoder's pooled image embedding.
+    """
+    from transformers import AutoImageProcessor, VisionTextDualEncoderModel
+
+    folder = os.path.join(output, "pretrained", "tower")
+    model = VisionTextDualEncoderModel.from_pretrained(folder).eval()
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    patch, width = model.config.vision_config.patch_size, model.config.vision_config.image_size
+    colours = sorted({scene["scene"]["dot_colour"] for scene in scenes.values()})
+
+    def features(part: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from PIL import Image
+
+        with open(os.path.join(output, "data", "annotations", f"frame_captions_{part}.json")) as file:
+            records = [record for record in json.load(file) if " dot at " in record["caption"]]
+        tokens, pooled, labels = [], [], []
+        for start in range(0, len(records), 256):
+            chunk = records[start:start + 256]
+            images = []
+            for record in chunk:
+                with Image.open(os.path.join(output, "data", record["image"])) as image:
+                    images.append(image.convert("RGB"))
+            pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+            outputs = model.get_image_features(pixel_values=pixel_values)  # pooler_output: the projected embedding
+            hidden = outputs.last_hidden_state  # (frames, 1 + patches, width)
+            pooled.append(outputs.pooler_output)
+            for row, record in enumerate(chunk):
+                scene = scenes[record["image_id"].split("/")[0]]["scene"]
+                tokens.append(hidden[row, 1 + scene["dot_y"] // patch * (width // patch) + scene["dot_x"] // patch])
+                labels.append(colours.index(scene["dot_colour"]))
+        return {"dot_patch_token": torch.stack(tokens), "pooled_embedding": torch.cat(pooled)}, torch.tensor(labels)
+
+    fit, fit_labels = features("train")
+    scored, scored_labels = features(split)
+    report = {"colours": len(colours), "frames": len(scored_labels)}
+    for name, train_features in fit.items():
+        mean, std = train_features.mean(dim=0), train_features.std(dim=0) + 1e-6
+        torch.manual_seed(0)
+        classifier = torch.nn.Linear(train_features.shape[1], len(colours))
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(classifier((train_features - mean) / std), fit_labels).backward()
+                optimizer.step()
+        predictions = classifier((scored[name] - mean) / std).argmax(dim=-1)
+        report[name] = float((predictions == scored_labels).float().mean())
+    return report
 
 
 if __name__ == "__main__":
