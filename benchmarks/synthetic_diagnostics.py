@@ -259,7 +259,7 @@ def dot_colour_probe(output: str, split: str, scenes: dict, steps: int = 300) ->
     folder = os.path.join(output, "pretrained", "tower")
     model = VisionTextDualEncoderModel.from_pretrained(folder).eval()
     image_processor = AutoImageProcessor.from_pretrained(folder)
-    patch, width = model.config.vision_config.patch_size, model.config.vision_config.image_size
+    patch, image_size = model.config.vision_config.patch_size, model.config.vision_config.image_size
     colours = sorted({scene["scene"]["dot_colour"] for scene in scenes.values()})
 
     def features(part: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -280,7 +280,8 @@ def dot_colour_probe(output: str, split: str, scenes: dict, steps: int = 300) ->
             pooled.append(outputs.pooler_output)
             for row, record in enumerate(chunk):
                 scene = scenes[record["image_id"].split("/")[0]]["scene"]
-                tokens.append(hidden[row, 1 + scene["dot_y"] // patch * (width // patch) + scene["dot_x"] // patch])
+                dot_patch = scene["dot_y"] // patch * (image_size // patch) + scene["dot_x"] // patch
+                tokens.append(hidden[row, 1 + dot_patch])  # after the [CLS] token
                 labels.append(colours.index(scene["dot_colour"]))
         return {"dot_patch_token": torch.stack(tokens), "pooled_embedding": torch.cat(pooled)}, torch.tensor(labels)
 

@@ -16,11 +16,12 @@ regime in miniature:
   it as it takes `Salesforce/blip2-itm-vit-g`.
 
 Data is LAVIS's image-caption format, a JSON list of `{"image": path relative to the image root, "caption": str}`, with
-an optional `"image_id"` and an optional `"group"`. Rows with the same `image_id` (by default, the same image file)
-show the same image, as COCO's five captions of one image do: like rows with the same caption, they are not each
-other's negatives (ALBEF and BLIP-2 mask negatives by image id the same way). Images of one group are near duplicates
-that differ in fine details (e.g. the same frame of videos that differ in one detail). With `images_per_group > 0`, every batch is made of whole groups, so that the batch
-holds the hard negatives that a web-scale batch of tens of thousands would contain by chance.
+an optional `"image_id"` and an optional `"group"`. Rows with the same `image_id` (by default, the same image file) show
+the same image, as COCO's five captions of one image do: like rows with the same caption, they are not each other's
+negatives (ALBEF and BLIP-2 mask negatives by image id the same way). Images of one group are near duplicates that
+differ in fine details (e.g. the same frame of videos that differ in one detail). With `images_per_group > 0`, every
+batch is made of whole groups, so that the batch holds the hard negatives that a web-scale batch of tens of thousands
+would contain by chance.
 
 Training runs on `transformers.Trainer`: its options (`output_dir`, `learning_rate`, `max_steps`, `save_steps`,
 `resume_from_checkpoint`, `report_to`, ...) apply unchanged, on one process or under `accelerate launch`. The

@@ -600,7 +600,10 @@ def test_token_storage_int8_and_none(library, tmp_path):
         step = tokens.abs().amax(dim=-1, keepdim=True) / 127
         assert ((tokens - reference[path][1].float()).abs() <= step * 0.51 + 1e-3).all()
 
-    # Every storage re-ranks the same K candidates to (nearly) the same scores: "none" recomputes the tokens.
+    # Every storage re-ranks the same K candidates to (nearly) the same scores: "none" recomputes the tokens (float32
+    # against float16's rounding); int8's rounding (at most s/2 per channel) moves p(match) of the embedded default by
+    # about 0.002, an amount that depends on the model (the README's token-storage figures).
+    tolerance = {"int8": 5e-3, "none": 2e-3}
     for query in ("a red circle moves left", "big blue square goes up, then small red circle goes down"):
         results = {storage: index.search(query, k=6, top_k_rerank=4) for storage, index in indexes.items()}
         for storage in ("int8", "none"):
@@ -609,7 +612,7 @@ def test_token_storage_int8_and_none(library, tmp_path):
             expected = {h.path: h.fine_score for h in results["float16"].hits if h.reranked}
             assert fine.keys() == expected.keys()
             for path, score in expected.items():
-                assert fine[path] == pytest.approx(score, abs=2e-3), (storage, fine[path] - score)
+                assert fine[path] == pytest.approx(score, abs=tolerance[storage]), (storage, fine[path] - score)
 
     # "none" needs the files it re-ranks: a changed one is refused with the fix, from the API and the CLI.
     victim = results["none"].hits[0].path

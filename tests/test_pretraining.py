@@ -119,7 +119,8 @@ def test_rows_of_one_image_are_not_each_others_negatives(benchmark, tmp_path):
     processor = build_tiny_processor()
     mask = ImageTextCollator(processor.image_processor, processor.tokenizer)(rows)["positive_mask"]
     expected = torch.eye(6, dtype=torch.bool)
-    for i, j in ((0, 1), (2, 3), (0, 4)):  # one file; one image_id; one caption (an explicit image_id wins over the file)
+    # One file; one image_id; one caption. An explicit image_id wins over the file (rows 4 and 5).
+    for i, j in ((0, 1), (2, 3), (0, 4)):
         expected[i, j] = expected[j, i] = True
     assert mask.tolist() == expected.tolist()
     for draw in range(64):

@@ -206,7 +206,8 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     by_axis = diagnostics["direction_within_group_accuracy_by_axis"]
     assert by_axis["stage2"] and set(by_axis["stage2"]) == set(by_axis["stage1"]) <= {"horizontal", "vertical"}
     assert all(0 <= value <= 1 for values in by_axis.values() for value in values.values())
-    assert _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--pretrained", "--split", "val"]) == 0
+    diagnose = _load_benchmark("synthetic_diagnostics").main
+    assert diagnose(["--output", str(tmp_path), "--pretrained", "--split", "val"]) == 0
     probed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(probed["tower"]) == set(probed["blip2"]) == {"dot_colour", "direction", "order"}
     probe = probed["dot_colour_linear_probe"]
