@@ -9,7 +9,9 @@ each kind of hard negative (the dot's colour, a movement's direction, the order 
 
 - how far the frozen tower's tokens of a scene move when that one detail changes, relative to how far they move to
   another scene group: mean |X(scene) - X(variant)| / mean |X(scene) - X(other group's scene)| (0 means the tower
-  cannot see the detail at all);
+  cannot see the detail at all); for CrossTVR's decoupled module with both passes, the same ratio after each of its
+  stages with the scene's caption (X_spatial(t), the fused pair representation, the matching logits), which shows
+  where a difference the tokens carry is lost;
 - within-group accuracy: for each caption, whether its own video scores highest among the four videos of its group,
   by stage 1 (cosine) and by stage 2 (s_fine) — chance is 25 %; for the direction variant's caption also split by
   the axis of the first movement: an object's rest height is fixed (the top or bottom band), so "up" or "down" shows
@@ -40,6 +42,7 @@ import torch
 
 VARIANTS = ("dot_colour", "direction", "order")
 AXES = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
+FINE_STAGES = {"spatial": "X_spatial(t)", "fused": "fused pair representation", "logits": "matching logits"}
 
 
 def first_direction(scene: dict) -> str:
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     for axis in sorted(set(direction_axes))}
             for stage, hits in (("stage1", stage1), ("stage2", stage2))
         },
+        "fine_module_change_vs_other_group": fine_module_change(model, text, tokens, group_list),
         "groups": len(groups),
         **selection_sharpness(model, tokens),
     }
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- |")
     print("| frozen-token change / change to another group | - | "
           + " | ".join(f"{report['token_distance_vs_other_group'][n]:.3f}" for n in VARIANTS) + " |")
+    for stage, ratios in report["fine_module_change_vs_other_group"].items():
+        print(f"| {FINE_STAGES[stage]} change / change to another group | - | "
+              + " | ".join(f"{ratios[n]:.3f}" for n in VARIANTS) + " |")
     for key, label in (("stage1_within_group_accuracy", "stage 1 within-group accuracy"),
                        ("stage2_within_group_accuracy", "stage 2 within-group accuracy")):
         print(f"| {label} | " + " | ".join(f"{100 * report[key][n]:.0f} %" for n in ("base", *VARIANTS)) + " |")
@@ -140,6 +147,47 @@ def main(argv: list[str] | None = None) -> int:
               "frame")
     print(json.dumps({"benchmark": "synthetic_diagnostics", **report}))
     return 0
+
+
+def fine_module_change(model, text: dict, vision_tokens: "torch.Tensor", group_list: list[dict]) -> dict:
+    """
+    For each stage of CrossTVR's decoupled module (both passes), with a group's base caption: the mean |output(base
+    video) - output(variant)| over the mean |output(base video) - output(the next group's base video)|, averaged over
+    groups, per kind of variant — the ratio the frozen-token row computes on the module's input. Empty for other fine
+    modules.
+    """
+    from crosstvr.modeling_crosstvr import CrossTVRDecoupledFineModule, trim_text_padding
+
+    module = model.fine_module
+    if not isinstance(module, CrossTVRDecoupledFineModule) or model.config.fine_attention != "spatial_temporal":
+        return {}
+    tokens = vision_tokens.to(module.matching_head.weight.dtype)
+    if model.fine_vision_projection is not None:
+        tokens = model.fine_vision_projection(tokens)
+    num_frames = tokens.shape[1]
+    first_pair, all_frames = torch.zeros(num_frames, dtype=torch.long), torch.ones(1, num_frames, dtype=torch.long)
+
+    def stages(caption: int, video: int) -> dict[str, torch.Tensor]:
+        ids, mask = trim_text_padding(text["qformer_input_ids"][caption:caption + 1],
+                                      text["qformer_attention_mask"][caption:caption + 1])
+        fused = module.fuse(ids, mask, first_pair[:1], tokens[video:video + 1], all_frames)  # (1, hidden)
+        return {
+            "spatial": module.spatial_text_attention(ids, mask, tokens[video], first_pair),  # (T, hidden)
+            "fused": fused,
+            "logits": module.matching_head(fused),
+        }
+
+    ratios = {stage: {name: [] for name in VARIANTS} for stage in FINE_STAGES}
+    with torch.no_grad():
+        for position, members in enumerate(group_list):
+            base = stages(members["base"], members["base"])
+            other = stages(members["base"], group_list[(position + 1) % len(group_list)]["base"])
+            for name in VARIANTS:
+                variant = stages(members["base"], members[name])
+                for stage in FINE_STAGES:
+                    ratios[stage][name].append(float((base[stage] - variant[stage]).abs().mean()
+                                                     / (base[stage] - other[stage]).abs().mean()))
+    return {stage: {name: sum(v) / len(v) for name, v in values.items()} for stage, values in ratios.items()}
 
 
 def selection_sharpness(model, vision_tokens: "torch.Tensor") -> dict:

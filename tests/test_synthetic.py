@@ -203,6 +203,10 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     assert set(diagnostics["stage2_within_group_accuracy"]) == {"base", "dot_colour", "direction", "order"}
     assert all(0 <= value <= 1 for value in diagnostics["stage1_within_group_accuracy"].values())
     assert 1 / diagnostics["selection_candidates"] <= diagnostics["selection_slot_weight"] <= 1
+    change = diagnostics["fine_module_change_vs_other_group"]  # the smoke recipe's shared CrossTVR module
+    assert set(change) == {"spatial", "fused", "logits"}
+    assert all(set(ratios) == {"dot_colour", "direction", "order"} and min(ratios.values()) >= 0
+               for ratios in change.values())
     by_axis = diagnostics["direction_within_group_accuracy_by_axis"]
     assert by_axis["stage2"] and set(by_axis["stage2"]) == set(by_axis["stage1"]) <= {"horizontal", "vertical"}
     assert all(0 <= value <= 1 for values in by_axis.values() for value in values.values())
@@ -228,6 +232,7 @@ def test_smoke_recipe_writes_the_paper_shaped_report_reproducibly(tmp_path, caps
     assert _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--model", "t2v2t"]) == 0
     output = capsys.readouterr().out
     assert "seed 0, t2v2t" in output and "selection_slot_weight" not in output  # T2V2T selects no tokens
+    assert json.loads(output.strip().splitlines()[-1])["fine_module_change_vs_other_group"] == {}  # no decoupled passes
     with pytest.raises(SystemExit, match="no trained model"):
         _load_benchmark("synthetic_diagnostics").main(["--output", str(tmp_path), "--model", "nope"])
 
