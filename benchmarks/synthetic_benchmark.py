@@ -259,10 +259,10 @@ def captions_with_video_captions(data: str, output: str) -> str:
     with_videos = []
     for index, record in enumerate(records):
         phrasings = video_captions[record["image_id"].split("/")[0]]
-        with_videos.append({**record, "caption": phrasings[index % len(phrasings)]})
-    records = [{**record, "image_id": frame["caption"]} for record, frame in zip(records + with_videos, records * 2)]
+        with_videos.append({**record, "caption": phrasings[index % len(phrasings)], "image_id": record["caption"]})
+    frames = [{**record, "image_id": record["caption"]} for record in records]
     with open(output, "w", encoding="utf-8") as file:
-        json.dump(records, file)
+        json.dump(frames + with_videos, file)
     return output
 
 

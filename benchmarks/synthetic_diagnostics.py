@@ -45,6 +45,12 @@ AXES = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "
 FINE_STAGES = {"spatial": "X_spatial(t)", "fused": "fused pair representation", "logits": "matching logits"}
 
 
+def relative_change(base: "torch.Tensor", variant: "torch.Tensor", other: "torch.Tensor") -> float:
+    """mean |base - variant| / mean |base - other|: how far a near duplicate moves an output, in units of how far
+    another scene group moves it."""
+    return float((base - variant).abs().mean() / (base - other).abs().mean())
+
+
 def first_direction(scene: dict) -> str:
     """The direction of a scene's first movement, from its record in `scenes.json`."""
     return (scene["top"] if scene["top_first"] else scene["bottom"])["direction"]
@@ -97,9 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         group_list = list(groups.values())
         for position, members in enumerate(group_list):
             other = group_list[(position + 1) % len(group_list)]["base"]
-            to_other = (tokens[members["base"]] - tokens[other]).abs().mean()
             for name in VARIANTS:
-                distance[name].append(float((tokens[members["base"]] - tokens[members[name]]).abs().mean() / to_other))
+                distance[name].append(relative_change(tokens[members["base"]], tokens[members[name]], tokens[other]))
             order = list(members.values())
             for name, query in members.items():
                 coarse = model.get_similarity(text_embeds[query][None], video_embeds[order])[0]
@@ -167,9 +172,7 @@ def fine_module_change(model, text: dict, vision_tokens: "torch.Tensor", group_l
     num_frames = tokens.shape[1]
     first_pair, all_frames = torch.zeros(num_frames, dtype=torch.long), torch.ones(1, num_frames, dtype=torch.long)
 
-    def stages(caption: int, video: int) -> dict[str, torch.Tensor]:
-        ids, mask = trim_text_padding(text["qformer_input_ids"][caption:caption + 1],
-                                      text["qformer_attention_mask"][caption:caption + 1])
+    def stages(ids: torch.Tensor, mask: torch.Tensor, video: int) -> dict[str, torch.Tensor]:
         fused = module.fuse(ids, mask, first_pair[:1], tokens[video:video + 1], all_frames)  # (1, hidden)
         return {
             "spatial": module.spatial_text_attention(ids, mask, tokens[video], first_pair),  # (T, hidden)
@@ -180,13 +183,15 @@ def fine_module_change(model, text: dict, vision_tokens: "torch.Tensor", group_l
     ratios = {stage: {name: [] for name in VARIANTS} for stage in FINE_STAGES}
     with torch.no_grad():
         for position, members in enumerate(group_list):
-            base = stages(members["base"], members["base"])
-            other = stages(members["base"], group_list[(position + 1) % len(group_list)]["base"])
+            caption = members["base"]
+            ids, mask = trim_text_padding(text["qformer_input_ids"][caption:caption + 1],
+                                          text["qformer_attention_mask"][caption:caption + 1])
+            base = stages(ids, mask, caption)
+            other = stages(ids, mask, group_list[(position + 1) % len(group_list)]["base"])
             for name in VARIANTS:
-                variant = stages(members["base"], members[name])
+                variant = stages(ids, mask, members[name])
                 for stage in FINE_STAGES:
-                    ratios[stage][name].append(float((base[stage] - variant[stage]).abs().mean()
-                                                     / (base[stage] - other[stage]).abs().mean()))
+                    ratios[stage][name].append(relative_change(base[stage], variant[stage], other[stage]))
     return {stage: {name: sum(v) / len(v) for name, v in values.items()} for stage, values in ratios.items()}
 
 
@@ -259,17 +264,17 @@ def probe_pretrained(output: str, split: str) -> int:
     if not os.path.exists(path):
         raise SystemExit(f"--pretrained --split {split}: no frame captions at {path} (only train and val have them)")
     with open(path) as file:
-        records = json.load(file)
+        records_of_split = json.load(file)
     with open(os.path.join(data, "annotations", "scenes.json")) as file:
         scenes = json.load(file)
     frames = {}  # (scene group, frame index) -> {variant: record}
-    for record in records:
+    for record in records_of_split:
         video_id, index = record["image_id"].split("/")
         frames.setdefault((scenes[video_id]["group"], index), {})[scenes[video_id]["variant"]] = record
-    report = {}
+    report, parts = {}, {}
     with torch.no_grad():
         for name in ("tower", "blip2"):
-            part = _load_pretrained(name, os.path.join(output, "pretrained", name))
+            part = parts[name] = _load_pretrained(name, os.path.join(output, "pretrained", name))
             correct = {kind: [] for kind in VARIANTS}
             for members in frames.values():
                 records = [{**members[variant], "image": os.path.join(data, members[variant]["image"])}
@@ -282,7 +287,12 @@ def probe_pretrained(output: str, split: str) -> int:
                     correct[kind] += [float(scores[0, 0] > scores[0, position]),
                                       float(scores[position, position] > scores[position, 0])]
             report[name] = {kind: sum(v) / len(v) for kind, v in correct.items() if v}
-        report["dot_colour_linear_probe"] = dot_colour_probe(output, split, scenes)
+        if split == "train":
+            training = records_of_split
+        else:
+            with open(os.path.join(data, "annotations", "frame_captions_train.json")) as file:
+                training = json.load(file)
+        report["dot_colour_linear_probe"] = dot_colour_probe(parts["tower"], data, scenes, training, records_of_split)
     print(f"| {split} frames, pairwise accuracy (chance 50 %) | dot colour | direction | order |")
     print("| --- | --- | --- | --- |")
     for name, label in (("tower", "pre-trained tower (dual encoder)"), ("blip2", "pre-trained Q-Former (ITM)")):
@@ -295,47 +305,40 @@ def probe_pretrained(output: str, split: str) -> int:
     return 0
 
 
-def dot_colour_probe(output: str, split: str, scenes: dict, steps: int = 300) -> dict:
+def dot_colour_probe(tower: tuple, data: str, scenes: dict, training: list[dict], scored: list[dict],
+                     steps: int = 300) -> dict:
     r"""
-    Accuracy of a linear classifier of the dot's colour on the frozen tower's features of the frames of `split` that
-    show the dot, fitted (seeded, full-batch Adam on the cross-entropy, features standardised by the training frames'
-    statistics) on the training frames that show it. Two features: the tower's output token at the patch holding the
-    dot's centre, and the dual encoder's pooled image embedding.
+    Accuracy of a linear classifier of the dot's colour on the frozen tower's features of the `scored` frame records
+    that show the dot, fitted (seeded, full-batch Adam on the cross-entropy, features standardised by the fitting
+    frames' statistics) on the `training` records that show it. Two features: the tower's output token at the patch
+    holding the dot's centre, and the dual encoder's pooled image embedding. `tower` is `_load_pretrained("tower", ...)`.
     """
-    from transformers import AutoImageProcessor, VisionTextDualEncoderModel
+    from crosstvr.default_model import MAX_TEXT_LENGTH
+    from crosstvr.pretraining import ImageTextCollator
 
-    folder = os.path.join(output, "pretrained", "tower")
-    model = VisionTextDualEncoderModel.from_pretrained(folder).eval()
-    image_processor = AutoImageProcessor.from_pretrained(folder)
+    model, tokenizer, image_processor = tower
+    collate = ImageTextCollator(image_processor, tokenizer, MAX_TEXT_LENGTH)
     patch, image_size = model.config.vision_config.patch_size, model.config.vision_config.image_size
     colours = sorted({scene["scene"]["dot_colour"] for scene in scenes.values()})
 
-    def features(part: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        from PIL import Image
-
-        with open(os.path.join(output, "data", "annotations", f"frame_captions_{part}.json")) as file:
-            records = [record for record in json.load(file) if " dot at " in record["caption"]]
+    def features(records: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        records = [{**record, "image": os.path.join(data, record["image"])}
+                   for record in records if " dot at " in record["caption"]]
         tokens, pooled, labels = [], [], []
         for start in range(0, len(records), 256):
             chunk = records[start:start + 256]
-            images = []
-            for record in chunk:
-                with Image.open(os.path.join(output, "data", record["image"])) as image:
-                    images.append(image.convert("RGB"))
-            pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
-            outputs = model.get_image_features(pixel_values=pixel_values)  # pooler_output: the projected embedding
-            hidden = outputs.last_hidden_state  # (frames, 1 + patches, width)
+            outputs = model.get_image_features(pixel_values=collate(chunk)["pixel_values"])  # pooler_output: projected
             pooled.append(outputs.pooler_output)
             for row, record in enumerate(chunk):
                 scene = scenes[record["image_id"].split("/")[0]]["scene"]
                 dot_patch = scene["dot_y"] // patch * (image_size // patch) + scene["dot_x"] // patch
-                tokens.append(hidden[row, 1 + dot_patch])  # after the [CLS] token
+                tokens.append(outputs.last_hidden_state[row, 1 + dot_patch])  # after the [CLS] token
                 labels.append(colours.index(scene["dot_colour"]))
         return {"dot_patch_token": torch.stack(tokens), "pooled_embedding": torch.cat(pooled)}, torch.tensor(labels)
 
-    fit, fit_labels = features("train")
-    scored, scored_labels = features(split)
-    report = {"colours": len(colours), "frames": len(scored_labels)}
+    fit, fit_labels = features(training)
+    test, test_labels = features(scored)
+    report = {"colours": len(colours), "frames": len(test_labels)}
     for name, train_features in fit.items():
         mean, std = train_features.mean(dim=0), train_features.std(dim=0) + 1e-6
         torch.manual_seed(0)
@@ -346,8 +349,8 @@ def dot_colour_probe(output: str, split: str, scenes: dict, steps: int = 300) ->
                 optimizer.zero_grad()
                 torch.nn.functional.cross_entropy(classifier((train_features - mean) / std), fit_labels).backward()
                 optimizer.step()
-        predictions = classifier((scored[name] - mean) / std).argmax(dim=-1)
-        report[name] = float((predictions == scored_labels).float().mean())
+        predictions = classifier((test[name] - mean) / std).argmax(dim=-1)
+        report[name] = float((predictions == test_labels).float().mean())
     return report
 
 

@@ -109,9 +109,9 @@ def load_image_text_records(train_file: str, image_root: str) -> list[dict]:
 
 
 class ImageTextCollator:
-    """Rows (`image`, `caption`, optional `image_id`) to model inputs: pixel values, tokenized captions, and
-    `positive_mask`, True where two rows have the same caption or the same `image_id` (those are not each other's
-    negatives: a caption of an image also describes every other row of that image)."""
+    """Rows (`image`, `caption`, `image_id`, as [`load_image_text_records`] gives them) to model inputs: pixel values,
+    tokenized captions, and `positive_mask`, True where two rows have the same caption or the same `image_id` (those are
+    not each other's negatives: a caption of an image also describes every other row of that image)."""
 
     def __init__(self, image_processor, tokenizer, max_text_length: int = 32):
         self.image_processor, self.tokenizer, self.max_text_length = image_processor, tokenizer, max_text_length
@@ -124,7 +124,7 @@ class ImageTextCollator:
             with Image.open(row["image"]) as image:
                 images.append(image.convert("RGB"))
         captions = [row["caption"] for row in rows]
-        image_ids = [row.get("image_id", row["image"]) for row in rows]
+        image_ids = [row["image_id"] for row in rows]
         same_image = torch.tensor([[a == b for b in image_ids] for a in image_ids])
         text = self.tokenizer(
             captions, padding="max_length", truncation=True, max_length=self.max_text_length, return_tensors="pt"
