@@ -357,6 +357,8 @@ def convert(output: str, clip_dir: str, blip2_dir: str, seed: int, overrides: di
 
     tiny = build_tiny_config(build_tiny_processor())
     flags = ["--separate-temporal-qformer"] if overrides.get("share_spatial_temporal") is False else []
+    if "frame_position_embeddings_init_std" in overrides:
+        flags += ["--frame-position-init-std", str(overrides["frame_position_embeddings_init_std"])]
     if "similarity_head" in overrides:
         flags += ["--similarity-head", overrides["similarity_head"]]
     if "fine_module" in overrides:

@@ -1526,9 +1526,13 @@ class CrossTVRPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, CrossTVRDecoupledFineModule):
             init.normal_(module.query_tokens, std=config.initializer_range)
-            for embeddings in (module.frame_position_embeddings, module.token_frame_embeddings):
-                if embeddings is not None:
-                    init.zeros_(embeddings)
+            if module.frame_position_embeddings is not None:
+                if config.frame_position_embeddings_init_std > 0:
+                    init.normal_(module.frame_position_embeddings, std=config.frame_position_embeddings_init_std)
+                else:  # draws no random numbers: the rest of the initialisation is what it was before the option
+                    init.zeros_(module.frame_position_embeddings)
+            if module.token_frame_embeddings is not None:
+                init.zeros_(module.token_frame_embeddings)
         elif isinstance(module, CrossTVRTextToVideoFusion):
             init.zeros_(module.frame_embeddings)
         elif isinstance(module, CrossTVRCRETSimilarity):

@@ -19,7 +19,8 @@ What comes from where (every weight of the new model is listed in the printed ta
   each coordinate's variance). The paper says only that the cross-attention is initialised from BLIP-2; the default
   keeps the previous behaviour because nothing here measured which start trains better on real videos. BLIP-2's
   contrastive projections are not used.
-- New: the token selectors and the frame position embeddings (zero).
+- New: the token selectors and the frame position embeddings (zero, or drawn from N(0, std) with
+  `--frame-position-init-std std`: `frame_position_embeddings_init_std`).
 
 `--similarity-head text_conditioned` gives stage 1 TS2-Net's released similarity (a text against every frame, pooled
 by a softmax over the frames; nothing new to initialise); `--similarity-head cret` gives CRET's (global cosine plus
@@ -148,6 +149,7 @@ def build_config(clip, blip2, args, qformer_tokenizer):
         share_spatial_temporal=not args.separate_temporal_qformer,
         fine_module=args.fine_module,
         t2v2t_bypass=not args.naive_t2v2t,
+        frame_position_embeddings_init_std=args.frame_position_init_std,
     )
 
 
@@ -216,6 +218,8 @@ def source_map(model, clip, blip2, args) -> dict[str, tuple[str, torch.Tensor | 
             )
         else:
             zeros = name.endswith(("frame_position_embeddings", "frame_embeddings"))  # zero-initialised in the model
+            if name.endswith("frame_position_embeddings") and args.frame_position_init_std > 0:
+                zeros = False
             sources[name] = ("new: initialised (" + ("zeros" if zeros else "random") + ")", None)
     return sources
 
@@ -322,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-query-tokens", type=int, default=32, help="without --blip2")
     parser.add_argument("--num-frames", type=int, help="frames per video (default: the preset's)")
     parser.add_argument("--max-text-length", type=int, help="tokens per caption (default: the preset's)")
+    parser.add_argument("--frame-position-init-std", type=float, default=0.0,
+                        help="std of the normal distribution CrossTVR's frame position embeddings P_t start from "
+                        "(default 0: zeros)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the newly initialised weights")
     return parser
 

@@ -67,6 +67,7 @@ def test_shared_tower_has_no_separate_config():
         ({"temporal_aggregator": "transformer", "projection_dim": 256}, "must equal projection_dim"),
         ({"token_shift_layers": 13}, "token_shift_layers=13"),
         ({"rerank_top_k": 0}, "rerank_top_k must be at least 1"),
+        ({"frame_position_embeddings_init_std": -1.0}, "must be >= 0"),
     ],
 )
 def test_invalid_settings_are_rejected_with_the_fix(overrides, message):

@@ -123,6 +123,13 @@ def test_conversion_keeps_clip_embeddings_and_blip2_weights(sources, tmp_path, t
     # Everything else comes from CLIP or BLIP-2.
     assert new == {("fine_module", "token_selector"), ("fine_module", "frame_position_embeddings")}
 
+    positions = model.fine_module.frame_position_embeddings
+    assert not positions.any() and report["weights"]["fine_module.frame_position_embeddings"] == "new: initialised (zeros)"
+    drawn = run_conversion(sources, tmp_path / "drawn", *args, "--frame-position-init-std", "1.0")
+    assert drawn["weights"]["fine_module.frame_position_embeddings"] == "new: initialised (random)"
+    positions = CrossTVRModel.from_pretrained(tmp_path / "drawn").fine_module.frame_position_embeddings
+    assert positions.shape == (4, model.config.qformer_config.hidden_size) and 0.6 < positions.std().item() < 1.4
+
     # Stage 1 is CLIP: texts, single frames, and the mean of normalised frames.
     clip = sources["clip"]
     inputs = tester.get_inputs(batch_size=2)

@@ -691,6 +691,18 @@ def test_forward_supports_return_dict_and_the_output_switches(tester):
     assert model(**inputs).text_model_output.hidden_states is None
 
 
+def test_frame_position_embeddings_start_at_zero_or_at_the_configured_scale(tester):
+    # std 0 (the default) starts P_t at zero and draws no random numbers: every other weight is as without the option.
+    plain = tester.get_model()
+    zero = tester.get_model(frame_position_embeddings_init_std=0.0)
+    assert not zero.fine_module.frame_position_embeddings.any()
+    for (name, a), b in zip(plain.state_dict().items(), zero.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    drawn = tester.get_model(frame_position_embeddings_init_std=2.0).fine_module.frame_position_embeddings
+    assert drawn.shape == (tester.num_frames, tester.get_config().qformer_config.hidden_size)
+    assert 1.5 < drawn.std().item() < 2.5
+
+
 @pytest.mark.parametrize("fine_attention", ["temporal", "spatial_temporal"])
 def test_token_frame_embeddings_tell_the_temporal_pass_the_frame_order(tester, fine_attention):
     # Eqs. 5-6's keys carry no frame index: without frame positions on the queries the temporal-only module scores a
